@@ -1,0 +1,14 @@
+# The two commands of the README. Both set up .venv first (idempotent).
+.PHONY: setup demo test bench
+
+setup:
+	./scripts/setup.sh
+
+demo: setup
+	.venv/bin/mesp-mlx train -c recipes/smollm2_demo.yaml
+
+test: setup
+	.venv/bin/python -m pytest -q tests
+
+bench: setup
+	.venv/bin/python tools/bench_mebp.py

@@ -1,0 +1,99 @@
+"""Where block-boundary activations h_0..h_L live between the forward and the reverse pass.
+
+memory: MLX arrays (counted in MLX's peak).
+mmap  : one file-backed numpy memmap per step shape; a checkpoint is copied in after its block's forward and read back
+        just before that block's backward, so only one or two of them are in MLX memory at a time (MeBP's
+        memory-mapped activation checkpoints; the OS pages them out under pressure).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import mlx.core as mx
+import numpy as np
+
+
+class MemoryCheckpoints:
+    kind = "memory"
+
+    def __init__(self):
+        self._store: dict[int, mx.array] = {}
+
+    def reserve(self, count: int, shape: tuple) -> None:
+        pass
+
+    def put(self, i: int, h: mx.array) -> None:
+        self._store[i] = h
+
+    def get(self, i: int) -> mx.array:
+        return self._store[i]
+
+    def drop(self, i: int) -> None:
+        self._store.pop(i, None)
+
+    def clear(self) -> None:
+        self._store.clear()
+
+
+class MmapCheckpoints:
+    kind = "mmap"
+
+    def __init__(self, directory: str | None = None):
+        self._dir = directory or tempfile.gettempdir()
+        self._file = None
+        self._mm = None
+        self._shape = None
+        self._dtype = None
+
+    def _ensure(self, count: int, shape: tuple, dtype) -> None:
+        if self._mm is not None and self._shape == (count, *shape) and self._dtype == dtype:
+            return
+        self.close()
+        os.makedirs(self._dir, exist_ok=True)
+        fd, self._file = tempfile.mkstemp(prefix="mesp-ckpt-", suffix=".bin", dir=self._dir)
+        os.close(fd)
+        self._shape, self._dtype = (count, *shape), dtype
+        self._mm = np.memmap(self._file, dtype=dtype, mode="w+", shape=self._shape)
+
+    def reserve(self, count: int, shape: tuple) -> None:
+        self._ensure(count, tuple(shape), np.dtype(np.float32))
+
+    def put(self, i: int, h: mx.array) -> None:
+        if self._mm is None:
+            raise RuntimeError("reserve() before put()")
+        # stored as fp32 (bf16 has no numpy dtype); restored to the activation's own dtype on get()
+        self._mm[i] = np.array(h.astype(mx.float32))
+        self._src_dtype = h.dtype
+
+    def get(self, i: int) -> mx.array:
+        return mx.array(self._mm[i]).astype(self._src_dtype)
+
+    def drop(self, i: int) -> None:
+        pass
+
+    def clear(self) -> None:
+        pass
+
+    def close(self) -> None:
+        if self._mm is not None:
+            del self._mm
+            self._mm = None
+        if self._file and os.path.exists(self._file):
+            os.remove(self._file)
+        self._file = None
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+def make_checkpoints(kind: str, directory: str | None = None):
+    if kind == "memory":
+        return MemoryCheckpoints()
+    if kind == "mmap":
+        return MmapCheckpoints(directory)
+    raise ValueError(f"unknown checkpoint storage {kind!r} (memory, mmap)")

@@ -1,0 +1,191 @@
+"""The block-wise training step shared by every method (REFERENCE §1).
+
+    forward : h_0 = embed(x); h_{i+1} = block_i(h_i); only the boundary activations h_i are kept (memory or mmap)
+    loss    : final norm + chunked cross-entropy -> loss and g_L = dL/dh_L (no [T, vocab] logits)
+    backward: blocks in reverse; the method says which blocks get a backward and how (autodiff, hand rule, skip);
+              each block's LoRA is stepped by its own optimizer as soon as its gradient exists, then the block's
+              tensors are dropped (and, when streaming, its frozen weights released)
+
+Memory is measured per phase and per block: MLX's peak is reset before each and read after, so the step peak is the
+max over them and each block's own peak is known (the governor and the metrics use both).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from .checkpoints import make_checkpoints
+from .loss import chunked_cross_entropy
+
+MB = 1024 * 1024
+
+
+@dataclass
+class Batch:
+    inputs: mx.array  # [B, T] token ids fed to the model
+    targets: mx.array  # [B, T] next tokens
+    mask: mx.array  # [B, T] 1 where the target counts in the loss
+
+    @staticmethod
+    def from_mlx_lm(tokens: mx.array, lengths: mx.array) -> "Batch":
+        """mlx-lm's (padded tokens [B, L], (offset, length) per row) -> inputs, targets and loss mask as in default_loss."""
+        inputs, targets = tokens[:, :-1], tokens[:, 1:]
+        steps = mx.arange(1, targets.shape[1] + 1)
+        mask = mx.logical_and(steps >= lengths[:, 0:1], steps <= lengths[:, 1:])
+        return Batch(inputs, targets, mask)
+
+
+@dataclass
+class StepStats:
+    loss: float
+    ntoks: int
+    step_s: float
+    peak_mb: float
+    active_mb: float
+    phase_peak_mb: dict = field(default_factory=dict)
+    block_peak_mb: dict = field(default_factory=dict)  # ("forward"|"backward", i) -> MB
+    blocks_backpropagated: int = 0
+
+
+class _PeakMeter:
+    """MLX peak per phase: reset before, read after; the step's peak is the max of all phase peaks."""
+
+    def __init__(self):
+        self.step_peak = 0
+        self.phases: dict = {}
+        self.blocks: dict = {}
+        mx.reset_peak_memory()
+
+    def mark(self, key, block: bool = False) -> None:
+        peak = mx.get_peak_memory()
+        self.step_peak = max(self.step_peak, peak)
+        phase = key[0] if block else key
+        self.phases[phase] = max(self.phases.get(phase, 0), peak)
+        if block:
+            self.blocks[key] = max(self.blocks.get(key, 0), peak)
+        mx.reset_peak_memory()
+
+
+class BlockEngine:
+    def __init__(
+        self,
+        parts,
+        method,
+        optimizers: list | None = None,
+        checkpoint_storage: str = "memory",
+        checkpoint_dir: str | None = None,
+        streamer=None,
+        vocab_chunk: int | None = None,
+        clear_cache: str = "block",
+        seed: int = 0,
+        on_block_done: Callable | None = None,
+    ):
+        self.parts = parts
+        self.method = method
+        self.optimizers = optimizers
+        self.checkpoints = make_checkpoints(checkpoint_storage, checkpoint_dir)
+        self.streamer = streamer
+        self.vocab_chunk = vocab_chunk
+        if clear_cache not in ("block", "step", "never"):
+            raise ValueError(f"clear_cache must be block, step or never, not {clear_cache!r}")
+        self.clear_cache = clear_cache
+        self.seed = seed
+        self.on_block_done = on_block_done  # governor hook: (phase, block index, peak bytes, active bytes)
+        layers = parts.layers
+        trainable = [i for i, l in enumerate(layers) if tree_flatten(l.trainable_parameters())]
+        # blocks below the lowest trainable one need no backward at all: nothing there to learn
+        self.lowest_trainable = min(trainable) if trainable else len(layers)
+
+    # --- helpers ----------------------------------------------------------------------------------------------------
+    def _block_key(self, step: int, i: int) -> None:
+        # same random stream for a block's forward and its recomputation in backward (LoRA dropout stays exact)
+        mx.random.seed((self.seed * 1_000_003 + step * 1009 + i) % (2**31))
+
+    def _after_block(self, meter: _PeakMeter, phase: str, i: int) -> None:
+        if self.clear_cache == "block":
+            mx.clear_cache()
+        meter.mark((phase, i), block=True)
+        if self.on_block_done is not None:
+            self.on_block_done(phase, i, meter.blocks[(phase, i)], mx.get_active_memory())
+
+    # --- the step ---------------------------------------------------------------------------------------------------
+    def step(self, batch: Batch, step: int = 0, apply_update: bool = True):
+        """One training step. Returns (StepStats, grads) where grads is {block index: tree} when not applying updates."""
+        start = time.perf_counter()
+        meter = _PeakMeter()
+        layers = self.parts.layers
+        n = len(layers)
+
+        # forward, keeping block-boundary activations only
+        h = self.parts.embed(batch.inputs)
+        mx.eval(h)
+        self.checkpoints.reserve(n + 1, h.shape)
+        self.checkpoints.put(0, h)
+        masks = []
+        for i, layer in enumerate(layers):
+            masks.append(self.parts.block_mask(layer, h))
+            self._block_key(step, i)
+            h = layer(h, masks[i])
+            mx.eval(h)
+            self.checkpoints.put(i + 1, h)
+            if self.streamer is not None:
+                self.streamer.release(i)
+            self._after_block(meter, "forward", i)
+
+        # loss and its gradient at the last boundary
+        h_last = self.checkpoints.get(n)
+        normed = self.parts.final_norm(h_last)
+        loss, g_normed, ntoks = chunked_cross_entropy(self.parts, normed, batch.targets, batch.mask, self.vocab_chunk)
+        _, (g,) = mx.vjp(self.parts.final_norm, [h_last], [g_normed])
+        mx.eval(loss, g)
+        del normed, g_normed, h_last, h
+        self.checkpoints.drop(n)
+        if self.clear_cache != "never":
+            mx.clear_cache()
+        meter.mark("loss")
+
+        # reverse pass
+        selected = self.method.selected_blocks(step, n)
+        grads = {}
+        done = 0
+        for i in range(n - 1, self.lowest_trainable - 1, -1):
+            if selected is not None and i not in selected:
+                continue  # identity path: dL/dh_i = dL/dh_{i+1} through the residual (LCSB)
+            h_in = self.checkpoints.get(i)
+            self._block_key(step, i)
+            g, block_grads = self.method.block_backward(layers[i], h_in, g, masks[i])
+            if apply_update:
+                opt = self.optimizers[i]
+                opt.update(layers[i], block_grads)
+                mx.eval(g, layers[i].trainable_parameters(), opt.state)
+            else:
+                mx.eval(g, block_grads)
+                grads[i] = block_grads
+            del h_in, block_grads
+            self.checkpoints.drop(i)
+            if self.streamer is not None:
+                self.streamer.release(i)
+            done += 1
+            self._after_block(meter, "backward", i)
+        self.checkpoints.clear()
+        if self.clear_cache == "step":
+            mx.clear_cache()
+        meter.mark("update")
+
+        stats = StepStats(
+            loss=loss.item(),
+            ntoks=ntoks,
+            step_s=time.perf_counter() - start,
+            peak_mb=meter.step_peak / MB,
+            active_mb=mx.get_active_memory() / MB,
+            phase_peak_mb={k: v / MB for k, v in meter.phases.items()},
+            block_peak_mb={k: v / MB for k, v in meter.blocks.items()},
+            blocks_backpropagated=done,
+        )
+        return stats, grads

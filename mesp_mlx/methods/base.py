@@ -1,0 +1,18 @@
+"""What a method is to the engine: a block selector and a backward rule (MeZO, later, a forward-only estimator)."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+
+
+class Method:
+    name = "base"
+
+    def selected_blocks(self, step: int, n_blocks: int) -> set[int] | None:
+        """Blocks that get a backward at this step; None means all of them."""
+        return None
+
+    def block_backward(self, block: nn.Module, h_in: mx.array, g_out: mx.array, mask) -> tuple[mx.array, dict]:
+        """Return (dL/dh_in, gradient tree of the block's trainable parameters) given dL/dh_out."""
+        raise NotImplementedError

@@ -1,0 +1,97 @@
+"""Per-backend compute path for frozen 4-bit weights, and the training dtype.
+
+'fused'  : mlx's QuantizedLinear as it is (quantized_matmul; the right path on Metal).
+'dequant': each matrix is dequantized just in time and multiplied with an fp32 GEMM (on CPU quantized_matmul is ~30x
+           slower than this). The dequantized copy lives only while its matmul runs.
+
+Modules keep their class identity for isinstance checks and their parameter names, so mlx-lm's LoRA, fuse and save
+code sees an ordinary QuantizedLinear.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_map_with_path
+
+DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+
+
+def dequantize(weight, scales, biases, group_size: int, bits: int, mode: str = "affine", dtype=mx.float32) -> mx.array:
+    """Packed weight -> full precision in `dtype` (scales/biases cast first: GGUF stores them in fp16)."""
+    return mx.dequantize(weight, scales.astype(dtype), None if biases is None else biases.astype(dtype),
+                         group_size=group_size, bits=bits, mode=mode)
+
+
+def dequantized_weight(module, dtype=mx.float32) -> mx.array:
+    """The full-precision weight of a QuantizedLinear / QuantizedEmbedding, in `dtype`."""
+    return dequantize(module["weight"], module["scales"], module["biases"] if "biases" in module else None,
+                      module.group_size, module.bits, getattr(module, "mode", "affine"), dtype)
+
+
+class DequantLinear(nn.QuantizedLinear):
+    """QuantizedLinear computed as x @ dequantize(W)^T (fast on CPU with a good BLAS)."""
+
+    def __call__(self, x):
+        y = x @ dequantized_weight(self, x.dtype).T
+        if "bias" in self:
+            y = y + self["bias"]
+        return y
+
+
+class DequantEmbedding(nn.QuantizedEmbedding):
+    """QuantizedEmbedding whose rows come out in the compute dtype (GGUF scales are fp16)."""
+
+    compute_dtype = mx.float32
+
+    def __call__(self, x):
+        s = self["scales"][x].astype(self.compute_dtype)
+        b = self["biases"][x].astype(self.compute_dtype) if "biases" in self else None
+        return mx.dequantize(self["weight"][x], s, b, group_size=self.group_size, bits=self.bits,
+                             mode=getattr(self, "mode", "affine"))
+
+    def as_linear(self, x):
+        return x @ dequantized_weight(self, x.dtype).T
+
+
+def set_compute_path(model: nn.Module, path: str) -> None:
+    """Switch every quantized linear/embedding of `model` to the given compute path ('fused' or 'dequant')."""
+
+    def visit(_, module):
+        if path == "dequant":
+            if type(module) is nn.QuantizedLinear:
+                module.__class__ = DequantLinear
+            elif type(module) is nn.QuantizedEmbedding:
+                module.__class__ = DequantEmbedding
+        else:
+            if type(module) is DequantLinear:
+                module.__class__ = nn.QuantizedLinear
+            elif type(module) is DequantEmbedding:
+                module.__class__ = nn.QuantizedEmbedding
+
+    model.apply_to_modules(visit)
+
+
+def cast_float_params(model: nn.Module, dtype_name: str) -> None:
+    """Cast the float parameters that are not part of a quantized matrix (norms, linear biases, unquantized weights).
+
+    'native' keeps what the checkpoint holds. Quantization scales/biases are cast just in time instead (they would double
+    in size if stored in fp32).
+    """
+    if dtype_name == "native":
+        return
+    dtype = DTYPES[dtype_name]
+    DequantEmbedding.compute_dtype = dtype
+
+    def cast(path, x):
+        if not isinstance(x, mx.array) or not mx.issubdtype(x.dtype, mx.floating):
+            return x
+        if path.endswith(".scales") or path.endswith(".biases"):
+            return x
+        return x.astype(dtype)
+
+    model.update(tree_map_with_path(cast, model.parameters()))
+
+
+def parameter_bytes(model: nn.Module) -> int:
+    return sum(v.nbytes for _, v in tree_flatten(model.parameters()))

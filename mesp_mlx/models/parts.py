@@ -1,0 +1,89 @@
+"""The pieces of an mlx-lm decoder the block-wise engine needs: embedding, blocks, final norm, LM head.
+
+Works for the Llama / Mistral / Qwen2 / Qwen3 classes of mlx-lm (`model.model.{embed_tokens, layers, norm}` and either a
+tied embedding or `model.lm_head`). The head is exposed by vocabulary row ranges so the loss never needs the whole
+[vocab, d] matrix in full precision at once.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models.base import create_attention_mask
+
+from .compute import dequantize
+
+
+class UnsupportedModel(ValueError):
+    pass
+
+
+class ModelParts:
+    def __init__(self, model: nn.Module, compute_path: str = "dequant"):
+        inner = getattr(model, "model", None)
+        if inner is None or not all(hasattr(inner, a) for a in ("embed_tokens", "layers", "norm")):
+            raise UnsupportedModel(f"{type(model).__module__}: no model.{{embed_tokens, layers, norm}} (unsupported family)")
+        self.model = model
+        self.inner = inner
+        self.compute_path = compute_path
+        args = getattr(model, "args", None)
+        self.model_type = getattr(args, "model_type", type(model).__module__.rsplit(".", 1)[-1])
+        tied = getattr(args, "tie_word_embeddings", True) if not hasattr(model, "lm_head") else False
+        self.head = inner.embed_tokens if tied else model.lm_head
+        self.sliding_window = getattr(inner, "sliding_window", None)
+
+    @property
+    def layers(self) -> list:
+        return self.inner.layers
+
+    @property
+    def vocab_size(self) -> int:
+        return self.head.weight.shape[0]
+
+    def embed(self, inputs: mx.array) -> mx.array:
+        return self.inner.embed_tokens(inputs)
+
+    def block_mask(self, layer, h: mx.array):
+        """The attention mask an mlx-lm block expects for a full (cache-free) sequence."""
+        if getattr(layer, "use_sliding", False) and self.sliding_window:
+            return create_attention_mask(h, None, window_size=self.sliding_window)
+        return create_attention_mask(h, None)
+
+    def final_norm(self, h: mx.array) -> mx.array:
+        return self.inner.norm(h)
+
+    # --- LM head by vocabulary rows -------------------------------------------------------------------------------
+    def _rows(self, start: int, stop: int) -> dict:
+        head = self.head
+        out = {"weight": head["weight"][start:stop]}
+        for k in ("scales", "biases"):
+            if k in head:
+                out[k] = head[k][start:stop]
+        return out
+
+    def _quantized(self) -> bool:
+        return "scales" in self.head
+
+    def head_logits(self, x: mx.array, start: int, stop: int) -> mx.array:
+        """x [n, d] -> logits [n, stop-start] for vocabulary rows start:stop."""
+        rows = self._rows(start, stop)
+        if not self._quantized():
+            return x @ rows["weight"].astype(x.dtype).T
+        if self.compute_path == "fused":
+            return mx.quantized_matmul(x, rows["weight"], rows["scales"], rows.get("biases"), transpose=True,
+                                       group_size=self.head.group_size, bits=self.head.bits)
+        return x @ self._dequant(rows, x.dtype).T
+
+    def head_backprop(self, g_logits: mx.array, start: int, stop: int) -> mx.array:
+        """g_logits [n, stop-start] -> contribution g_logits @ W[start:stop] to dL/dx ([n, d])."""
+        rows = self._rows(start, stop)
+        if not self._quantized():
+            return g_logits @ rows["weight"].astype(g_logits.dtype)
+        if self.compute_path == "fused":
+            return mx.quantized_matmul(g_logits, rows["weight"], rows["scales"], rows.get("biases"), transpose=False,
+                                       group_size=self.head.group_size, bits=self.head.bits)
+        return g_logits @ self._dequant(rows, g_logits.dtype)
+
+    def _dequant(self, rows: dict, dtype) -> mx.array:
+        return dequantize(rows["weight"], rows["scales"], rows.get("biases"), self.head.group_size, self.head.bits,
+                          getattr(self.head, "mode", "affine"), dtype)

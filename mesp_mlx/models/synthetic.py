@@ -1,0 +1,145 @@
+"""Random-weight models of real shapes, written as mlx-lm folders block by block (no fp32 whole model ever exists).
+
+Used by the tests (tiny Qwen2 / Qwen3 / Llama) and by tools/ benchmarks (Qwen2.5-{0.5B,1.5B,3B} shapes). Each folder has
+config.json, sharded 4-bit safetensors with an index, and a small byte-level BPE tokenizer with a ChatML template.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_unflatten
+
+CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+SHAPES = {
+    # name: (model_type, hidden, layers, intermediate, heads, kv_heads, vocab)
+    "qwen2.5-0.5b": ("qwen2", 896, 24, 4864, 14, 2, 151936),
+    "qwen2.5-1.5b": ("qwen2", 1536, 28, 8960, 12, 2, 151936),
+    "qwen2.5-3b": ("qwen2", 2048, 36, 11008, 16, 2, 151936),
+}
+
+_CORPUS = (
+    "the quick brown fox jumps over the lazy dog. a small model learns to answer questions about memory, "
+    "phones, laptops and training. what is the capital of france? paris is the capital of france. "
+    "hello, how are you today? i am fine, thank you. low rank adapters fine tune large language models. "
+)
+
+
+def write_tokenizer(out: Path, vocab_size: int = 512) -> None:
+    """A byte-level BPE trained on a fixed corpus (deterministic), ChatML template, <|im_end|> as EOS."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator([_CORPUS] * 4, trainer=trainer)
+    tok.save(str(out / "tokenizer.json"))
+    with open(out / "tokenizer_config.json", "w") as f:
+        json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
+                   "bos_token": None, "chat_template": CHATML, "add_bos_token": False}, f, indent=2)
+
+
+def model_config(model_type: str, hidden: int, layers: int, intermediate: int, heads: int, kv_heads: int, vocab: int,
+                 tie: bool = True, head_dim: int | None = None) -> dict:
+    config = {
+        "model_type": model_type,
+        "hidden_size": hidden,
+        "num_hidden_layers": layers,
+        "intermediate_size": intermediate,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "rms_norm_eps": 1e-6,
+        "vocab_size": vocab,
+        "max_position_embeddings": 4096,
+        "rope_theta": 10000.0,
+        "tie_word_embeddings": tie,
+    }
+    if model_type == "qwen3":
+        config["head_dim"] = head_dim or hidden // heads
+    return config
+
+
+def write_random_model(out: str | os.PathLike, config: dict, bits: int | None = 4, group_size: int = 64,
+                       seed: int = 0, tokenizer_vocab: int = 512, scales_dtype=mx.float32, weight_std: float = 0.02) -> Path:
+    """Write a random model folder. bits=None leaves it unquantized (fp32)."""
+    from mlx_lm.utils import _get_classes
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    mx.random.seed(seed)
+    model_cls, args_cls = _get_classes(config)
+    model = model_cls(args_cls.from_dict(config))  # parameters are lazy: nothing is computed yet
+
+    def randomize(module: nn.Module) -> None:
+        new = {}
+        for k, v in tree_flatten(module.parameters()):
+            if v.ndim == 1 and k.endswith("weight"):  # norm scales near 1
+                new[k] = mx.ones(v.shape) + 0.1 * mx.random.normal(v.shape)
+            elif v.ndim == 1:
+                new[k] = 0.02 * mx.random.normal(v.shape)
+            else:
+                new[k] = weight_std * mx.random.normal(v.shape)
+        module.update(tree_unflatten(list(new.items())))
+
+    def quantize(module: nn.Module) -> None:
+        if bits is not None:
+            nn.quantize(module, group_size=group_size, bits=bits,
+                        class_predicate=lambda p, m: hasattr(m, "to_quantized") and m.weight.shape[-1] % group_size == 0)
+
+    def cast_scales(params: dict) -> dict:
+        return {k: (v.astype(scales_dtype) if k.endswith((".scales", ".biases")) else v) for k, v in params.items()}
+
+    weight_map = {}
+    shards = []
+    # top-level pieces (embedding, final norm, head) in one shard, then one shard per block
+    top = {}
+    for name in ("embed_tokens", "norm"):
+        mod = model.model[name]
+        randomize(mod)
+        if name == "embed_tokens":
+            quantize(mod)
+        for k, v in tree_flatten(mod.parameters()):
+            top[f"model.{name}.{k}"] = v
+    if not config.get("tie_word_embeddings", True):
+        randomize(model.lm_head)
+        quantize(model.lm_head)
+        for k, v in tree_flatten(model.lm_head.parameters()):
+            top[f"lm_head.{k}"] = v
+    shards.append(("model-top.safetensors", top))
+    for i in range(len(model.model.layers)):
+        layer = model.model.layers[i]
+        randomize(layer)
+        quantize(layer)
+        shard = {f"model.layers.{i}.{k}": v for k, v in tree_flatten(layer.parameters())}
+        shards.append((f"model-block-{i:03d}.safetensors", shard))
+    for fname, shard in shards:
+        shard = cast_scales(shard)
+        mx.eval(shard)
+        mx.save_safetensors(str(out / fname), shard, metadata={"format": "mlx"})
+        weight_map.update({k: fname for k in shard})
+        shard.clear()
+        if fname.startswith("model-block-"):
+            i = int(fname[len("model-block-"):-len(".safetensors")])
+            model.model.layers[i] = None  # free the block's arrays
+        mx.clear_cache()
+    with open(out / "model.safetensors.index.json", "w") as f:
+        json.dump({"metadata": {}, "weight_map": dict(sorted(weight_map.items()))}, f, indent=1)
+    config = dict(config)
+    if bits is not None:
+        config["quantization"] = {"group_size": group_size, "bits": bits}
+        config["quantization_config"] = dict(config["quantization"])
+    with open(out / "config.json", "w") as f:
+        json.dump(config, f, indent=2)
+    write_tokenizer(out, tokenizer_vocab)
+    return out
