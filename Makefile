@@ -5,6 +5,7 @@ setup:
 	./scripts/setup.sh
 
 demo: setup
+	.venv/bin/mesp-mlx make-data --out runs/demo_data --categories botprofile
 	.venv/bin/mesp-mlx train -c recipes/smollm2_demo.yaml
 
 test: setup

@@ -14,10 +14,11 @@ import mlx.core as mx
 import numpy as np
 
 
-def auto_vocab_chunk(n_tokens: int, vocab: int, budget_elems: int = 1 << 21) -> int:
-    """Largest chunk (multiple of 256) such that an [n, chunk] fp32 block stays within ~budget_elems (8 MB)."""
-    chunk = max(256, (budget_elems // max(n_tokens, 1)) // 256 * 256)
-    return min(chunk, vocab)
+def auto_vocab_chunk(n_tokens: int, vocab: int, hidden: int, budget_elems: int = 1 << 21) -> int:
+    """Largest chunk (multiple of 256) such that both the [n, chunk] logits and the [chunk, d] dequantized head rows
+    stay within ~budget_elems fp32 values (8 MB each)."""
+    chunk = budget_elems // max(n_tokens, hidden, 1)
+    return min(max(256, chunk // 256 * 256), vocab)
 
 
 def chunked_cross_entropy(parts, x: mx.array, targets: mx.array, mask: mx.array, vocab_chunk: int | None = None):
@@ -35,7 +36,7 @@ def chunked_cross_entropy(parts, x: mx.array, targets: mx.array, mask: mx.array,
     xs = x.reshape(-1, d)[idx_mx].astype(mx.float32)
     ts = targets.reshape(-1)[idx_mx]
     V = parts.vocab_size
-    chunk = vocab_chunk or auto_vocab_chunk(n, V)
+    chunk = vocab_chunk or auto_vocab_chunk(n, V, d)
 
     # pass 1: online logsumexp and the target logits
     run_max = mx.full((n,), -float("inf"))

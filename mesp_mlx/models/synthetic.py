@@ -141,5 +141,5 @@ def write_random_model(out: str | os.PathLike, config: dict, bits: int | None = 
         config["quantization_config"] = dict(config["quantization"])
     with open(out / "config.json", "w") as f:
         json.dump(config, f, indent=2)
-    write_tokenizer(out, tokenizer_vocab)
+    write_tokenizer(out, min(tokenizer_vocab, config["vocab_size"]))
     return out

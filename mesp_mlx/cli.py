@@ -1,0 +1,115 @@
+"""`mesp-mlx` subcommands: train, doctor, import-gguf. Flag names follow mlx-lm's where they exist."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _train_parser(sub):
+    p = sub.add_parser("train", help="LoRA fine-tune within a memory budget (block-wise engine)")
+    p.add_argument("-c", "--config", help="YAML file with mlx-lm's keys (lora_parameters included)")
+    p.add_argument("--model", help="mlx-lm folder, .gguf file or Hugging Face repo id (default: embedded SmolLM2-135M)")
+    p.add_argument("--data", help="folder with train.jsonl (valid.jsonl, test.jsonl optional); mlx-lm's formats")
+    p.add_argument("--method", choices=["mebp"], help="backward rule (default mebp)")
+    p.add_argument("--iters", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--learning-rate", type=float)
+    p.add_argument("--optimizer", choices=["sgd", "adamw", "adam"])
+    p.add_argument("--seed", type=int)
+    p.add_argument("--max-seq-length", type=int)
+    p.add_argument("--mask-prompt", action="store_true", default=None, help="loss on completions only")
+    p.add_argument("--num-layers", type=int, help="blocks with LoRA, counted from the last (-1: all, default)")
+    p.add_argument("--adapter-path", help="output folder (adapters.safetensors, adapter_config.json, metrics.jsonl)")
+    p.add_argument("--resume-adapter-file", help="start from these adapter weights")
+    p.add_argument("--save-every", type=int)
+    p.add_argument("--steps-per-report", type=int)
+    p.add_argument("--stream-weights", action="store_true", default=None,
+                   help="load each block's frozen weights on demand and release them after use")
+    p.add_argument("--checkpoint-storage", choices=["memory", "mmap"])
+    p.add_argument("--checkpoint-dir", help="where mmap'd activation checkpoints go (default: temp dir)")
+    p.add_argument("--compute-path", choices=["auto", "fused", "dequant"],
+                   help="quantized matmul (fused, Metal) or just-in-time dequantize + fp32 GEMM (dequant, CPU)")
+    p.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16", "native"])
+    p.add_argument("--vocab-chunk", type=int, help="vocabulary rows per loss chunk (default: auto, ~8 MB of logits)")
+    p.add_argument("--clear-cache", choices=["block", "step", "never"], help="when to return MLX's cache (default block)")
+    p.add_argument("--quantize-bits", type=int, help="bits for quantize-on-load of unquantized models (default 4)")
+    p.add_argument("--quantize-group-size", type=int, help="group size for quantize-on-load (default 64)")
+    p.add_argument("--no-plot", dest="plot", action="store_false", default=None)
+    return p
+
+
+def cmd_train(args) -> int:
+    from .config import build_config
+    from .train import train
+
+    overrides = {k: v for k, v in vars(args).items() if k not in ("command", "config", "func")}
+    cfg = build_config(args.config, overrides)
+    train(cfg)
+    return 0
+
+
+def cmd_doctor(args) -> int:
+    from .backend import doctor
+
+    report = doctor()
+    print("\n".join(report.lines()))
+    return 0
+
+
+def cmd_import_gguf(args) -> int:
+    from .models.gguf_import import import_gguf
+
+    out = import_gguf(args.gguf, args.out)
+    print(f"imported {args.gguf} -> {out} (loads with mlx_lm.load)")
+    return 0
+
+
+def cmd_make_data(args) -> int:
+    from .corpora import chatterbot_pairs, write_chat_jsonl
+
+    pairs = chatterbot_pairs(args.categories.split(","))
+    counts = write_chat_jsonl(pairs, args.out, seed=args.seed)
+    print(f"wrote {args.out}: {counts['train']} train / {counts['valid']} valid chat records from chatterbot-corpus "
+          f"({args.categories})")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mesp-mlx", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _train_parser(sub).set_defaults(func=cmd_train)
+    sub.add_parser("doctor", help="backend, versions, BLAS and measured GEMM speed").set_defaults(func=cmd_doctor)
+    p = sub.add_parser("import-gguf", help="convert a Llama GGUF (Q4_0/Q4_1/Q8_0) to an mlx-lm folder")
+    p.add_argument("gguf")
+    p.add_argument("out")
+    p.set_defaults(func=cmd_import_gguf)
+    p = sub.add_parser("make-data", help="build an mlx-lm chat dataset from installed chatterbot-corpus dialogues")
+    p.add_argument("--out", required=True)
+    p.add_argument("--categories", default="botprofile", help="comma-separated chatterbot-corpus English categories")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_make_data)
+    return parser
+
+
+def main(argv=None) -> int:
+    from .config import ConfigError
+    from .data import DataError
+    from .lora import LoRAConfigError
+    from .models import ModelLoadError, UnsupportedModel
+    from .models.gguf_import import GGUFImportError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, DataError, LoRAConfigError, ModelLoadError, UnsupportedModel, GGUFImportError,
+            FileNotFoundError, PermissionError) as e:
+        print(f"mesp-mlx: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("mesp-mlx: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,114 @@
+"""One dataclass for a training run. YAML (mlx-lm's key names, `lora_parameters` included) is read first, then the CLI
+flags that were given explicitly override it."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class TrainConfig:
+    model: str | None = None  # local folder, .gguf, hub repo id, or None for the embedded SmolLM2
+    data: str | None = None
+    method: str = "mebp"
+    iters: int = 100
+    batch_size: int = 1
+    learning_rate: float = 1e-5
+    optimizer: str = "adamw"
+    optimizer_config: dict = field(default_factory=dict)  # e.g. {"adamw": {"weight_decay": 0.01}}
+    seed: int = 0
+    max_seq_length: int = 2048
+    mask_prompt: bool = False
+    num_layers: int = -1
+    lora_parameters: dict = field(default_factory=lambda: {"rank": 8, "scale": 20.0, "dropout": 0.0})
+    adapter_path: str = "adapters"
+    resume_adapter_file: str | None = None
+    save_every: int = 100
+    steps_per_report: int = 1
+    # model / compute
+    quantize_bits: int = 4
+    quantize_group_size: int = 64
+    compute_path: str = "auto"  # auto | fused | dequant
+    dtype: str = "auto"  # auto | float32 | float16 | bfloat16 | native
+    # engine
+    stream_weights: bool = False
+    checkpoint_storage: str = "memory"  # memory | mmap
+    checkpoint_dir: str | None = None
+    vocab_chunk: int | None = None
+    clear_cache: str = "block"  # block | step | never
+    # demo: prompts answered before and after training
+    demo_prompts: list = field(default_factory=list)
+    demo_max_tokens: int = 48
+    plot: bool = True
+
+    @classmethod
+    def keys(cls) -> set[str]:
+        return {f.name for f in dataclasses.fields(cls)}
+
+    def validate(self) -> None:
+        if self.method not in ("mebp",):
+            raise ConfigError(f"--method {self.method!r}: available: mebp")
+        if self.optimizer not in ("sgd", "adamw", "adam"):
+            raise ConfigError(f"--optimizer {self.optimizer!r}: sgd, adamw or adam")
+        if self.iters < 1 or self.batch_size < 1 or self.max_seq_length < 2:
+            raise ConfigError("--iters and --batch-size must be >= 1 and --max-seq-length >= 2")
+        if self.checkpoint_storage not in ("memory", "mmap"):
+            raise ConfigError(f"--checkpoint-storage {self.checkpoint_storage!r}: memory or mmap")
+        if self.data is None:
+            raise ConfigError("--data is required (a folder with train.jsonl; mlx-lm's formats)")
+
+
+# mlx-lm YAML keys we accept as they are, and the ones that name the same thing differently
+_ALIASES = {"lora_layers": "num_layers", "grad_checkpoint": None, "steps_per_eval": None, "val_batches": None,
+            "fine_tune_type": None, "train": None, "test": None, "test_batches": None, "wandb": None,
+            "steps_per_report": "steps_per_report", "report_to": None, "project_name": None,
+            "grad_accumulation_steps": None, "lr_schedule": None}
+
+
+def load_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        with open(path) as f:
+            raw = yaml.safe_load(f) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise ConfigError(f"{where}: malformed YAML ({getattr(e, 'problem', e)})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys to values")
+    out = {}
+    known = TrainConfig.keys()
+    for k, v in raw.items():
+        k2 = k.replace("-", "_")
+        if k2 in _ALIASES:
+            if _ALIASES[k2] is None:
+                print(f"[mesp-mlx] note: {path}: key {k!r} (mlx-lm) has no effect here")
+                continue
+            k2 = _ALIASES[k2]
+        if k2 not in known:
+            raise ConfigError(f"{path}: unknown key {k!r}")
+        out[k2] = v
+    # relative data/model/adapter paths in a recipe are relative to the working directory, like mlx-lm's
+    return out
+
+
+def build_config(yaml_path: str | None, overrides: dict) -> TrainConfig:
+    values = load_yaml(yaml_path) if yaml_path else {}
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    if "lora_parameters" in values:
+        values["lora_parameters"] = {**TrainConfig().lora_parameters, **values["lora_parameters"]}
+    for k in ("learning_rate",):
+        if k in values:
+            values[k] = float(values[k])
+    cfg = TrainConfig(**values)
+    return cfg

@@ -1,0 +1,171 @@
+"""mlx-lm's jsonl data (text / completions / chat), validated line by line before any training.
+
+`--data` is a folder with train.jsonl (required), valid.jsonl and test.jsonl (optional). The format is mlx-lm's, detected
+the same way (`create_dataset`), and tokenization, chat templates and prompt masking are mlx-lm's dataset classes. What we
+add: every line is checked first, and a bad one is refused with `file:line` and the reason.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+
+class DataError(ValueError):
+    pass
+
+
+FORMATS = ("chat", "completions", "text")
+
+
+def _detect(sample: dict, keys: dict) -> str | None:
+    if keys["prompt"] in sample and keys["completion"] in sample:
+        return "completions"
+    if keys["chat"] in sample:
+        return "chat"
+    if keys["text"] in sample:
+        return "text"
+    return None
+
+
+def _check_record(rec, fmt: str, keys: dict, where: str) -> None:
+    if fmt == "text":
+        if not isinstance(rec.get(keys["text"]), str) or not rec[keys["text"]].strip():
+            raise DataError(f"{where}: text format needs a non-empty string {keys['text']!r}")
+    elif fmt == "completions":
+        for k in (keys["prompt"], keys["completion"]):
+            if not isinstance(rec.get(k), str):
+                raise DataError(f"{where}: completions format needs string fields {keys['prompt']!r} and {keys['completion']!r}")
+    else:
+        msgs = rec.get(keys["chat"])
+        if not isinstance(msgs, list) or not msgs:
+            raise DataError(f"{where}: chat format needs a non-empty list {keys['chat']!r}")
+        for j, m in enumerate(msgs):
+            if not isinstance(m, dict) or "role" not in m or "content" not in m:
+                raise DataError(f"{where}: message {j} needs 'role' and 'content'")
+            if m["role"] not in ("system", "user", "assistant", "tool"):
+                raise DataError(f"{where}: message {j} has unknown role {m['role']!r}")
+            if not isinstance(m["content"], str):
+                raise DataError(f"{where}: message {j} content must be a string")
+
+
+def read_jsonl(path: Path, keys: dict) -> list[dict]:
+    """Parse and validate a jsonl file; every record must be of the format its first record has."""
+    records, fmt = [], None
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            where = f"{path}:{lineno}"
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(rec, dict):
+                raise DataError(f"{where}: each line must be a JSON object, got {type(rec).__name__}")
+            this = _detect(rec, keys)
+            if this is None:
+                raise DataError(f"{where}: unknown format: expected {keys['text']!r} (text), {keys['prompt']!r}+"
+                                f"{keys['completion']!r} (completions) or {keys['chat']!r} (chat); got keys {sorted(rec)}")
+            if fmt is None:
+                fmt = this
+            elif this != fmt:
+                raise DataError(f"{where}: {this} record in a {fmt} file (one format per file)")
+            _check_record(rec, fmt, keys, where)
+            records.append(rec)
+    if not records:
+        raise DataError(f"{path}: empty (no records)")
+    return records
+
+
+def load_splits(data_dir: str | Path, tokenizer, mask_prompt: bool = False, feature_keys: dict | None = None):
+    """Return {'train': dataset, 'valid': dataset|None, 'test': dataset|None} of mlx-lm dataset objects."""
+    from types import SimpleNamespace
+
+    from mlx_lm.tuner.datasets import CacheDataset, create_dataset
+
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise DataError(f"--data {data_dir}: no such folder (expected train.jsonl, valid.jsonl, test.jsonl inside)")
+    keys = {"text": "text", "prompt": "prompt", "completion": "completion", "chat": "messages", **(feature_keys or {})}
+    cfg = SimpleNamespace(mask_prompt=mask_prompt, text_feature=keys["text"], prompt_feature=keys["prompt"],
+                          completion_feature=keys["completion"], chat_feature=keys["chat"])
+    out = {}
+    for split in ("train", "valid", "test"):
+        path = data_dir / f"{split}.jsonl"
+        if not path.exists():
+            if split == "train":
+                raise DataError(f"{path}: missing (train.jsonl is required)")
+            out[split] = None
+            continue
+        records = read_jsonl(path, keys)
+        if mask_prompt and _detect(records[0], keys) == "text":
+            raise DataError(f"{path}: --mask-prompt needs chat or completions data (text has no prompt)")
+        try:
+            ds = create_dataset(records, tokenizer, cfg)
+        except Exception as e:
+            raise DataError(f"{path}: {e}") from e
+        cached = CacheDataset(ds)
+        for i in range(len(cached)):  # tokenize now, so template errors surface with their line
+            try:
+                tokens, offset = cached[i]
+            except Exception as e:
+                raise DataError(f"{path}:{i + 1}: cannot tokenize ({e})") from e
+            if len(tokens) < 2 or offset >= len(tokens) - 1 and mask_prompt:
+                raise DataError(f"{path}:{i + 1}: nothing to learn (fewer than 2 tokens, or all of it is prompt)")
+        out[split] = cached
+    return out
+
+
+class BatchIterator:
+    """mlx-lm's batching (length-sorted batches, padded to a multiple of 32 + 1, shuffled per epoch with `seed`),
+    with truncation to max_seq_length announced once, and a position that can be saved and restored."""
+
+    def __init__(self, dataset, batch_size: int, max_seq_length: int, seed: int = 0):
+        if len(dataset) < batch_size:
+            raise DataError(f"the training set has {len(dataset)} examples, fewer than --batch-size {batch_size}")
+        self.dataset, self.batch_size, self.max_seq_length = dataset, batch_size, max_seq_length
+        order = sorted(range(len(dataset)), key=lambda i: len(dataset[i][0]))
+        self.batches = [order[i:i + batch_size] for i in range(0, len(order) - batch_size + 1, batch_size)]
+        self.seed = seed
+        self.epoch, self.index = 0, 0
+        self._perm = self._permutation(0)
+        self.warned = False
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng(self.seed + epoch).permutation(len(self.batches))
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "index": self.index}
+
+    def restore(self, state: dict) -> None:
+        self.epoch, self.index = int(state["epoch"]), int(state["index"])
+        self._perm = self._permutation(self.epoch)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self.index >= len(self.batches):
+            self.epoch, self.index = self.epoch + 1, 0
+            self._perm = self._permutation(self.epoch)
+        items = [self.dataset[j] for j in self.batches[self._perm[self.index]]]
+        self.index += 1
+        tokens = [t for t, _ in items]
+        offsets = [o for _, o in items]
+        lengths = [len(t) for t in tokens]
+        if max(lengths) > self.max_seq_length and not self.warned:
+            print(f"[mesp-mlx] WARNING: a sequence of {max(lengths)} tokens is truncated to --max-seq-length "
+                  f"{self.max_seq_length} (pre-split long examples to keep their ends)")
+            self.warned = True
+        pad_to = 32
+        width = min(1 + pad_to * ((max(lengths) + pad_to - 1) // pad_to), self.max_seq_length)
+        arr = np.zeros((len(items), width), np.int32)
+        for j, t in enumerate(tokens):
+            n = min(len(t), self.max_seq_length)
+            arr[j, :n] = t[:n]
+            lengths[j] = n
+        return mx.array(arr), mx.array(list(zip(offsets, lengths)))

@@ -1,0 +1,112 @@
+"""LoRA in mlx-lm's names, shapes and files.
+
+Layers come from mlx-lm's `linear_to_lora_layers` (so `lora_a` [in, r], `lora_b` [r, out], y = W0 x + scale (x A) B),
+and adapters are written exactly as `mlx_lm.lora` writes them: `adapters.safetensors` holding the trainable parameters
+and `adapter_config.json` with `fine_tune_type`, `num_layers`, `lora_parameters` (+ our run's settings), so
+`mlx_lm.generate --adapter-path` and `mlx_lm.fuse` take them as they are.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_map
+
+from .io import atomic_write, atomic_write_json
+
+DEFAULT_KEYS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+SHORT_KEYS = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
+              "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
+DEFAULT_LORA = {"rank": 8, "scale": 20.0, "dropout": 0.0, "keys": list(DEFAULT_KEYS)}
+
+
+class LoRAConfigError(ValueError):
+    pass
+
+
+def normalize_keys(keys) -> list[str]:
+    return [SHORT_KEYS.get(k, k) for k in keys]
+
+
+def apply_lora(model: nn.Module, num_layers: int, lora_parameters: dict) -> int:
+    """Freeze the base, wrap the chosen linears of the last `num_layers` blocks (-1: all). Returns #trainable params."""
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+
+    params = {**DEFAULT_LORA, **(lora_parameters or {})}
+    params["keys"] = normalize_keys(params.get("keys") or DEFAULT_KEYS)
+    n_blocks = len(model.layers)
+    if num_layers == -1:
+        num_layers = n_blocks
+    if not 0 < num_layers <= n_blocks:
+        raise LoRAConfigError(f"num_layers={num_layers}, but the model has {n_blocks} blocks (use -1 for all)")
+    if int(params["rank"]) < 1:
+        raise LoRAConfigError(f"LoRA rank must be >= 1 (got {params['rank']})")
+    present = {name for name, _ in model.layers[0].named_modules()}
+    missing = [k for k in params["keys"] if k not in present]
+    if missing:
+        linears = sorted(n for n, m in model.layers[0].named_modules() if isinstance(m, (nn.Linear, nn.QuantizedLinear)))
+        raise LoRAConfigError(f"LoRA keys {missing} are not in this model's blocks (its linears: {', '.join(linears)})")
+    for k in params["keys"]:
+        mod = dict(model.layers[0].named_modules())[k]
+        d_out = mod.weight.shape[0]
+        d_in = mod.weight.shape[1] * (32 // mod.bits if isinstance(mod, nn.QuantizedLinear) else 1)
+        if int(params["rank"]) > min(d_in, d_out):
+            raise LoRAConfigError(f"LoRA rank {params['rank']} exceeds {k}'s dimensions ({d_in} -> {d_out})")
+    model.freeze()
+    linear_to_lora_layers(model, num_layers, params)
+    return sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
+
+
+def cast_lora(model: nn.Module, dtype=mx.float32) -> None:
+    """LoRA parameters are trained in `dtype` (fp32 by default) whatever the base's dtype."""
+    model.update(tree_map(lambda x: x.astype(dtype), model.trainable_parameters()))
+
+
+def adapter_weights(model: nn.Module) -> dict:
+    return dict(tree_flatten(model.trainable_parameters()))
+
+
+def save_adapters(model: nn.Module, adapter_file: str | Path) -> None:
+    """Write the trainable parameters atomically (mlx-lm's `adapters.safetensors` layout)."""
+    weights = adapter_weights(model)
+    mx.eval(weights)
+    atomic_write(adapter_file, lambda tmp: mx.save_safetensors(tmp, weights), suffix=".safetensors")
+
+
+def write_adapter_config(adapter_path: str | Path, num_layers: int, lora_parameters: dict, extra: dict | None = None):
+    params = {**DEFAULT_LORA, **(lora_parameters or {})}
+    params["keys"] = normalize_keys(params["keys"])
+    config = {**(extra or {}), "fine_tune_type": "lora", "num_layers": num_layers, "lora_parameters": params}
+    atomic_write_json(Path(adapter_path) / "adapter_config.json", config)
+
+
+def load_adapter_weights(model: nn.Module, adapter_file: str | Path) -> None:
+    """Load an adapters.safetensors into an already LoRA-wrapped model, refusing one made for another model."""
+    adapter_file = Path(adapter_file)
+    if adapter_file.is_dir():
+        adapter_file = adapter_file / "adapters.safetensors"
+    if not adapter_file.is_file():
+        raise FileNotFoundError(f"adapter file not found: {adapter_file}")
+    try:
+        weights = mx.load(str(adapter_file))
+    except Exception as e:
+        raise LoRAConfigError(f"{adapter_file}: not a readable safetensors file ({e})") from e
+    own = adapter_weights(model)
+    unknown = sorted(set(weights) - set(own))
+    if unknown:
+        raise LoRAConfigError(f"{adapter_file}: tensor {unknown[0]} has no place in this model's LoRA layers "
+                              f"({len(unknown)} such tensors; another model, rank layout or --num-layers?)")
+    for k, v in weights.items():
+        if v.shape != own[k].shape:
+            raise LoRAConfigError(f"{adapter_file}: tensor {k} has shape {tuple(v.shape)}, this model needs "
+                                  f"{tuple(own[k].shape)} (adapter from another model or rank?)")
+    model.load_weights([(k, v.astype(own[k].dtype)) for k, v in weights.items()], strict=False)
+
+
+def read_adapter_config(adapter_path: str | Path) -> dict:
+    with open(Path(adapter_path) / "adapter_config.json") as f:
+        return json.load(f)

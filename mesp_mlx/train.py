@@ -1,0 +1,171 @@
+"""A training run: config -> model -> LoRA -> data -> engine steps -> adapters, metrics, plot (ARCHITECTURE's flow)."""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.optimizers as optim
+from mlx.utils import tree_flatten
+
+from . import backend
+from .config import ConfigError, TrainConfig
+from .data import BatchIterator, load_splits
+from .engine import Batch, BlockEngine, WeightStreamer
+from .io import check_writable
+from .lora import apply_lora, cast_lora, load_adapter_weights, save_adapters, write_adapter_config
+from .methods import make_method
+from .metrics import MetricsLog, plot_metrics
+from .models import ModelParts, cast_float_params, load_model, set_compute_path
+
+
+@dataclass
+class Prepared:
+    model: object
+    tokenizer: object
+    config: dict
+    path: Path
+    parts: ModelParts
+    compute_path: str
+    streamer: WeightStreamer | None
+
+
+def prepare_model(cfg: TrainConfig) -> Prepared:
+    """Load, pick the compute path and dtype, set up streaming, wrap with LoRA, resume an adapter if asked."""
+    loaded = load_model(cfg.model, cfg.quantize_bits, cfg.quantize_group_size, lazy=True)
+    model = loaded.model
+    path = backend.compute_path(cfg.compute_path)
+    set_compute_path(model, path)
+    cast_float_params(model, backend.default_dtype() if cfg.dtype == "auto" else cfg.dtype)
+    context = loaded.config.get("max_position_embeddings")
+    if context and cfg.max_seq_length > context:
+        raise ConfigError(f"--max-seq-length {cfg.max_seq_length} exceeds the model's context of {context} tokens")
+    streamer = None
+    if cfg.stream_weights:
+        streamer = WeightStreamer(loaded.path, model, model.layers)
+        streamer.release_all()
+    apply_lora(model, cfg.num_layers, cfg.lora_parameters)
+    cast_lora(model, mx.float32)
+    if cfg.resume_adapter_file:
+        load_adapter_weights(model, cfg.resume_adapter_file)
+    if streamer is None:
+        mx.eval(model.parameters())
+    else:
+        mx.eval(model.trainable_parameters())
+    parts = ModelParts(model, path)
+    return Prepared(model, loaded.tokenizer, loaded.config, loaded.path, parts, path, streamer)
+
+
+def make_optimizer(cfg: TrainConfig):
+    extra = dict(cfg.optimizer_config.get(cfg.optimizer, {})) if cfg.optimizer_config else {}
+    cls = {"sgd": optim.SGD, "adamw": optim.AdamW, "adam": optim.Adam}[cfg.optimizer]
+    return cls(learning_rate=cfg.learning_rate, **extra)
+
+
+def answer(model, tokenizer, prompt: str, max_tokens: int) -> str:
+    from mlx_lm import generate
+
+    text = prompt
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                             tokenize=False)
+    model.eval()
+    out = generate(model, tokenizer, text, max_tokens=max_tokens, verbose=False)
+    model.train()
+    return out.strip()
+
+
+def _show_answers(prep: Prepared, cfg: TrainConfig, label: str, log) -> list[str]:
+    answers = []
+    for p in cfg.demo_prompts:
+        a = answer(prep.model, prep.tokenizer, p, cfg.demo_max_tokens)
+        answers.append(a)
+        log(f"  [{label}] Q: {p}\n  [{label}] A: {a}")
+    if prep.streamer is not None:
+        prep.streamer.release_all()
+    mx.clear_cache()
+    return answers
+
+
+class Progress:
+    def __init__(self, total: int, stream=sys.stdout):
+        self.total, self.stream = total, stream
+        self.tty = stream.isatty()
+
+    def update(self, step: int, text: str) -> None:
+        width = 24
+        done = int(width * step / self.total)
+        line = f"[{'#' * done}{'.' * (width - done)}] {step}/{self.total} {text}"
+        if self.tty:
+            self.stream.write("\r" + line + ("\n" if step == self.total else ""))
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+
+@dataclass
+class TrainResult:
+    adapter_path: Path
+    records: list
+    answers_before: list
+    answers_after: list
+
+
+def train(cfg: TrainConfig, log=print) -> TrainResult:
+    cfg.validate()
+    adapter_path = Path(cfg.adapter_path)
+    check_writable(adapter_path)
+    mx.random.seed(cfg.seed)
+    prep = prepare_model(cfg)
+    splits = load_splits(cfg.data, prep.tokenizer, cfg.mask_prompt)
+    batches = BatchIterator(splits["train"], cfg.batch_size, cfg.max_seq_length, cfg.seed)
+    n_trainable = sum(v.size for _, v in tree_flatten(prep.model.trainable_parameters()))
+    log(f"[mesp-mlx] model {prep.path} | {len(prep.parts.layers)} blocks | method {cfg.method} | compute "
+        f"{prep.compute_path} | LoRA params {n_trainable / 1e6:.3f} M | stream weights {cfg.stream_weights} | "
+        f"checkpoints {cfg.checkpoint_storage} | BLAS {backend.blas_in_use().split(',')[0] or 'n/a'}")
+
+    answers_before = _show_answers(prep, cfg, "before", log) if cfg.demo_prompts else []
+    prep.model.train()
+
+    method = make_method(cfg.method)
+    optimizers = [make_optimizer(cfg) for _ in prep.parts.layers]
+    engine = BlockEngine(prep.parts, method, optimizers, cfg.checkpoint_storage, cfg.checkpoint_dir,
+                         prep.streamer, cfg.vocab_chunk, cfg.clear_cache, cfg.seed)
+    adapter_file = adapter_path / "adapters.safetensors"
+    write_adapter_config(adapter_path, cfg.num_layers if cfg.num_layers != -1 else len(prep.parts.layers),
+                         cfg.lora_parameters, extra=_config_record(cfg, prep))
+    metrics = MetricsLog(adapter_path / "metrics.jsonl")
+    progress = Progress(cfg.iters)
+    for step in range(1, cfg.iters + 1):
+        tokens, lengths = next(batches)
+        stats, _ = engine.step(Batch.from_mlx_lm(tokens, lengths), step)
+        record = {"step": step, "loss": stats.loss, "tokens": stats.ntoks, "step_s": stats.step_s,
+                  "tokens_per_s": stats.ntoks / stats.step_s, "peak_mb": stats.peak_mb, "active_mb": stats.active_mb,
+                  "phase_peak_mb": stats.phase_peak_mb, "seq_len": int(tokens.shape[1] - 1)}
+        metrics.log(record)
+        if step % cfg.steps_per_report == 0 or step == cfg.iters:
+            progress.update(step, f"loss {stats.loss:.4f} | {record['tokens_per_s']:.0f} tok/s | {stats.step_s:.2f} s | "
+                                  f"peak {stats.peak_mb:.1f} MB | active {stats.active_mb:.1f} MB")
+        if cfg.save_every and step % cfg.save_every == 0 and step != cfg.iters:
+            save_adapters(prep.model, adapter_file)
+            save_adapters(prep.model, adapter_path / f"{step:07d}_adapters.safetensors")
+    save_adapters(prep.model, adapter_file)
+    log(f"[mesp-mlx] saved adapters to {adapter_file}")
+    if cfg.plot:
+        png = plot_metrics(metrics.records, adapter_path / "metrics.png", f"{cfg.method} on {prep.path.name}")
+        log(f"[mesp-mlx] plot: {png}")
+    answers_after = _show_answers(prep, cfg, "after", log) if cfg.demo_prompts else []
+    return TrainResult(adapter_path, metrics.records, answers_before, answers_after)
+
+
+def _config_record(cfg: TrainConfig, prep: Prepared) -> dict:
+    """What mlx-lm's adapter_config.json holds (its lora.py dumps its args) plus our engine's settings."""
+    import dataclasses
+
+    rec = dataclasses.asdict(cfg)
+    rec["model"] = str(prep.path)
+    rec.pop("demo_prompts", None)
+    return rec

@@ -1,0 +1,57 @@
+import os
+
+import mlx.core as mx
+import mlx.nn as nn
+import pytest
+from mlx.utils import tree_flatten, tree_map
+
+from mesp_mlx.models.synthetic import model_config, write_random_model
+
+FAMILIES = {
+    "qwen2": model_config("qwen2", 64, 3, 128, 4, 2, 384),
+    "llama": model_config("llama", 64, 3, 160, 4, 2, 384),
+    "qwen3": model_config("qwen3", 64, 3, 128, 4, 2, 384, head_dim=32),
+}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory):
+    # the embedded-model import and quantize-on-load caches go to a temp home, except the real SmolLM2 import which
+    # is reused across tests from MESP_MLX_TEST_HOME when set
+    home = tmp_path_factory.mktemp("mesp_home")
+    old = os.environ.get("MESP_MLX_HOME")
+    os.environ["MESP_MLX_HOME"] = str(home)
+    yield home
+    if old is None:
+        os.environ.pop("MESP_MLX_HOME", None)
+    else:
+        os.environ["MESP_MLX_HOME"] = old
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """{family: folder} of tiny random 4-bit (group 32) models with fp32 scales."""
+    root = tmp_path_factory.mktemp("models")
+    return {name: write_random_model(root / name, cfg, bits=4, group_size=32, seed=i)
+            for i, (name, cfg) in enumerate(FAMILIES.items())}
+
+
+def randomize_lora(model, seed=0, std=0.05):
+    """LoRA B starts at zero; give every LoRA tensor random values so gradients of A are non-trivial."""
+    mx.random.seed(seed)
+    model.update(tree_map(lambda x: std * mx.random.normal(x.shape), model.trainable_parameters()))
+    mx.eval(model.parameters())
+
+
+def max_rel_err(a: mx.array, b: mx.array) -> float:
+    return (mx.abs(a - b).max() / (mx.abs(b).max() + 1e-30)).item()
+
+
+def masked_ce(model, batch):
+    logits = model(batch.inputs)
+    ce = nn.losses.cross_entropy(logits.astype(mx.float32), batch.targets) * batch.mask
+    return ce.sum() / batch.mask.sum()
+
+
+def flat(tree) -> dict:
+    return dict(tree_flatten(tree))
