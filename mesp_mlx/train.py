@@ -91,9 +91,9 @@ def _show_answers(prep: Prepared, cfg: TrainConfig, label: str, log) -> list[str
 
 
 class Progress:
-    def __init__(self, total: int, stream=sys.stdout):
-        self.total, self.stream = total, stream
-        self.tty = stream.isatty()
+    def __init__(self, total: int, stream=None):
+        self.total, self.stream = total, stream or sys.stdout
+        self.tty = self.stream.isatty()
 
     def update(self, step: int, text: str) -> None:
         width = 24

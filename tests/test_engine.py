@@ -101,7 +101,7 @@ def test_engine_update_equals_optimizer_on_autodiff_gradient(tiny_models, opt_na
     block, bias correction, weight decay) at 1e-5."""
     import mlx.optimizers as optim
 
-    make = {"sgd": lambda: optim.SGD(learning_rate=0.5), "adamw": lambda: optim.AdamW(learning_rate=1e-2, eps=1e-3)}[opt_name]
+    make = {"sgd": lambda: optim.SGD(learning_rate=0.05), "adamw": lambda: optim.AdamW(learning_rate=1e-2, eps=1e-3)}[opt_name]
     batch = _batch(384)
     m1, _ = _prepared(tiny_models["qwen2"])
     m2, _ = _prepared(tiny_models["qwen2"])

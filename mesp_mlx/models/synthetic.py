@@ -92,10 +92,13 @@ def write_random_model(out: str | os.PathLike, config: dict, bits: int | None = 
                 new[k] = weight_std * mx.random.normal(v.shape)
         module.update(tree_unflatten(list(new.items())))
 
-    def quantize(module: nn.Module) -> None:
+    def quantize(parent: nn.Module, only: str | None = None) -> None:
+        """Quantize the linears/embeddings under `parent` (or just its child `only`: nn.quantize never swaps the
+        module it is called on, so a lone embedding or head is quantized through its parent)."""
         if bits is not None:
-            nn.quantize(module, group_size=group_size, bits=bits,
-                        class_predicate=lambda p, m: hasattr(m, "to_quantized") and m.weight.shape[-1] % group_size == 0)
+            nn.quantize(parent, group_size=group_size, bits=bits,
+                        class_predicate=lambda p, m: (only is None or p == only) and hasattr(m, "to_quantized")
+                        and m.weight.shape[-1] % group_size == 0)
 
     def cast_scales(params: dict) -> dict:
         return {k: (v.astype(scales_dtype) if k.endswith((".scales", ".biases")) else v) for k, v in params.items()}
@@ -108,12 +111,12 @@ def write_random_model(out: str | os.PathLike, config: dict, bits: int | None = 
         mod = model.model[name]
         randomize(mod)
         if name == "embed_tokens":
-            quantize(mod)
-        for k, v in tree_flatten(mod.parameters()):
+            quantize(model.model, only="embed_tokens")
+        for k, v in tree_flatten(model.model[name].parameters()):
             top[f"model.{name}.{k}"] = v
     if not config.get("tie_word_embeddings", True):
         randomize(model.lm_head)
-        quantize(model.lm_head)
+        quantize(model, only="lm_head")
         for k, v in tree_flatten(model.lm_head.parameters()):
             top[f"lm_head.{k}"] = v
     shards.append(("model-top.safetensors", top))
