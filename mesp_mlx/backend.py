@@ -39,7 +39,9 @@ def default_dtype() -> str:
 def _bundled_blas_files() -> list[str]:
     import mlx
 
-    site = os.path.dirname(os.path.dirname(mlx.__file__ if mlx.__file__ else list(mlx.__path__)[0]))
+    # mlx is a namespace package (no __file__): its folder is the first __path__ entry, in site-packages
+    package_dir = os.path.dirname(mlx.__file__) if mlx.__file__ else list(mlx.__path__)[0]
+    site = os.path.dirname(package_dir)
     return sorted(glob.glob(os.path.join(site, "mlx_cpu.libs", "libblas-*.so*")))
 
 

@@ -34,5 +34,6 @@ $VPY -m pip install -q tokenizers
 
 if [ "$(uname -s)" = "Linux" ]; then
     $VPY -m mesp_mlx.backend --link-openblas "$OPENBLAS"
+    $VPY -c 'from mesp_mlx.backend import blas_in_use, is_reference_blas; b = blas_in_use(); print("[setup] BLAS in use:", b); assert not is_reference_blas(b), "still on the reference BLAS"'
 fi
 echo "[setup] done: $($VPY -c 'import mlx.core as mx, mlx_lm; print("mlx", mx.__version__, "mlx-lm", mlx_lm.__version__)')"
