@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import subprocess
 import sys
 import time
@@ -80,7 +79,7 @@ def bench_mlx_lm(model: Path, data: Path, seq: int, rank: int, steps: int, grad_
     cfg = OUT / f"mlx_lm_lora_r{rank}.yaml"
     cfg.write_text(f"lora_parameters:\n  rank: {rank}\n  scale: 20.0\n  dropout: 0.0\n  keys: {json.dumps(KEYS)}\n")
     adapters = OUT / "mlx_lm_adapters"
-    cmd = [sys.executable, "-m", "mlx_lm", "lora", "--train", "--model", str(model), "--data", str(data), "-c", str(cfg),
+    cmd = [sys.executable, str(ROOT / "tools" / "mlx_lm_peer.py"), "--train", "--model", str(model), "--data", str(data), "-c", str(cfg),
            "--iters", str(steps + 1), "--batch-size", "1", "--num-layers", "-1", "--optimizer", "sgd",
            "--learning-rate", "1e-4", "--max-seq-length", str(seq + 1), "--steps-per-report", "1",
            "--steps-per-eval", "100000", "--val-batches", "1", "--adapter-path", str(adapters)]
@@ -92,11 +91,14 @@ def bench_mlx_lm(model: Path, data: Path, seq: int, rank: int, steps: int, grad_
     if proc.returncode != 0:
         raise RuntimeError(proc.stderr[-3000:])
     text = proc.stdout + proc.stderr
-    peaks = [float(x) for x in re.findall(r"Peak mem ([0-9.]+) GB", text)]
-    its = [float(x) for x in re.findall(r"It/sec ([0-9.]+)", text)]
-    step_s = [1.0 / x for x in its[1:]] if len(its) > 1 else [1.0 / x for x in its]
-    return {"peak_mb": max(peaks) * 1000 if peaks else None,  # mlx-lm prints GB as bytes / 1e9
-            "step_s": sum(step_s) / len(step_s) if step_s else None, "wall_s": wall}
+    reports = [json.loads(line.split(" ", 1)[1]) for line in text.splitlines() if line.startswith("MLX_LM_REPORT ")]
+    if not reports:
+        raise RuntimeError("no report from mlx_lm lora:\n" + text[-3000:])
+    timed = reports[1:] or reports  # the first step warms up
+    step_s = [1.0 / r["iterations_per_second"] for r in timed]
+    # mlx-lm's peak_memory is bytes / 1e9 and never reset: the run's peak
+    return {"peak_mb": max(r["peak_memory"] for r in reports) * 1e9 / 2**20, "step_s": sum(step_s) / len(step_s),
+            "wall_s": wall}
 
 
 def main():
@@ -106,6 +108,7 @@ def main():
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--skip-mlx-lm", action="store_true")
+    ap.add_argument("--only", choices=["ours", "mlx-lm"], help="run only our rows or only the peer's")
     args = ap.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
     report = backend.doctor()
@@ -119,7 +122,9 @@ def main():
             ("MeBP (ours, streamed weights)", lambda: bench_ours(model, data, "mebp", args.seq, args.rank, args.steps, True)),
             ("MeBP (ours, streamed + mmap ckpt)",
              lambda: bench_ours(model, data, "mebp", args.seq, args.rank, args.steps, True, "mmap"))]
-    if not args.skip_mlx_lm:
+    if args.only == "mlx-lm":
+        runs = []
+    if not args.skip_mlx_lm and args.only != "ours":
         runs += [("mlx_lm.lora", lambda: bench_mlx_lm(model, data, args.seq, args.rank, args.steps, False)),
                  ("mlx_lm.lora --grad-checkpoint", lambda: bench_mlx_lm(model, data, args.seq, args.rank, args.steps, True))]
     for name, fn in runs:
