@@ -45,13 +45,13 @@ def apply_lora(model: nn.Module, num_layers: int, lora_parameters: dict) -> int:
         raise LoRAConfigError(f"num_layers={num_layers}, but the model has {n_blocks} blocks (use -1 for all)")
     if int(params["rank"]) < 1:
         raise LoRAConfigError(f"LoRA rank must be >= 1 (got {params['rank']})")
-    present = {name for name, _ in model.layers[0].named_modules()}
-    missing = [k for k in params["keys"] if k not in present]
+    block_modules = dict(model.layers[0].named_modules())
+    missing = [k for k in params["keys"] if k not in block_modules]
     if missing:
-        linears = sorted(n for n, m in model.layers[0].named_modules() if isinstance(m, (nn.Linear, nn.QuantizedLinear)))
+        linears = sorted(n for n, m in block_modules.items() if isinstance(m, (nn.Linear, nn.QuantizedLinear)))
         raise LoRAConfigError(f"LoRA keys {missing} are not in this model's blocks (its linears: {', '.join(linears)})")
     for k in params["keys"]:
-        mod = dict(model.layers[0].named_modules())[k]
+        mod = block_modules[k]
         d_out = mod.weight.shape[0]
         d_in = mod.weight.shape[1] * (32 // mod.bits if isinstance(mod, nn.QuantizedLinear) else 1)
         if int(params["rank"]) > min(d_in, d_out):

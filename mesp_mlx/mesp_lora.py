@@ -22,8 +22,14 @@ from mlx_lm.tuner.lora import LoRALinear
 from .models.compute import dequantize
 
 
-def _base_matmul(x, w, scales, biases, group_size, bits, mode, fused, transpose):
-    """x @ W0^T (transpose=True) or x @ W0 (transpose=False) for a quantized W0 [out, in]."""
+def _base_matmul(x, base: tuple, quant: tuple | None, transpose: bool):
+    """x @ W0^T (transpose=True) or x @ W0 (transpose=False). `base` is (W0,) dense or (w, scales, biases) packed;
+    `quant` is None (dense) or (group_size, bits, mode, fused)."""
+    if quant is None:
+        w0 = base[0].astype(x.dtype)
+        return x @ (w0.T if transpose else w0)
+    group_size, bits, mode, fused = quant
+    w, scales, biases = base
     if fused:
         return mx.quantized_matmul(x, w, scales, biases, transpose=transpose, group_size=group_size, bits=bits,
                                    mode=mode)
@@ -32,15 +38,17 @@ def _base_matmul(x, w, scales, biases, group_size, bits, mode, fused, transpose)
 
 
 @lru_cache(maxsize=None)
-def _quantized_lora_fn(scale: float, group_size: int, bits: int, mode: str, fused: bool):
+def _lora_fn(scale: float, quant: tuple | None):
+    """y = base(x) + s (xd A) B for primals (x, xd, A, B, *base) with MeSP's VJP; one function per (scale, quant)."""
+
     @mx.custom_function
-    def lora(x, xd, a, b, w, scales, biases):
-        y = _base_matmul(x, w, scales, biases, group_size, bits, mode, fused, True)
+    def lora(x, xd, a, b, *base):
+        y = _base_matmul(x, base, quant, True)
         return y + (scale * ((xd @ a) @ b)).astype(y.dtype)
 
     @lora.vjp
     def lora_vjp(primals, cotangent, output):
-        x, xd, a, b, w, scales, biases = primals
+        x, xd, a, b, *base = primals
         g = cotangent
         d_in, r = a.shape
         h = (xd @ a).reshape(-1, r)  # recomputed, [N, r]
@@ -49,30 +57,9 @@ def _quantized_lora_fn(scale: float, group_size: int, bits: int, mode: str, fuse
         g_h = scale * (g2 @ b.T)  # [N, r]
         grad_a = xd.reshape(-1, d_in).T @ g_h
         grad_xd = (g_h @ a.T).reshape(xd.shape)
-        grad_x = _base_matmul(g, w, scales, biases, group_size, bits, mode, fused, False).astype(x.dtype)
-        zero = mx.zeros((1,))
-        return (grad_x, grad_xd, grad_a.astype(a.dtype), grad_b.astype(b.dtype),
-                zero.astype(w.dtype), zero.astype(scales.dtype), zero.astype(biases.dtype))
-
-    return lora
-
-
-@lru_cache(maxsize=None)
-def _dense_lora_fn(scale: float):
-    @mx.custom_function
-    def lora(x, xd, a, b, w):
-        return x @ w.T + (scale * ((xd @ a) @ b)).astype(x.dtype)
-
-    @lora.vjp
-    def lora_vjp(primals, cotangent, output):
-        x, xd, a, b, w = primals
-        g = cotangent
-        d_in, r = a.shape
-        h = (xd @ a).reshape(-1, r)
-        g2 = g.reshape(-1, g.shape[-1])
-        g_h = scale * (g2 @ b.T)
-        return (g @ w.astype(g.dtype), (g_h @ a.T).reshape(xd.shape), (xd.reshape(-1, d_in).T @ g_h).astype(a.dtype),
-                (scale * (h.T @ g2)).astype(b.dtype), mx.zeros((1,), dtype=w.dtype))
+        grad_x = _base_matmul(g, base, quant, False).astype(x.dtype)
+        frozen = tuple(mx.zeros((1,), dtype=t.dtype) for t in base)  # no gradient formed for W0, scales, biases
+        return (grad_x, grad_xd, grad_a.astype(a.dtype), grad_b.astype(b.dtype), *frozen)
 
     return lora
 
@@ -91,18 +78,14 @@ class MeSPLoRALinear(LoRALinear):
     def __call__(self, x):
         lin = self.linear
         xd = self.dropout(x) if self.dropout._p_1 < 1.0 and self.training else x
-        if "bias" in lin:
-            bias = lin["bias"]
-        else:
-            bias = None
         if isinstance(lin, nn.QuantizedLinear):
-            fn = _quantized_lora_fn(float(self.scale), lin.group_size, lin.bits, getattr(lin, "mode", "affine"),
-                                    self.fused)
+            quant = (lin.group_size, lin.bits, getattr(lin, "mode", "affine"), self.fused)
             biases = lin["biases"] if "biases" in lin else mx.zeros_like(lin["scales"])
-            y = fn(x, xd, self.lora_a, self.lora_b, lin["weight"], lin["scales"], biases)
+            base = (lin["weight"], lin["scales"], biases)
         else:
-            y = _dense_lora_fn(float(self.scale))(x, xd, self.lora_a, self.lora_b, lin["weight"])
-        return y if bias is None else y + bias
+            quant, base = None, (lin["weight"],)
+        y = _lora_fn(float(self.scale), quant)(x, xd, self.lora_a, self.lora_b, *base)
+        return y + lin["bias"] if "bias" in lin else y
 
 
 def to_mesp_lora(model: nn.Module, fused: bool = False) -> int:

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import mlx.core as mx
 import mlx.optimizers as optim
-from mlx.utils import tree_flatten
 
 from . import backend
 from .config import ConfigError, TrainConfig
@@ -31,6 +30,7 @@ class Prepared:
     parts: ModelParts
     compute_path: str
     streamer: WeightStreamer | None
+    n_trainable: int
 
 
 def prepare_model(cfg: TrainConfig) -> Prepared:
@@ -47,7 +47,7 @@ def prepare_model(cfg: TrainConfig) -> Prepared:
     if cfg.stream_weights:
         streamer = WeightStreamer(loaded.path, model, model.layers)
         streamer.release_all()
-    apply_lora(model, cfg.num_layers, cfg.lora_parameters)
+    n_trainable = apply_lora(model, cfg.num_layers, cfg.lora_parameters)
     cast_lora(model, mx.float32)
     if cfg.resume_adapter_file:
         load_adapter_weights(model, cfg.resume_adapter_file)
@@ -56,7 +56,7 @@ def prepare_model(cfg: TrainConfig) -> Prepared:
     else:
         mx.eval(model.trainable_parameters())
     parts = ModelParts(model, path)
-    return Prepared(model, loaded.tokenizer, loaded.config, loaded.path, parts, path, streamer)
+    return Prepared(model, loaded.tokenizer, loaded.config, loaded.path, parts, path, streamer, n_trainable)
 
 
 def make_optimizer(cfg: TrainConfig):
@@ -122,9 +122,8 @@ def train(cfg: TrainConfig, log=print) -> TrainResult:
     prep = prepare_model(cfg)
     splits = load_splits(cfg.data, prep.tokenizer, cfg.mask_prompt)
     batches = BatchIterator(splits["train"], cfg.batch_size, cfg.max_seq_length, cfg.seed)
-    n_trainable = sum(v.size for _, v in tree_flatten(prep.model.trainable_parameters()))
     log(f"[mesp-mlx] model {prep.path} | {len(prep.parts.layers)} blocks | method {cfg.method} | compute "
-        f"{prep.compute_path} | LoRA params {n_trainable / 1e6:.3f} M | stream weights {cfg.stream_weights} | "
+        f"{prep.compute_path} | LoRA params {prep.n_trainable / 1e6:.3f} M | stream weights {cfg.stream_weights} | "
         f"checkpoints {cfg.checkpoint_storage} | BLAS {backend.blas_in_use().split(',')[0] or 'n/a'}")
 
     answers_before = _show_answers(prep, cfg, "before", log) if cfg.demo_prompts else []
