@@ -9,6 +9,8 @@ No gradient is formed for W0, its scales or biases. Parameter names and shapes a
 `lora_a` [in, r], `lora_b` [r, out], `scale`, `dropout`), so adapters are interchangeable and the layer is a drop-in
 inside ordinary `nn.value_and_grad` training. With dropout, the LoRA branch sees dropout(x); its input gradient flows
 back through the dropout by autodiff.
+
+The same two functions, `lora_branch_grads` and `frozen_input_grad`, are MeSP's block rule's LoRA backward.
 """
 
 from __future__ import annotations
@@ -19,12 +21,22 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.tuner.lora import LoRALinear
 
-from .models.compute import dequantize
+from .models.compute import DequantLinear, dequantize
 
 
-def _base_matmul(x, base: tuple, quant: tuple | None, transpose: bool):
-    """x @ W0^T (transpose=True) or x @ W0 (transpose=False). `base` is (W0,) dense or (w, scales, biases) packed;
-    `quant` is None (dense) or (group_size, bits, mode, fused)."""
+def frozen_operands(linear: nn.Module) -> tuple[tuple, tuple | None]:
+    """(base, quant) of a frozen linear: base is (W0,) dense or (w, scales, biases) packed; quant is None (dense) or
+    (group_size, bits, mode, fused) where fused follows the module's compute path (DequantLinear = dequantize)."""
+    if isinstance(linear, nn.QuantizedLinear):
+        quant = (linear.group_size, linear.bits, getattr(linear, "mode", "affine"),
+                 not isinstance(linear, DequantLinear))
+        biases = linear["biases"] if "biases" in linear else mx.zeros_like(linear["scales"])
+        return (linear["weight"], linear["scales"], biases), quant
+    return (linear["weight"],), None
+
+
+def base_matmul(x, base: tuple, quant: tuple | None, transpose: bool):
+    """x @ W0^T (transpose=True) or x @ W0 (transpose=False), without forming any gradient for W0."""
     if quant is None:
         w0 = base[0].astype(x.dtype)
         return x @ (w0.T if transpose else w0)
@@ -33,8 +45,26 @@ def _base_matmul(x, base: tuple, quant: tuple | None, transpose: bool):
     if fused:
         return mx.quantized_matmul(x, w, scales, biases, transpose=transpose, group_size=group_size, bits=bits,
                                    mode=mode)
-    w0 = dequantize(w, scales, biases, group_size, bits, mode, x.dtype)
+    w0 = dequantize(w, scales, biases, group_size, bits, mode, x.dtype)  # lives only for this product
     return x @ (w0.T if transpose else w0)
+
+
+def frozen_input_grad(linear: nn.Module, g: mx.array) -> mx.array:
+    """dL/dx = g W0 of a frozen linear y = x W0^T (+ bias)."""
+    base, quant = frozen_operands(linear)
+    return base_matmul(g, base, quant, False)
+
+
+def lora_branch_grads(xd, a, b, g, scale: float, h=None):
+    """Through z = s (xd A) B: return (dL/dxd, dA, dB). h = xd A is recomputed unless given."""
+    d_in, r = a.shape
+    h = (xd @ a).reshape(-1, r) if h is None else h.reshape(-1, r)
+    g2 = g.reshape(-1, g.shape[-1])
+    grad_b = scale * (h.T @ g2)
+    g_h = scale * (g2 @ b.T)  # [N, r]
+    grad_a = xd.reshape(-1, d_in).T @ g_h
+    grad_xd = (g_h @ a.T).reshape(xd.shape)
+    return grad_xd, grad_a.astype(a.dtype), grad_b.astype(b.dtype)
 
 
 @lru_cache(maxsize=None)
@@ -43,31 +73,26 @@ def _lora_fn(scale: float, quant: tuple | None):
 
     @mx.custom_function
     def lora(x, xd, a, b, *base):
-        y = _base_matmul(x, base, quant, True)
+        y = base_matmul(x, base, quant, True)
         return y + (scale * ((xd @ a) @ b)).astype(y.dtype)
 
     @lora.vjp
     def lora_vjp(primals, cotangent, output):
         x, xd, a, b, *base = primals
-        g = cotangent
-        d_in, r = a.shape
-        h = (xd @ a).reshape(-1, r)  # recomputed, [N, r]
-        g2 = g.reshape(-1, g.shape[-1])
-        grad_b = scale * (h.T @ g2)
-        g_h = scale * (g2 @ b.T)  # [N, r]
-        grad_a = xd.reshape(-1, d_in).T @ g_h
-        grad_xd = (g_h @ a.T).reshape(xd.shape)
-        grad_x = _base_matmul(g, base, quant, False).astype(x.dtype)
+        grad_xd, grad_a, grad_b = lora_branch_grads(xd, a, b, cotangent, scale)
+        grad_x = base_matmul(cotangent, base, quant, False).astype(x.dtype)
         frozen = tuple(mx.zeros((1,), dtype=t.dtype) for t in base)  # no gradient formed for W0, scales, biases
-        return (grad_x, grad_xd, grad_a.astype(a.dtype), grad_b.astype(b.dtype), *frozen)
+        return (grad_x, grad_xd, grad_a, grad_b, *frozen)
 
     return lora
 
 
-class MeSPLoRALinear(LoRALinear):
-    """mlx-lm's LoRALinear with MeSP's hand-written backward. `fused` picks the W0 path (Metal: True, CPU: False)."""
+def dropout_active(layer: LoRALinear) -> bool:
+    return layer.dropout._p_1 < 1.0 and layer.training
 
-    fused = False
+
+class MeSPLoRALinear(LoRALinear):
+    """mlx-lm's LoRALinear with MeSP's hand-written backward (W0 path from the base's compute path)."""
 
     @staticmethod
     def from_base(linear, r: int = 8, dropout: float = 0.0, scale: float = 20.0):
@@ -77,20 +102,14 @@ class MeSPLoRALinear(LoRALinear):
 
     def __call__(self, x):
         lin = self.linear
-        xd = self.dropout(x) if self.dropout._p_1 < 1.0 and self.training else x
-        if isinstance(lin, nn.QuantizedLinear):
-            quant = (lin.group_size, lin.bits, getattr(lin, "mode", "affine"), self.fused)
-            biases = lin["biases"] if "biases" in lin else mx.zeros_like(lin["scales"])
-            base = (lin["weight"], lin["scales"], biases)
-        else:
-            quant, base = None, (lin["weight"],)
+        xd = self.dropout(x) if dropout_active(self) else x
+        base, quant = frozen_operands(lin)
         y = _lora_fn(float(self.scale), quant)(x, xd, self.lora_a, self.lora_b, *base)
         return y + lin["bias"] if "bias" in lin else y
 
 
-def to_mesp_lora(model: nn.Module, fused: bool = False) -> int:
+def to_mesp_lora(model: nn.Module) -> int:
     """Switch every mlx-lm LoRALinear in `model` to MeSP's backward in place (same parameters). Returns the count."""
-    MeSPLoRALinear.fused = fused
     count = 0
 
     def visit(_, module):

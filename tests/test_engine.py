@@ -7,7 +7,7 @@ import pytest
 from conftest import flat, masked_ce, max_rel_err, randomize_lora
 from mesp_mlx.engine import Batch, BlockEngine, WeightStreamer
 from mesp_mlx.lora import apply_lora
-from mesp_mlx.methods import MeBP
+from mesp_mlx.methods import MeBP, make_method
 from mesp_mlx.models import ModelParts, cast_float_params, load_model, set_compute_path
 
 
@@ -35,8 +35,8 @@ def _batch(vocab, seed=1):
     return Batch.from_mlx_lm(tokens, lengths)
 
 
-def _engine_grads(model, batch, streamer=None, storage="memory", vocab_chunk=None):
-    engine = BlockEngine(ModelParts(model), MeBP(), None, checkpoint_storage=storage, streamer=streamer,
+def _engine_grads(model, batch, streamer=None, storage="memory", vocab_chunk=None, method="mebp"):
+    engine = BlockEngine(ModelParts(model), make_method(method), None, checkpoint_storage=storage, streamer=streamer,
                          vocab_chunk=vocab_chunk)
     stats, grads = engine.step(batch, apply_update=False)
     out = {}
@@ -54,39 +54,43 @@ def _assert_grads_match(model, batch, stats, grads):
         assert max_rel_err(grads[k], ref[k]) <= 1e-5, k
 
 
+@pytest.mark.parametrize("method", ["mebp", "mesp"])
 @pytest.mark.parametrize("family", ["qwen2", "llama", "qwen3"])
-def test_engine_gradients_equal_autodiff(tiny_models, family):
+def test_engine_gradients_equal_autodiff(tiny_models, family, method):
     model, _ = _prepared(tiny_models[family])
     batch = _batch(384)
     assert batch.mask.sum().item() < batch.mask.size  # padding and prompt masking are really exercised
-    stats, grads = _engine_grads(model, batch, vocab_chunk=100)  # 100 does not divide 384: ragged last chunk
+    stats, grads = _engine_grads(model, batch, vocab_chunk=100, method=method)  # 100 does not divide 384: ragged last chunk
     _assert_grads_match(model, batch, stats, grads)
     assert stats.blocks_backpropagated == 3
 
 
-def test_streaming_and_mmap_checkpoints_give_the_same_gradients(tiny_models, tmp_path):
+@pytest.mark.parametrize("method", ["mebp", "mesp"])
+def test_streaming_and_mmap_checkpoints_give_the_same_gradients(tiny_models, tmp_path, method):
     model, streamer = _prepared(tiny_models["qwen2"], stream=True)
     batch = _batch(384)
-    stats, grads = _engine_grads(model, batch, streamer=streamer, storage="mmap")
+    stats, grads = _engine_grads(model, batch, streamer=streamer, storage="mmap", method=method)
     # after the step every block's frozen weights are released again (fresh lazy handles)
     _assert_grads_match(model, batch, stats, grads)
 
 
-def test_partial_num_layers_stops_backward_at_lowest_lora_block(tiny_models):
+@pytest.mark.parametrize("method", ["mebp", "mesp"])
+def test_partial_num_layers_stops_backward_at_lowest_lora_block(tiny_models, method):
     model, _ = _prepared(tiny_models["llama"], num_layers=1, keys=["self_attn.q_proj", "mlp.down_proj"])
     batch = _batch(384)
-    stats, grads = _engine_grads(model, batch)
+    stats, grads = _engine_grads(model, batch, method=method)
     assert stats.blocks_backpropagated == 1
     assert all(k.startswith("model.layers.2.") for k in grads)
     _assert_grads_match(model, batch, stats, grads)
 
 
-def test_fused_compute_path_matches_dequant(tiny_models):
+@pytest.mark.parametrize("method", ["mebp", "mesp"])
+def test_fused_compute_path_matches_dequant(tiny_models, method):
     batch = _batch(384)
     m1, _ = _prepared(tiny_models["qwen2"], compute="dequant")
     m2, _ = _prepared(tiny_models["qwen2"], compute="fused")
-    s1, g1 = _engine_grads(m1, batch)
-    s2, g2 = _engine_grads(m2, batch)
+    s1, g1 = _engine_grads(m1, batch, method=method)
+    s2, g2 = _engine_grads(m2, batch, method=method)
     assert abs(s1.loss - s2.loss) < 1e-4
     for k in g1:
         assert max_rel_err(g2[k], g1[k]) < 1e-3, k

@@ -22,7 +22,7 @@ def _layers(quantized: bool, fused: bool, bias: bool):
     ref.lora_b = 0.05 * mx.random.normal(ref.lora_b.shape)
     ours = LoRALinear.from_base(base, r=8, scale=20.0)
     ours.update(ref.parameters())
-    to_mesp_lora(ours, fused=fused)
+    to_mesp_lora(ours)
     assert isinstance(ours, MeSPLoRALinear)
     return ref, ours
 

@@ -1,7 +1,8 @@
 from .base import Method
 from .mebp import MeBP
+from .mesp import MeSP
 
-METHODS = {"mebp": MeBP}
+METHODS = {"mesp": MeSP, "mebp": MeBP}
 
 
 def make_method(name: str, **options) -> Method:

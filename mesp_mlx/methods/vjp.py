@@ -1,0 +1,102 @@
+"""Hand-written VJPs of the pieces of a Llama / Qwen2 / Qwen3 decoder block (MeSP, REFERENCE §2).
+
+Each function takes what its forward saw (or what is cheap to recompute from it) and the output cotangent, and returns
+the input cotangent. Frozen tensors (norm weights, W0) never get a gradient. Math is in fp32; results come back in the
+activation dtype.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+
+
+@mx.compile
+def _rms_norm_backward(x, w, g, eps):
+    # y = w * x * r,  r = (mean(x^2) + eps)^-1/2   =>   dx = r (g w) - x r^3 mean(g w x)
+    x = x.astype(mx.float32)
+    gw = g.astype(mx.float32) * w.astype(mx.float32)
+    r = mx.rsqrt(mx.mean(x * x, axis=-1, keepdims=True) + eps)
+    return r * gw - x * (r * r * r) * mx.mean(gw * x, axis=-1, keepdims=True)
+
+
+def rms_norm_backward(norm: nn.RMSNorm, x: mx.array, g: mx.array) -> mx.array:
+    """Input gradient of mlx's RMSNorm (its weight is frozen: no gradient for it)."""
+    return _rms_norm_backward(x, norm["weight"], g, mx.array(norm.eps, mx.float32)).astype(x.dtype)
+
+
+@mx.compile
+def _swiglu_backward(gate, up, g):
+    # a = silu(gate) * up, silu(z) = z s(z)  =>  d/dgate = g up s (1 + gate (1 - s)),  d/dup = g silu(gate)
+    gate, up, g = gate.astype(mx.float32), up.astype(mx.float32), g.astype(mx.float32)
+    s = mx.sigmoid(gate)
+    return g * up * s * (1 + gate * (1 - s)), g * gate * s
+
+
+def swiglu_backward(gate: mx.array, up: mx.array, g: mx.array) -> tuple[mx.array, mx.array]:
+    """(dL/dgate, dL/dup) of silu(gate) * up."""
+    g_gate, g_up = _swiglu_backward(gate, up, g)
+    return g_gate.astype(gate.dtype), g_up.astype(up.dtype)
+
+
+def rope_backward(rope: nn.Module, g: mx.array) -> mx.array:
+    """RoPE is a rotation R per position; its VJP is the inverse rotation R^T (the same rope with negated angles)."""
+    if type(rope) is nn.RoPE:
+        return mx.fast.rope(g, rope.dims, traditional=rope.traditional, base=rope.base, scale=-rope.scale, offset=0)
+    # scaled variants (Llama 3, YaRN, ...) carry their own frequencies and factors: the rope is linear, so its
+    # transpose is exactly its VJP, which MLX computes as the inverse rotation without saving anything
+    _, (out,) = mx.vjp(lambda t: rope(t), [mx.zeros_like(g)], [g])
+    return out
+
+
+def _masked(scores: mx.array, mask, q_start: int) -> mx.array:
+    """Apply an mlx-lm attention mask ("causal", boolean keep-mask or additive) to scores [B, h, Lq, Lk]."""
+    if mask is None:
+        return scores
+    low = mx.finfo(scores.dtype).min
+    if isinstance(mask, str):
+        if mask != "causal":
+            raise ValueError(f"unsupported attention mask {mask!r}")
+        lq, lk = scores.shape[-2:]
+        rows = mx.arange(lk - lq, lk)[:, None]
+        return mx.where(rows >= mx.arange(lk)[None], scores, low)
+    if mask.ndim == 4 and mask.shape[1] > 1:
+        mask = mask[:, q_start:q_start + scores.shape[1]]
+    if mask.dtype == mx.bool_:
+        return mx.where(mask, scores, low)
+    return scores + mask
+
+
+def attention_backward(q, k, v, g_out, scale: float, mask, budget_elems: int = 1 << 21):
+    """VJP of softmax attention O = softmax(scale q k^T + mask) v with grouped KV heads (GQA).
+
+    q, g_out [B, H, L, D]; k, v [B, Hkv, L, D]. The probabilities are recomputed head-chunk by head-chunk (never all
+    [B, H, L, L] at once), so the working set is one chunk of scores within ~budget_elems values:
+        dV = sum_heads P^T dO     dP = dO V^T     dS = P * (dP - rowsum(dP * P))
+        dQ = scale dS K           dK = scale sum_heads dS^T Q
+    Query heads j*rep ... (j+1)*rep - 1 share KV head j, so dK and dV sum over those heads (the GQA head-sum).
+    """
+    B, H, L, D = q.shape
+    hkv = k.shape[1]
+    rep = H // hkv
+    chunk = max(1, min(rep, budget_elems // max(1, B * L * k.shape[2])))
+    dq_parts, dk_parts, dv_parts = [], [], []
+    for j in range(hkv):
+        kj, vj = k[:, j:j + 1], v[:, j:j + 1]
+        dk_j = mx.zeros(kj.shape, mx.float32)
+        dv_j = mx.zeros(vj.shape, mx.float32)
+        for h0 in range(j * rep, (j + 1) * rep, chunk):
+            h1 = min(h0 + chunk, (j + 1) * rep)
+            qc, gc = q[:, h0:h1], g_out[:, h0:h1]
+            p = mx.softmax(_masked((qc * scale) @ kj.swapaxes(-1, -2), mask, h0), axis=-1, precise=True)
+            dv_j = dv_j + (p.swapaxes(-1, -2) @ gc).sum(axis=1, keepdims=True)
+            dp = gc @ vj.swapaxes(-1, -2)
+            ds = p * (dp - (dp * p).sum(axis=-1, keepdims=True))
+            dq_parts.append((ds @ kj) * scale)
+            dk_j = dk_j + ((ds.swapaxes(-1, -2) @ qc) * scale).sum(axis=1, keepdims=True)
+            mx.eval(dq_parts[-1], dk_j, dv_j)
+            del p, dp, ds
+        dk_parts.append(dk_j)
+        dv_parts.append(dv_j)
+    dq = mx.concatenate(dq_parts, axis=1).astype(q.dtype)
+    return dq, mx.concatenate(dk_parts, axis=1).astype(k.dtype), mx.concatenate(dv_parts, axis=1).astype(v.dtype)
