@@ -5,13 +5,18 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .methods import METHODS
+
 
 def _train_parser(sub):
     p = sub.add_parser("train", help="LoRA fine-tune within a memory budget (block-wise engine)")
     p.add_argument("-c", "--config", help="YAML file with mlx-lm's keys (lora_parameters included)")
     p.add_argument("--model", help="mlx-lm folder, .gguf file or Hugging Face repo id (default: embedded SmolLM2-135M)")
     p.add_argument("--data", help="folder with train.jsonl (valid.jsonl, test.jsonl optional); mlx-lm's formats")
-    p.add_argument("--method", choices=["mebp"], help="backward rule (default mebp)")
+    p.add_argument("--method", choices=list(METHODS),
+                   help="backward rule: mesp (hand-written VJPs, default) or mebp (autodiff per block)")
+    p.add_argument("--store-h", action="store_true", default=None,
+                   help="MeSP: keep each LoRA's h = xA from the block recompute instead of recomputing it")
     p.add_argument("--iters", type=int)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--learning-rate", type=float)

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import yaml
 
+from .methods import METHODS
+
 
 class ConfigError(ValueError):
     pass
@@ -18,7 +20,8 @@ class ConfigError(ValueError):
 class TrainConfig:
     model: str | None = None  # local folder, .gguf, hub repo id, or None for the embedded SmolLM2
     data: str | None = None
-    method: str = "mebp"
+    method: str = "mesp"
+    store_h: bool = False  # MeSP: keep h = xA from the recompute instead of recomputing it in backward
     iters: int = 100
     batch_size: int = 1
     learning_rate: float = 1e-5
@@ -54,8 +57,8 @@ class TrainConfig:
         return {f.name for f in dataclasses.fields(cls)}
 
     def validate(self) -> None:
-        if self.method not in ("mebp",):
-            raise ConfigError(f"--method {self.method!r}: available: mebp")
+        if self.method not in METHODS:
+            raise ConfigError(f"--method {self.method!r}: available: {', '.join(METHODS)}")
         if self.optimizer not in ("sgd", "adamw", "adam"):
             raise ConfigError(f"--optimizer {self.optimizer!r}: sgd, adamw or adam")
         if self.iters < 1 or self.batch_size < 1 or self.max_seq_length < 2:

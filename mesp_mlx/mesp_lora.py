@@ -49,8 +49,37 @@ def base_matmul(x, base: tuple, quant: tuple | None, transpose: bool):
     return x @ (w0.T if transpose else w0)
 
 
-def frozen_input_grad(linear: nn.Module, g: mx.array) -> mx.array:
-    """dL/dx = g W0 of a frozen linear y = x W0^T (+ bias)."""
+def lean_matmul(x, linear: nn.Module, transpose: bool, chunk_bytes: int = 4 << 20) -> mx.array:
+    """x @ W0^T (transpose=True) or x @ W0 of a frozen linear, evaluated now, never holding more than ~chunk_bytes of
+    dequantized W0: W0 is dequantized in slices of its output rows r, and
+        x @ W0^T = concat_r (x @ W0[r]^T)          g @ W0 = sum_r g[:, r] @ W0[r]
+    (the fused path needs no copy of W0 at all and runs as one quantized matmul). MLX would otherwise dequantize every
+    independent matrix of a lazy graph before the first product, and its CPU dequantize takes twice the output."""
+    base, quant = frozen_operands(linear)
+    out_dim = base[0].shape[0]
+    row_bytes = base[0].shape[1] * 4 * (1 if quant is None else 32 // quant[1])
+    step = max(1, chunk_bytes // row_bytes)
+    if (quant is not None and quant[3]) or step >= out_dim:
+        y = base_matmul(x, base, quant, transpose)
+        mx.eval(y)
+        return y
+    pieces, acc = [], None
+    for a in range(0, out_dim, step):
+        rows = tuple(t[a:a + step] for t in base)
+        if transpose:
+            pieces.append(base_matmul(x, rows, quant, True))
+            mx.eval(pieces[-1])
+        else:
+            part = base_matmul(x[..., a:a + step], rows, quant, False)
+            acc = part if acc is None else acc + part
+            mx.eval(acc)
+    return mx.concatenate(pieces, axis=-1) if transpose else acc
+
+
+def frozen_input_grad(linear: nn.Module, g: mx.array, lean: bool = False) -> mx.array:
+    """dL/dx = g W0 of a frozen linear y = x W0^T (+ bias); `lean` dequantizes W0 slice by slice (evaluates now)."""
+    if lean:
+        return lean_matmul(g, linear, False)
     base, quant = frozen_operands(linear)
     return base_matmul(g, base, quant, False)
 

@@ -15,6 +15,7 @@ from .config import ConfigError, TrainConfig
 from .data import BatchIterator, load_splits
 from .engine import Batch, BlockEngine, WeightStreamer
 from .io import check_writable
+from .mesp_lora import to_mesp_lora
 from .lora import apply_lora, cast_lora, load_adapter_weights, save_adapters, write_adapter_config
 from .methods import make_method
 from .metrics import MetricsLog, plot_metrics
@@ -49,13 +50,15 @@ def prepare_model(cfg: TrainConfig) -> Prepared:
         streamer.release_all()
     n_trainable = apply_lora(model, cfg.num_layers, cfg.lora_parameters)
     cast_lora(model, mx.float32)
+    if cfg.method == "mesp":
+        to_mesp_lora(model)  # blocks the hand rule cannot take still get MeSP's LoRA VJPs under the fallback
     if cfg.resume_adapter_file:
         load_adapter_weights(model, cfg.resume_adapter_file)
     if streamer is None:
         mx.eval(model.parameters())
     else:
         mx.eval(model.trainable_parameters())
-    parts = ModelParts(model, path)
+    parts = ModelParts(model, path, streamer)
     return Prepared(model, loaded.tokenizer, loaded.config, loaded.path, parts, path, streamer, n_trainable)
 
 
@@ -129,7 +132,7 @@ def train(cfg: TrainConfig, log=print) -> TrainResult:
     answers_before = _show_answers(prep, cfg, "before", log) if cfg.demo_prompts else []
     prep.model.train()
 
-    method = make_method(cfg.method)
+    method = make_method(cfg.method, **({"store_h": cfg.store_h} if cfg.method == "mesp" else {}))
     optimizers = [make_optimizer(cfg) for _ in prep.parts.layers]
     engine = BlockEngine(prep.parts, method, optimizers, cfg.checkpoint_storage, cfg.checkpoint_dir,
                          prep.streamer, cfg.vocab_chunk, cfg.clear_cache, cfg.seed)

@@ -36,6 +36,15 @@ def tiny_models(tmp_path_factory):
             for i, (name, cfg) in enumerate(FAMILIES.items())}
 
 
+@pytest.fixture(scope="session")
+def smollm2(tmp_path_factory):
+    """The real SmolLM2-135M-Instruct (embedded GGUF) imported to an MLX folder once per test session."""
+    from mesp_mlx.models.gguf_import import import_gguf
+    from mesp_mlx.models.load import embedded_gguf
+
+    return import_gguf(embedded_gguf(), tmp_path_factory.mktemp("smol") / "SmolLM2")
+
+
 def randomize_lora(model, seed=0, std=0.05):
     """LoRA B starts at zero; give every LoRA tensor random values so gradients of A are non-trivial."""
     mx.random.seed(seed)

@@ -36,7 +36,7 @@ def _batch(vocab, seed=1):
 
 
 def _engine_grads(model, batch, streamer=None, storage="memory", vocab_chunk=None, method="mebp"):
-    engine = BlockEngine(ModelParts(model), make_method(method), None, checkpoint_storage=storage, streamer=streamer,
+    engine = BlockEngine(ModelParts(model, streamer=streamer), make_method(method), None, checkpoint_storage=storage, streamer=streamer,
                          vocab_chunk=vocab_chunk)
     stats, grads = engine.step(batch, apply_update=False)
     out = {}

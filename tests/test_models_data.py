@@ -24,13 +24,6 @@ def test_unpermute_inverts_llama_cpp_permutation():
     assert mx.array_equal(unpermute_rows(permuted, n_heads), w).item()
 
 
-@pytest.fixture(scope="module")
-def smollm2(tmp_path_factory):
-    from mesp_mlx.models.load import embedded_gguf
-
-    return import_gguf(embedded_gguf(), tmp_path_factory.mktemp("smol") / "SmolLM2")
-
-
 @pytest.mark.slow
 def test_gguf_import_of_real_smollm2_generates_paris(smollm2):
     from mlx_lm import generate, load

@@ -72,7 +72,7 @@ def bench_ours(model: Path, data: Path, method: str, seq: int, rank: int, steps:
     timed = rows[1:]
     return {"peak_mb": max(s.peak_mb for s in timed), "step_s": sum(s.step_s for s in timed) / len(timed),
             "resident_mb_before_step": resident, "tokens": int(tokens.shape[1] - 1),
-            "phase_peak_mb": timed[-1].phase_peak_mb, "losses": [s.loss for s in rows]}
+            "phase_peak_mb": timed[-1].phase_peak_mb, "phase_s": timed[-1].phase_s, "losses": [s.loss for s in rows]}
 
 
 def bench_mlx_lm(model: Path, data: Path, seq: int, rank: int, steps: int, grad_checkpoint: bool) -> dict:

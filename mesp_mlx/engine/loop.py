@@ -49,6 +49,7 @@ class StepStats:
     peak_mb: float
     active_mb: float
     phase_peak_mb: dict = field(default_factory=dict)
+    phase_s: dict = field(default_factory=dict)  # seconds spent in forward / loss / backward / update
     block_peak_mb: dict = field(default_factory=dict)  # ("forward"|"backward", i) -> MB
     blocks_backpropagated: int = 0
 
@@ -60,6 +61,8 @@ class _PeakMeter:
         self.step_peak = 0
         self.phases: dict = {}
         self.blocks: dict = {}
+        self.seconds: dict = {}
+        self._last = time.perf_counter()
         mx.reset_peak_memory()
 
     def mark(self, key, block: bool = False) -> None:
@@ -67,6 +70,9 @@ class _PeakMeter:
         self.step_peak = max(self.step_peak, peak)
         phase = key[0] if block else key
         self.phases[phase] = max(self.phases.get(phase, 0), peak)
+        now = time.perf_counter()
+        self.seconds[phase] = self.seconds.get(phase, 0.0) + now - self._last
+        self._last = now
         if block:
             self.blocks[key] = max(self.blocks.get(key, 0), peak)
         mx.reset_peak_memory()
@@ -131,7 +137,7 @@ class BlockEngine:
         for i, layer in enumerate(layers):
             masks.append(self.parts.block_mask(layer, h))
             self._block_key(step, i)
-            h = layer(h, masks[i])
+            h = self.method.block_forward(layer, h, masks[i])
             mx.eval(h)
             self.checkpoints.put(i + 1, h)
             if self.streamer is not None:
@@ -185,6 +191,7 @@ class BlockEngine:
             peak_mb=meter.step_peak / MB,
             active_mb=mx.get_active_memory() / MB,
             phase_peak_mb={k: v / MB for k, v in meter.phases.items()},
+            phase_s=meter.seconds,
             block_peak_mb={k: v / MB for k, v in meter.blocks.items()},
             blocks_backpropagated=done,
         )

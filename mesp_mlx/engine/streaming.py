@@ -4,6 +4,9 @@
 block means putting fresh, unevaluated handles back in place of the evaluated arrays; the evaluated ones are freed as
 soon as the last graph that used them is gone. So at any moment only the weights of the block being computed are in MLX
 memory. Entries are recorded before LoRA wraps the linears (LoRA keeps the very same inner module objects).
+
+The embedding and the LM head are not loaded at all while training: `embedding` and `head` read their rows through a
+memory map (token rows for the lookup, vocabulary chunks for the loss), see mmap_rows.py.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
+
+from .mmap_rows import MmapRows
 
 
 def _weight_index(model_path: Path) -> dict[str, str]:
@@ -28,27 +33,40 @@ def _weight_index(model_path: Path) -> dict[str, str]:
     return index
 
 
+def _entries(module: nn.Module, prefix: str, index: dict, model_path) -> list[tuple]:
+    """(module, name, key, file, dtype) of every array under `module`; the dtype of each live parameter (the engine
+    may have cast norms etc. to fp32) is reproduced on reload."""
+    entries = []
+    for path, sub in module.named_modules():
+        for name, value in sub.items():
+            if not isinstance(value, mx.array):
+                continue
+            key = f"{prefix}.{path + '.' if path else ''}{name}"
+            if key not in index:
+                raise ValueError(f"cannot stream weights: {key} is not in the model files of {model_path}")
+            entries.append((sub, name, key, index[key], value.dtype))
+    return entries
+
+
 class WeightStreamer:
     def __init__(self, model_path: Path, model: nn.Module, layers: list, layer_prefix: str = "model.layers"):
         index = _weight_index(Path(model_path))
-        # dtype of each live parameter (the engine may have cast norms etc. to fp32): reproduce it on reload
-        self._entries: list[list[tuple]] = []
-        for i, layer in enumerate(layers):
-            entries = []
-            for path, module in layer.named_modules():
-                for name, value in module.items():
-                    if not isinstance(value, mx.array):
-                        continue
-                    key = f"{layer_prefix}.{i}.{path + '.' if path else ''}{name}"
-                    if key not in index:
-                        raise ValueError(f"cannot stream weights: {key} is not in the model files of {model_path}")
-                    entries.append((module, name, key, index[key], value.dtype))
-            self._entries.append(entries)
+        self._entries = [_entries(layer, f"{layer_prefix}.{i}", index, model_path) for i, layer in enumerate(layers)]
+        vocab_modules = [(model.model.embed_tokens, "model.embed_tokens")]
+        if hasattr(model, "lm_head"):
+            vocab_modules.append((model.lm_head, "lm_head"))
+        self._vocab_entries = [e for m, p in vocab_modules for e in _entries(m, p, index, model_path)]
+        self.embedding = MmapRows(index, "model.embed_tokens")
+        self.head = MmapRows(index, "lm_head") if "lm_head.weight" in index else self.embedding
 
     def release(self, i: int) -> None:
         """Replace block i's frozen arrays by fresh lazy handles (their memory is freed once no graph uses them)."""
+        self._release(self._entries[i])
+
+    @staticmethod
+    def _release(entries: list) -> None:
         by_file = defaultdict(list)
-        for entry in self._entries[i]:
+        for entry in entries:
             by_file[entry[3]].append(entry)
         for file, entries in by_file.items():
             handles = mx.load(file)
@@ -57,8 +75,10 @@ class WeightStreamer:
                 module[name] = arr if arr.dtype == dtype else arr.astype(dtype)
 
     def release_all(self) -> None:
+        """Every block and the embedding / LM head back to unevaluated handles (e.g. after generating text)."""
         for i in range(len(self._entries)):
             self.release(i)
+        self._release(self._vocab_entries)
 
     def block_bytes(self, i: int) -> int:
         return sum(module[name].nbytes for module, name, *_ in self._entries[i])

@@ -13,6 +13,10 @@ class Method:
         """Blocks that get a backward at this step; None means all of them."""
         return None
 
+    def block_forward(self, block: nn.Module, h: mx.array, mask) -> mx.array:
+        """The forward through one block (the module's own by default)."""
+        return block(h, mask)
+
     def block_backward(self, block: nn.Module, h_in: mx.array, g_out: mx.array, mask) -> tuple[mx.array, dict]:
         """Return (dL/dh_in, gradient tree of the block's trainable parameters) given dL/dh_out."""
         raise NotImplementedError

@@ -25,10 +25,10 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.tuner.lora import LoRALinear
 
-from ..mesp_lora import dropout_active, frozen_input_grad, lora_branch_grads
+from ..mesp_lora import dropout_active, frozen_input_grad, lean_matmul, lora_branch_grads
 from .base import Method
 from .mebp import MeBP
-from .vjp import attention_backward, rms_norm_backward, rope_backward, swiglu_backward
+from .vjp import attention_backward, attention_forward, rms_norm_backward, rope_backward, swiglu_backward
 
 FAMILIES = ("mlx_lm.models.llama", "mlx_lm.models.qwen2", "mlx_lm.models.qwen3")
 ATTN_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -58,33 +58,38 @@ def unsupported_reason(block: nn.Module) -> str | None:
     return None
 
 
+def _frozen_forward(linear: nn.Module, x: mx.array) -> mx.array:
+    y = lean_matmul(x, linear, True)
+    return y + linear["bias"] if "bias" in linear else y
+
+
 class _Proj:
     """One projection's forward, remembering what its backward needs: its input, the dropout mask, optionally h."""
 
     def __init__(self, layer: nn.Module, x: mx.array, store_h: bool):
         self.layer, self.x = layer, x
         self.mask = self.h = None
+        self.y = _frozen_forward(layer.linear if isinstance(layer, LoRALinear) else layer, x)
         if not isinstance(layer, LoRALinear):
-            self.y = layer(x)
             return
         if dropout_active(layer):
             # the same Bernoulli draw as LoRALinear's dropout(x) (same key, same shape): x * mask == dropout(x)
             self.mask = layer.dropout(mx.ones_like(x))
         xd = x if self.mask is None else x * self.mask
         h = xd @ layer.lora_a
-        self.y = layer.linear(x) + (layer.scale * (h @ layer.lora_b)).astype(x.dtype)
+        self.y = self.y + (layer.scale * (h @ layer.lora_b)).astype(x.dtype)
         self.h = h if store_h else None
 
     def backward(self, g: mx.array, grads: dict, name: str) -> mx.array:
         layer = self.layer
         if not isinstance(layer, LoRALinear):
-            return frozen_input_grad(layer, g)
+            return frozen_input_grad(layer, g, lean=True)
         xd = self.x if self.mask is None else self.x * self.mask
         g_xd, grads[f"{name}.lora_a"], grads[f"{name}.lora_b"] = lora_branch_grads(
             xd, layer.lora_a, layer.lora_b, g, layer.scale, self.h)
         if self.mask is not None:
             g_xd = g_xd * self.mask
-        return frozen_input_grad(layer.linear, g) + g_xd
+        return frozen_input_grad(layer.linear, g, lean=True) + g_xd
 
 
 class MeSP(Method):
@@ -134,7 +139,7 @@ class MeSP(Method):
         q = attn.rope(q.transpose(0, 2, 1, 3))
         k = attn.rope(k.transpose(0, 2, 1, 3))
         v = vp.y.reshape(B, L, attn.n_kv_heads, -1).transpose(0, 2, 1, 3)
-        o = mx.fast.scaled_dot_product_attention(q, k, v, scale=attn.scale, mask=mask)
+        o = attention_forward(q, k, v, attn.scale, mask)
         o = o.transpose(0, 2, 1, 3).reshape(B, L, -1)
         op = _Proj(attn.o_proj, o, self.store_h)
         h = x + op.y
@@ -143,6 +148,12 @@ class MeSP(Method):
         a = nn.silu(gp.y) * up.y
         dp = _Proj(mlp.down_proj, a, self.store_h)
         return qp, kp, vp, q, k, v, op, h, gp, up, dp, h + dp.y
+
+    def block_forward(self, block, h, mask):
+        """The engine's forward through a block: the rule's own staged forward (lean matmuls, chunked attention)."""
+        if not self._use_hand_rule(block, h, mask):
+            return block(h, mask)
+        return self._forward(block, h, mask)[-1]
 
     # --- the rule ---------------------------------------------------------------------------------------------------
     def block_backward(self, block, h_in, g_out, mask):

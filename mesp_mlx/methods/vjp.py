@@ -67,6 +67,30 @@ def _masked(scores: mx.array, mask, q_start: int) -> mx.array:
     return scores + mask
 
 
+def _head_chunks(q, k, budget_elems: int):
+    """(kv head j, first query head, last query head + 1) covering all heads, each chunk's scores within the budget."""
+    B, H, L, _ = q.shape
+    hkv = k.shape[1]
+    rep = H // hkv
+    chunk = max(1, min(rep, budget_elems // max(1, B * L * k.shape[2])))
+    for j in range(hkv):
+        for h0 in range(j * rep, (j + 1) * rep, chunk):
+            yield j, h0, min(h0 + chunk, (j + 1) * rep)
+
+
+def _probs(qc, kj, scale: float, mask, h0: int):
+    return mx.softmax(_masked((qc * scale) @ kj.swapaxes(-1, -2), mask, h0), axis=-1, precise=True)
+
+
+def attention_forward(q, k, v, scale: float, mask, budget_elems: int = 1 << 21):
+    """softmax(scale q k^T + mask) v with GQA, head chunk by head chunk (scores of one chunk at a time), evaluated."""
+    out = []
+    for j, h0, h1 in _head_chunks(q, k, budget_elems):
+        out.append(_probs(q[:, h0:h1], k[:, j:j + 1], scale, mask, h0) @ v[:, j:j + 1])
+        mx.eval(out[-1])
+    return mx.concatenate(out, axis=1)
+
+
 def attention_backward(q, k, v, g_out, scale: float, mask, budget_elems: int = 1 << 21):
     """VJP of softmax attention O = softmax(scale q k^T + mask) v with grouped KV heads (GQA).
 
@@ -76,27 +100,20 @@ def attention_backward(q, k, v, g_out, scale: float, mask, budget_elems: int = 1
         dQ = scale dS K           dK = scale sum_heads dS^T Q
     Query heads j*rep ... (j+1)*rep - 1 share KV head j, so dK and dV sum over those heads (the GQA head-sum).
     """
-    B, H, L, D = q.shape
     hkv = k.shape[1]
-    rep = H // hkv
-    chunk = max(1, min(rep, budget_elems // max(1, B * L * k.shape[2])))
-    dq_parts, dk_parts, dv_parts = [], [], []
-    for j in range(hkv):
+    dq_parts = []
+    dk = [mx.zeros(k[:, :1].shape, mx.float32) for _ in range(hkv)]
+    dv = [mx.zeros(v[:, :1].shape, mx.float32) for _ in range(hkv)]
+    for j, h0, h1 in _head_chunks(q, k, budget_elems):
         kj, vj = k[:, j:j + 1], v[:, j:j + 1]
-        dk_j = mx.zeros(kj.shape, mx.float32)
-        dv_j = mx.zeros(vj.shape, mx.float32)
-        for h0 in range(j * rep, (j + 1) * rep, chunk):
-            h1 = min(h0 + chunk, (j + 1) * rep)
-            qc, gc = q[:, h0:h1], g_out[:, h0:h1]
-            p = mx.softmax(_masked((qc * scale) @ kj.swapaxes(-1, -2), mask, h0), axis=-1, precise=True)
-            dv_j = dv_j + (p.swapaxes(-1, -2) @ gc).sum(axis=1, keepdims=True)
-            dp = gc @ vj.swapaxes(-1, -2)
-            ds = p * (dp - (dp * p).sum(axis=-1, keepdims=True))
-            dq_parts.append((ds @ kj) * scale)
-            dk_j = dk_j + ((ds.swapaxes(-1, -2) @ qc) * scale).sum(axis=1, keepdims=True)
-            mx.eval(dq_parts[-1], dk_j, dv_j)
-            del p, dp, ds
-        dk_parts.append(dk_j)
-        dv_parts.append(dv_j)
+        qc, gc = q[:, h0:h1], g_out[:, h0:h1]
+        p = _probs(qc, kj, scale, mask, h0)
+        dv[j] = dv[j] + (p.swapaxes(-1, -2) @ gc).sum(axis=1, keepdims=True)
+        dp = gc @ vj.swapaxes(-1, -2)
+        ds = p * (dp - (dp * p).sum(axis=-1, keepdims=True))
+        dq_parts.append((ds @ kj) * scale)
+        dk[j] = dk[j] + ((ds.swapaxes(-1, -2) @ qc) * scale).sum(axis=1, keepdims=True)
+        mx.eval(dq_parts[-1], dk[j], dv[j])
+        del p, dp, ds
     dq = mx.concatenate(dq_parts, axis=1).astype(q.dtype)
-    return dq, mx.concatenate(dk_parts, axis=1).astype(k.dtype), mx.concatenate(dv_parts, axis=1).astype(v.dtype)
+    return dq, mx.concatenate(dk, axis=1).astype(k.dtype), mx.concatenate(dv, axis=1).astype(v.dtype)

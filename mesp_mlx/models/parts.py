@@ -2,13 +2,15 @@
 
 Works for the Llama / Mistral / Qwen2 / Qwen3 classes of mlx-lm (`model.model.{embed_tokens, layers, norm}` and either a
 tied embedding or `model.lm_head`). The head is exposed by vocabulary row ranges so the loss never needs the whole
-[vocab, d] matrix in full precision at once.
+[vocab, d] matrix in full precision at once. With a weight streamer, the embedding and head rows come through its memory
+maps instead of the (then never evaluated) module arrays.
 """
 
 from __future__ import annotations
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 from mlx_lm.models.base import create_attention_mask
 
 from .compute import dequantize
@@ -19,7 +21,7 @@ class UnsupportedModel(ValueError):
 
 
 class ModelParts:
-    def __init__(self, model: nn.Module, compute_path: str = "dequant"):
+    def __init__(self, model: nn.Module, compute_path: str = "dequant", streamer=None):
         inner = getattr(model, "model", None)
         if inner is None or not all(hasattr(inner, a) for a in ("embed_tokens", "layers", "norm")):
             raise UnsupportedModel(f"{type(model).__module__}: no model.{{embed_tokens, layers, norm}} (unsupported family)")
@@ -31,6 +33,9 @@ class ModelParts:
         tied = getattr(args, "tie_word_embeddings", True) if not hasattr(model, "lm_head") else False
         self.head = inner.embed_tokens if tied else model.lm_head
         self.sliding_window = getattr(inner, "sliding_window", None)
+        self.embed_rows = streamer.embedding if streamer is not None else None
+        self.head_rows = (streamer.head if streamer is not None else None)
+        self.dtype = inner.norm.weight.dtype  # activations' dtype (cast_float_params casts the norms)
 
     @property
     def layers(self) -> list:
@@ -41,7 +46,12 @@ class ModelParts:
         return self.head.weight.shape[0]
 
     def embed(self, inputs: mx.array) -> mx.array:
-        return self.inner.embed_tokens(inputs)
+        if self.embed_rows is None:
+            return self.inner.embed_tokens(inputs)
+        # only the distinct token rows are read from the memory map and dequantized
+        ids, inverse = np.unique(np.array(inputs).reshape(-1), return_inverse=True)
+        rows = self._full_precision(self.embed_rows.take(ids), self.inner.embed_tokens, self.dtype)
+        return rows[mx.array(inverse.astype(np.int32))].reshape(*inputs.shape, -1)
 
     def block_mask(self, layer, h: mx.array):
         """The attention mask an mlx-lm block expects for a full (cache-free) sequence."""
@@ -54,6 +64,8 @@ class ModelParts:
 
     # --- LM head by vocabulary rows -------------------------------------------------------------------------------
     def _rows(self, start: int, stop: int) -> dict:
+        if self.head_rows is not None:
+            return self.head_rows.rows(start, stop)
         head = self.head
         out = {"weight": head["weight"][start:stop]}
         for k in ("scales", "biases"):
@@ -72,7 +84,7 @@ class ModelParts:
         if self.compute_path == "fused":
             return mx.quantized_matmul(x, rows["weight"], rows["scales"], rows.get("biases"), transpose=True,
                                        group_size=self.head.group_size, bits=self.head.bits)
-        return x @ self._dequant(rows, x.dtype).T
+        return x @ self._full_precision(rows, self.head, x.dtype).T
 
     def head_backprop(self, g_logits: mx.array, start: int, stop: int) -> mx.array:
         """g_logits [n, stop-start] -> contribution g_logits @ W[start:stop] to dL/dx ([n, d])."""
@@ -82,8 +94,11 @@ class ModelParts:
         if self.compute_path == "fused":
             return mx.quantized_matmul(g_logits, rows["weight"], rows["scales"], rows.get("biases"), transpose=False,
                                        group_size=self.head.group_size, bits=self.head.bits)
-        return g_logits @ self._dequant(rows, g_logits.dtype)
+        return g_logits @ self._full_precision(rows, self.head, g_logits.dtype)
 
-    def _dequant(self, rows: dict, dtype) -> mx.array:
-        return dequantize(rows["weight"], rows["scales"], rows.get("biases"), self.head.group_size, self.head.bits,
-                          getattr(self.head, "mode", "affine"), dtype)
+    @staticmethod
+    def _full_precision(rows: dict, module, dtype) -> mx.array:
+        if "scales" not in rows:
+            return rows["weight"].astype(dtype)
+        return dequantize(rows["weight"], rows["scales"], rows.get("biases"), module.group_size, module.bits,
+                          getattr(module, "mode", "affine"), dtype)
