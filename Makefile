@@ -12,4 +12,4 @@ test: setup
 	.venv/bin/python -m pytest -q tests
 
 bench: setup
-	.venv/bin/python tools/bench_mebp.py
+	.venv/bin/python tools/bench.py

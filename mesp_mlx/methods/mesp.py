@@ -66,10 +66,11 @@ def _frozen_forward(linear: nn.Module, x: mx.array) -> mx.array:
 class _Proj:
     """One projection's forward, remembering what its backward needs: its input, the dropout mask, optionally h."""
 
-    def __init__(self, layer: nn.Module, x: mx.array, store_h: bool):
+    def __init__(self, layer: nn.Module, x: mx.array, store_h: bool, output: bool = True):
         self.layer, self.x = layer, x
-        self.mask = self.h = None
-        self.y = _frozen_forward(layer.linear if isinstance(layer, LoRALinear) else layer, x)
+        self.mask = self.h = self.y = None
+        if output:
+            self.y = _frozen_forward(layer.linear if isinstance(layer, LoRALinear) else layer, x)
         if not isinstance(layer, LoRALinear):
             return
         if dropout_active(layer):
@@ -77,7 +78,8 @@ class _Proj:
             self.mask = layer.dropout(mx.ones_like(x))
         xd = x if self.mask is None else x * self.mask
         h = xd @ layer.lora_a
-        self.y = self.y + (layer.scale * (h @ layer.lora_b)).astype(x.dtype)
+        if output:
+            self.y = self.y + (layer.scale * (h @ layer.lora_b)).astype(x.dtype)
         self.h = h if store_h else None
 
     def backward(self, g: mx.array, grads: dict, name: str) -> mx.array:
@@ -124,10 +126,13 @@ class MeSP(Method):
             err = (mx.abs(ours - ref).max() / (mx.abs(ref).max() + 1e-30)).item()
         finally:
             block.train(was_training)
-        return None if err <= 1e-4 else f"its forward differs from the hand rule's by {err:.1e}"
+        tol = 1e-4 if ref.dtype == mx.float32 else 3e-2  # a structural difference is O(1); rounding is not
+        return None if err <= tol else f"its forward differs from the hand rule's by {err:.1e}"
 
     # --- forward recompute ------------------------------------------------------------------------------------------
-    def _forward(self, block, x, mask):
+    def _forward(self, block, x, mask, output: bool = True):
+        """The block's forward from its input x, keeping each projection's context. With output=False (the backward's
+        recompute) the last projection is not computed: nothing in the backward needs the block's output."""
         attn, mlp = block.self_attn, block.mlp
         B, L, _ = x.shape
         n1 = block.input_layernorm(x)
@@ -146,8 +151,8 @@ class MeSP(Method):
         n2 = block.post_attention_layernorm(h)
         gp, up = _Proj(mlp.gate_proj, n2, self.store_h), _Proj(mlp.up_proj, n2, self.store_h)
         a = nn.silu(gp.y) * up.y
-        dp = _Proj(mlp.down_proj, a, self.store_h)
-        return qp, kp, vp, q, k, v, op, h, gp, up, dp, h + dp.y
+        dp = _Proj(mlp.down_proj, a, self.store_h, output)
+        return qp, kp, vp, q, k, v, op, h, gp, up, dp, (h + dp.y if output else None)
 
     def block_forward(self, block, h, mask):
         """The engine's forward through a block: the rule's own staged forward (lean matmuls, chunked attention)."""
@@ -165,8 +170,7 @@ class MeSP(Method):
         grads: dict = {}
 
         # recompute the forward up to the MLP input, keeping q, k, v (post-rope), o, h, gate, up and the LoRA inputs
-        qp, kp, vp, q, k, v, op, h, gp, up, dp, _ = self._forward(block, x, mask)
-        del _
+        qp, kp, vp, q, k, v, op, h, gp, up, dp, _ = self._forward(block, x, mask, output=False)
         mx.eval(q, k, v, op.x, h, gp.y, up.y, dp.x, *(p.h for p in (qp, kp, vp, op, gp, up, dp) if p.h is not None))
 
         # MLP

@@ -1,0 +1,202 @@
+"""MeSP vs MeBP vs `mlx_lm.lora` — memory and step time on random-weight 4-bit Qwen2.5-shaped models, with the MeSP
+paper's figures beside ours (its Tables 1, 2, 3 and 5). Same machine, same BLAS, batch 1, SGD lr 1e-4, LoRA scale 20 on
+all 7 projections; our rows stream the weights and keep checkpoints in mmap'd files (the papers' runtime setting).
+
+    .venv/bin/python tools/bench.py --tables 1,2,3,5 [--steps 1] [--mlx-lm 0.5b] [--fresh]
+
+Models are built block by block (no fp32 whole model ever exists) in tools/out/models. Results accumulate in
+tools/out/bench.json (one entry per row, re-running a row replaces it) and tools/out/bench.md is rendered from all rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlx.core as mx
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from mesp_mlx import backend  # noqa: E402
+from mesp_mlx.config import TrainConfig  # noqa: E402
+from mesp_mlx.data import BatchIterator, load_splits  # noqa: E402
+from mesp_mlx.engine import Batch, BlockEngine  # noqa: E402
+from mesp_mlx.methods import make_method  # noqa: E402
+from mesp_mlx.models.synthetic import SHAPES, model_config, write_random_model  # noqa: E402
+from mesp_mlx.train import make_optimizer, prepare_model  # noqa: E402
+
+OUT = ROOT / "tools" / "out"
+KEYS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj",
+        "mlp.down_proj"]
+
+
+def ensure_model(shape: str) -> Path:
+    folder = OUT / "models" / f"{shape}-4bit-g64"
+    if not (folder / "config.json").is_file():
+        model_type, hidden, layers, inter, heads, kv, vocab = SHAPES[shape]
+        print(f"building random {shape} (4-bit, group 64) in {folder} ...", flush=True)
+        write_random_model(folder, model_config(model_type, hidden, layers, inter, heads, kv, vocab), bits=4,
+                           group_size=64, scales_dtype=mx.float32)
+    return folder
+
+
+def ensure_data(seq: int) -> Path:
+    folder = OUT / f"data-seq{seq}"
+    folder.mkdir(parents=True, exist_ok=True)
+    words = ("the quick brown fox jumps over the lazy dog and a small model learns to answer questions about memory "
+             "phones laptops and training ").split()
+    text = " ".join(words[i % len(words)] + str(i % 7) for i in range(seq * 2))  # tokenizes to well over seq tokens
+    for split in ("train", "valid"):
+        (folder / f"{split}.jsonl").write_text(json.dumps({"text": text}) + "\n")
+    return folder
+
+
+def bench_ours(model: Path, data: Path, method: str, seq: int, rank: int, steps: int, stream: bool,
+               storage: str = "memory", store_h: bool = False) -> dict:
+    cfg = TrainConfig(model=str(model), data=str(data), method=method, optimizer="sgd", learning_rate=1e-4,
+                      max_seq_length=seq + 1, lora_parameters={"rank": rank, "scale": 20.0, "dropout": 0.0, "keys": KEYS},
+                      stream_weights=stream, checkpoint_storage=storage)
+    mx.reset_peak_memory()
+    prep = prepare_model(cfg)
+    splits = load_splits(cfg.data, prep.tokenizer)
+    batches = BatchIterator(splits["train"], 1, cfg.max_seq_length)
+    engine = BlockEngine(prep.parts, make_method(method, **({"store_h": store_h} if method == "mesp" else {})),
+                         [make_optimizer(cfg) for _ in prep.parts.layers],
+                         cfg.checkpoint_storage, None, prep.streamer)
+    resident = mx.get_active_memory() / 2**20
+    rows = []
+    for step in range(steps + 1):  # step 0 warms up
+        tokens, lengths = next(batches)
+        stats, _ = engine.step(Batch.from_mlx_lm(tokens, lengths), step)
+        rows.append(stats)
+    timed = rows[1:]
+    return {"peak_mb": max(s.peak_mb for s in timed), "step_s": sum(s.step_s for s in timed) / len(timed),
+            "resident_mb_before_step": resident, "tokens": int(tokens.shape[1] - 1),
+            "phase_peak_mb": timed[-1].phase_peak_mb, "phase_s": timed[-1].phase_s, "losses": [s.loss for s in rows]}
+
+
+def bench_mlx_lm(model: Path, data: Path, seq: int, rank: int, steps: int, grad_checkpoint: bool) -> dict:
+    cfg = OUT / f"mlx_lm_lora_r{rank}.yaml"
+    cfg.write_text(f"lora_parameters:\n  rank: {rank}\n  scale: 20.0\n  dropout: 0.0\n  keys: {json.dumps(KEYS)}\n")
+    adapters = OUT / "mlx_lm_adapters"
+    cmd = [sys.executable, str(ROOT / "tools" / "mlx_lm_peer.py"), "--train", "--model", str(model), "--data", str(data), "-c", str(cfg),
+           "--iters", str(steps + 1), "--batch-size", "1", "--num-layers", "-1", "--optimizer", "sgd",
+           "--learning-rate", "1e-4", "--max-seq-length", str(seq + 1), "--steps-per-report", "1",
+           "--steps-per-eval", "100000", "--val-batches", "1", "--adapter-path", str(adapters)]
+    if grad_checkpoint:
+        cmd.append("--grad-checkpoint")
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise RuntimeError(proc.stderr[-3000:])
+    text = proc.stdout + proc.stderr
+    reports = [json.loads(line.split(" ", 1)[1]) for line in text.splitlines() if line.startswith("MLX_LM_REPORT ")]
+    if not reports:
+        raise RuntimeError("no report from mlx_lm lora:\n" + text[-3000:])
+    timed = reports[1:] or reports  # the first step warms up
+    step_s = [1.0 / r["iterations_per_second"] for r in timed]
+    # mlx-lm's peak_memory is bytes / 1e9 and never reset: the run's peak
+    return {"peak_mb": max(r["peak_memory"] for r in reports) * 1e9 / 2**20, "step_s": sum(step_s) / len(step_s),
+            "wall_s": wall}
+
+
+
+# the MeSP paper's figures (iPhone 17 Pro; peak MB = phys_footprint, s per step), REFERENCE §2
+PAPER = {
+    ("t1", "0.5b", 256, 8, "mebp"): (360.8, 0.68), ("t1", "0.5b", 256, 8, "mesp"): (136.2, 0.86),
+    ("t1", "1.5b", 256, 8, "mebp"): (516.2, 1.66), ("t1", "1.5b", 256, 8, "mesp"): (262.6, 2.17),
+    ("t1", "3b", 256, 8, "mebp"): (637.6, 3.21), ("t1", "3b", 256, 8, "mesp"): (368.4, 4.09),
+    **{("t2", "0.5b", s, 8, "mebp"): (m, None) for s, m in zip((128, 256, 512, 1024), (252.7, 360.8, 582.4, 1050.3))},
+    **{("t2", "0.5b", s, 8, "mesp"): (m, None) for s, m in zip((128, 256, 512, 1024), (110.7, 136.2, 245.8, 513.6))},
+    **{("t3", "0.5b", 256, r, "mebp"): (m, None) for r, m in zip((4, 8, 16, 32), (355.2, 360.8, 372.4, 395.8))},
+    **{("t3", "0.5b", 256, r, "mesp"): (m, None) for r, m in zip((4, 8, 16, 32), (132.8, 136.2, 143.5, 158.2))},
+    ("t5", "3b", 256, 8, "mebp"): (637.6, 3.21), ("t5", "3b", 256, 8, "mesp-store-h"): (398.5, 3.85),
+    ("t5", "3b", 256, 8, "mesp"): (368.4, 4.09),
+}
+TABLES = {
+    "1": [("t1", size, 256, 8, v) for size in ("0.5b", "1.5b", "3b") for v in ("mebp", "mesp")],
+    "2": [("t2", "0.5b", s, 8, v) for s in (128, 256, 512, 1024) for v in ("mebp", "mesp")],
+    "3": [("t3", "0.5b", 256, r, v) for r in (4, 8, 16, 32) for v in ("mebp", "mesp")],
+    "5": [("t5", "3b", 256, 8, v) for v in ("mebp", "mesp-store-h", "mesp")],
+}
+TITLES = {"t1": "Table 1 — model size (seq 256, r 8)", "t2": "Table 2 — sequence length (0.5B, r 8)",
+          "t3": "Table 3 — LoRA rank (0.5B, seq 256)", "t5": "Table 5 — store h vs recompute h (seq 256, r 8)"}
+LABELS = {"mebp": "MeBP", "mesp": "MeSP", "mesp-store-h": "MeSP, store h", "mlx-lm": "mlx_lm.lora",
+          "mlx-lm-gc": "mlx_lm.lora --grad-checkpoint"}
+RESULTS = OUT / "bench.json"
+
+
+def run_row(key, steps: int) -> dict:
+    table, size, seq, rank, variant = key
+    model, data = ensure_model(f"qwen2.5-{size}"), ensure_data(seq)
+    if variant.startswith("mlx-lm"):
+        return bench_mlx_lm(model, data, seq, rank, steps, variant == "mlx-lm-gc")
+    method = "mebp" if variant == "mebp" else "mesp"
+    r = bench_ours(model, data, method, seq, rank, steps, True, "mmap", store_h=variant == "mesp-store-h")
+    mx.clear_cache()
+    return r
+
+
+def render(results: dict, machine: dict) -> str:
+    lines = [f"Random-weight 4-bit (g64) Qwen2.5 shapes, batch 1, LoRA r on 7 projections, SGD. Ours: {machine['backend']},"
+             f" BLAS {machine['blas'].split(',')[0]}, {machine['gemm_gflops']:.0f} GFLOP/s fp32 GEMM; MLX peak "
+             "(allocator, everything MLX holds). Paper: iPhone 17 Pro phys_footprint (mmap'd weight pages not counted).",
+             ""]
+    rows = {tuple(json.loads(k)): v for k, v in results.items()}
+    for table in ("t1", "t2", "t3", "t5"):
+        keys = sorted((k for k in rows if k[0] == table), key=lambda k: (k[1], k[2], k[3], list(LABELS).index(k[4])))
+        if not keys:
+            continue
+        lines += [f"**{TITLES[table]}**", "",
+                  "| model | seq | rank | run | MLX peak MB | s / step | paper MB | paper s | MeSP/MeBP peak | MeSP/MeBP time |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for k in keys:
+            r = rows[k]
+            paper = PAPER.get(k, (None, None))
+            base = rows.get((table, k[1], k[2], k[3], "mebp"))
+            ratio_m = ratio_t = ""
+            if k[4].startswith("mesp") and base:
+                ratio_m, ratio_t = f"{r['peak_mb'] / base['peak_mb']:.2f}", f"{r['step_s'] / base['step_s']:.2f}"
+            fmt = lambda v, spec: "" if v is None else format(v, spec)  # noqa: E731
+            lines.append(f"| {k[1].upper()} | {k[2]} | {k[3]} | {LABELS[k[4]]} | {r['peak_mb']:.1f} | {r['step_s']:.2f} | "
+                         f"{fmt(paper[0], '.1f')} | {fmt(paper[1], '.2f')} | {ratio_m} | {ratio_t} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tables", default="1,2,3,5", help="comma list of 1, 2, 3, 5")
+    ap.add_argument("--steps", type=int, default=1, help="timed steps per row (after one warm-up step)")
+    ap.add_argument("--mlx-lm", default="", help="sizes (0.5b,1.5b,3b) for which to add the mlx_lm.lora rows to table 1")
+    ap.add_argument("--only", choices=["ours", "mlx-lm"], help="run only our rows or only the peer's")
+    ap.add_argument("--fresh", action="store_true", help="forget earlier results")
+    args = ap.parse_args()
+    OUT.mkdir(parents=True, exist_ok=True)
+    report = backend.doctor()
+    print("\n".join(report.lines()), flush=True)
+    machine = {"backend": report.backend, "blas": report.blas, "gemm_gflops": report.gemm_gflops,
+               "mlx": report.mlx_version, "mlx_lm": report.mlx_lm_version}
+    saved = json.loads(RESULTS.read_text()) if RESULTS.is_file() and not args.fresh else {"rows": {}}
+    keys = [] if args.only == "mlx-lm" else [k for t in args.tables.split(",") if t for k in TABLES[t.strip()]]
+    if args.only != "ours":
+        keys += [("t1", s, 256, 8, v) for s in args.mlx_lm.split(",") if s for v in ("mlx-lm", "mlx-lm-gc")]
+    for key in keys:
+        print(f"running {key} ...", flush=True)
+        r = run_row(key, args.steps)
+        r["machine"] = machine
+        saved["rows"][json.dumps(list(key))] = r
+        print(f"  peak {r['peak_mb']:.1f} MB, {r['step_s']:.2f} s/step", flush=True)
+        RESULTS.write_text(json.dumps(saved, indent=2))  # after every row: a long run keeps what it measured
+        (OUT / "bench.md").write_text(render(saved["rows"], machine) + "\n")
+    print("\n" + render(saved["rows"], machine))
+
+
+if __name__ == "__main__":
+    main()
