@@ -1,4 +1,4 @@
-"""`mesp-mlx` subcommands: train, doctor, import-gguf. Flag names follow mlx-lm's where they exist."""
+"""`mesp-mlx` subcommands: train, doctor, import-gguf, make-data, convert, fuse. Flag names follow mlx-lm's where they exist."""
 
 from __future__ import annotations
 
@@ -85,6 +85,27 @@ def cmd_make_data(args) -> int:
     return 0
 
 
+def cmd_convert(args) -> int:
+    from .convert import convert
+
+    r = convert(args.src, args.out, args.to, args.source_format, args.model, args.dtype)
+    notes = []
+    if r.get("padded"):
+        notes.append(f"{len(r['padded'])} modules zero-padded to rank {r['rank']}")
+    if r.get("scale_folded"):
+        notes.append(f"{len(r['scale_folded'])} modules' scale folded into lora_b")
+    print(f"converted {r['modules']} LoRA modules {r['from']} -> {r['to']} into {args.out}"
+          + (f" ({'; '.join(notes)})" if notes else ""))
+    return 0
+
+
+def cmd_fuse(args) -> int:
+    from .fuse import fuse
+
+    fuse(args.model, args.adapter_path, args.save_path, args.dequantize, args.bits, args.group_size, args.warn_below)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mesp-mlx", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -102,12 +123,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--categories", default="botprofile", help="comma-separated chatterbot-corpus English categories")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_make_data)
+    p = sub.add_parser("convert", help="convert a LoRA adapter between PEFT and mlx-lm (source format detected)")
+    p.add_argument("src", help="adapter folder (PEFT: adapter_model.safetensors; mlx-lm: adapters.safetensors)")
+    p.add_argument("out", help="output folder")
+    p.add_argument("--to", required=True, choices=["mlx-lm", "peft"])
+    p.add_argument("--from", dest="source_format", choices=["mlx-lm", "peft"], help="force the source format")
+    p.add_argument("--model", help="check the adapter against this model (shapes, block count)")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="cast the LoRA tensors (default: keep)")
+    p.set_defaults(func=cmd_convert)
+    p = sub.add_parser("fuse", help="fold adapters into the base model and save an mlx-lm model folder")
+    p.add_argument("--model", help="base model (as for train; default: the embedded SmolLM2)")
+    p.add_argument("--adapter-path", required=True)
+    p.add_argument("--save-path", default="fused_model")
+    p.add_argument("--dequantize", action="store_true", help="save the whole model in full precision")
+    p.add_argument("--bits", type=int, help="requantize fused linears with these bits (default: the base's)")
+    p.add_argument("--group-size", type=int, help="requantize fused linears with this group size (default: the base's)")
+    p.add_argument("--warn-below", type=float, default=0.5,
+                   help="warn when a layer keeps less than this fraction of its LoRA delta after requantization")
+    p.set_defaults(func=cmd_fuse)
     return parser
 
 
 def main(argv=None) -> int:
     from .config import ConfigError
+    from .convert import ConvertError
     from .data import DataError
+    from .fuse import FuseError
     from .lora import LoRAConfigError
     from .models import ModelLoadError, UnsupportedModel
     from .models.gguf_import import GGUFImportError
@@ -115,8 +156,8 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, DataError, LoRAConfigError, ModelLoadError, UnsupportedModel, GGUFImportError,
-            FileNotFoundError, PermissionError) as e:
+    except (ConfigError, DataError, LoRAConfigError, ModelLoadError, UnsupportedModel, GGUFImportError, ConvertError,
+            FuseError, FileNotFoundError, PermissionError) as e:
         print(f"mesp-mlx: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
