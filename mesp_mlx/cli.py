@@ -27,6 +27,10 @@ def _train_parser(sub):
     p.add_argument("--num-layers", type=int, help="blocks with LoRA, counted from the last (-1: all, default)")
     p.add_argument("--adapter-path", help="output folder (adapters.safetensors, adapter_config.json, metrics.jsonl)")
     p.add_argument("--resume-adapter-file", help="start from these adapter weights")
+    p.add_argument("--resume", action="store_true", default=None,
+                   help="continue the interrupted run in --adapter-path (bit-identical to an uninterrupted run)")
+    p.add_argument("--on-nonfinite", choices=["stop", "skip"],
+                   help="NaN/inf loss or gradient: stop keeping the last saved adapter (default), or skip the step")
     p.add_argument("--save-every", type=int)
     p.add_argument("--steps-per-report", type=int)
     p.add_argument("--stream-weights", action="store_true", default=None,
@@ -50,8 +54,8 @@ def cmd_train(args) -> int:
 
     overrides = {k: v for k, v in vars(args).items() if k not in ("command", "config", "func")}
     cfg = build_config(args.config, overrides)
-    train(cfg)
-    return 0
+    result = train(cfg)
+    return {"done": 0, "interrupted": 130, "nonfinite": 3}[result.status]
 
 
 def cmd_doctor(args) -> int:
@@ -149,6 +153,7 @@ def main(argv=None) -> int:
     from .convert import ConvertError
     from .data import DataError
     from .fuse import FuseError
+    from .state import ResumeError
     from .lora import LoRAConfigError
     from .models import ModelLoadError, UnsupportedModel
     from .models.gguf_import import GGUFImportError
@@ -157,7 +162,7 @@ def main(argv=None) -> int:
     try:
         return args.func(args)
     except (ConfigError, DataError, LoRAConfigError, ModelLoadError, UnsupportedModel, GGUFImportError, ConvertError,
-            FuseError, FileNotFoundError, PermissionError) as e:
+            FuseError, ResumeError, FileNotFoundError, PermissionError) as e:
         print(f"mesp-mlx: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

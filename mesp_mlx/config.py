@@ -35,6 +35,8 @@ class TrainConfig:
     adapter_path: str = "adapters"
     resume_adapter_file: str | None = None
     save_every: int = 100
+    resume: bool = False  # continue the run saved in adapter_path (training_state.safetensors)
+    on_nonfinite: str = "stop"  # stop | skip: what a NaN/inf loss or gradient does
     steps_per_report: int = 1
     # model / compute
     quantize_bits: int = 4
@@ -57,6 +59,8 @@ class TrainConfig:
         return {f.name for f in dataclasses.fields(cls)}
 
     def validate(self) -> None:
+        if self.on_nonfinite not in ("stop", "skip"):
+            raise ConfigError(f"--on-nonfinite must be stop or skip, not {self.on_nonfinite!r}")
         if self.method not in METHODS:
             raise ConfigError(f"--method {self.method!r}: available: {', '.join(METHODS)}")
         if self.optimizer not in ("sgd", "adamw", "adam"):

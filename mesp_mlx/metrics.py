@@ -5,16 +5,22 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .io import atomic_write
+
 
 class MetricsLog:
     REQUIRED = ("step", "loss", "tokens", "step_s", "peak_mb", "active_mb")
 
-    def __init__(self, path: str | Path, append: bool = False):
+    def __init__(self, path: str | Path, keep_until: int | None = None):
+        """A new log, or (keep_until=S, for a resumed run) the existing one cut back to its steps <= S: a run killed
+        after its last save logged steps that the resumed run does again (and a kill may have cut the last line)."""
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if not append and self.path.exists():
-            self.path.unlink()
         self.records: list[dict] = []
+        if keep_until is not None and self.path.exists():
+            self.records = [r for r in self.read(self.path) if r["step"] <= keep_until]
+        lines = "".join(json.dumps(r) + "\n" for r in self.records)
+        atomic_write(self.path, lambda tmp: Path(tmp).write_text(lines))
 
     def log(self, record: dict) -> None:
         missing = [k for k in self.REQUIRED if k not in record]
@@ -27,8 +33,14 @@ class MetricsLog:
 
     @staticmethod
     def read(path: str | Path) -> list[dict]:
+        records = []
         with open(path) as f:
-            return [json.loads(line) for line in f if line.strip()]
+            for line in f:
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError:
+                    break  # a line cut by a kill: everything before it is whole
+        return records
 
 
 def plot_metrics(records: list[dict], out_png: str | Path, title: str = "") -> Path:

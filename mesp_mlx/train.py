@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,12 +15,13 @@ import mlx.optimizers as optim
 from . import backend
 from .config import ConfigError, TrainConfig
 from .data import BatchIterator, load_splits
-from .engine import Batch, BlockEngine, WeightStreamer
+from .engine import Batch, BlockEngine, NonFiniteError, WeightStreamer
 from .io import check_writable
 from .mesp_lora import to_mesp_lora
 from .lora import apply_lora, cast_lora, load_adapter_weights, save_adapters, write_adapter_config
 from .methods import make_method
 from .metrics import MetricsLog, plot_metrics
+from .state import STATE_FILE, load_state, save_state, shared_settings
 from .models import ModelParts, cast_float_params, load_model, set_compute_path
 
 
@@ -124,6 +127,7 @@ class TrainResult:
     records: list
     answers_before: list
     answers_after: list
+    status: str = "done"  # done | interrupted | nonfinite
 
 
 def train(cfg: TrainConfig, log=print) -> TrainResult:
@@ -146,30 +150,79 @@ def train(cfg: TrainConfig, log=print) -> TrainResult:
     engine = BlockEngine(prep.parts, method, optimizers, cfg.checkpoint_storage, cfg.checkpoint_dir,
                          prep.streamer, cfg.vocab_chunk, cfg.clear_cache, cfg.seed)
     adapter_file = adapter_path / "adapters.safetensors"
+    settings = shared_settings(cfg)
+    first_step = 1
+    if cfg.resume:
+        restored = load_state(adapter_path, prep.model, optimizers, settings)
+        batches.restore(restored["data"])
+        method.load_state_dict(restored["method"])
+        first_step = restored["step"] + 1
+        log(f"[mesp-mlx] resuming {adapter_path} after step {restored['step']}")
+    elif (adapter_path / STATE_FILE).exists():
+        log(f"[mesp-mlx] note: starting a new run over the one saved in {adapter_path} (--resume continues it)")
     write_adapter_config(adapter_path, cfg.num_layers if cfg.num_layers != -1 else len(prep.parts.layers),
                          cfg.lora_parameters, extra=_config_record(cfg, prep))
-    metrics = MetricsLog(adapter_path / "metrics.jsonl")
+    metrics = MetricsLog(adapter_path / "metrics.jsonl", keep_until=first_step - 1 if cfg.resume else None)
     progress = Progress(cfg.iters)
-    for step in range(1, cfg.iters + 1):
-        tokens, lengths = next(batches)
-        stats, _ = engine.step(Batch.from_mlx_lm(tokens, lengths), step)
-        record = {"step": step, "loss": stats.loss, "tokens": stats.ntoks, "step_s": stats.step_s,
-                  "tokens_per_s": stats.ntoks / stats.step_s, "peak_mb": stats.peak_mb, "active_mb": stats.active_mb,
-                  "phase_peak_mb": stats.phase_peak_mb, "phase_s": stats.phase_s, "seq_len": int(tokens.shape[1] - 1)}
-        metrics.log(record)
-        if step % cfg.steps_per_report == 0 or step == cfg.iters:
-            progress.update(step, f"loss {stats.loss:.4f} | {record['tokens_per_s']:.0f} tok/s | {stats.step_s:.2f} s | "
-                                  f"peak {stats.peak_mb:.1f} MB | active {stats.active_mb:.1f} MB")
-        if cfg.save_every and step % cfg.save_every == 0 and step != cfg.iters:
-            save_adapters(prep.model, adapter_file)
-            save_adapters(prep.model, adapter_path / f"{step:07d}_adapters.safetensors")
-    save_adapters(prep.model, adapter_file)
-    log(f"[mesp-mlx] saved adapters to {adapter_file}")
-    if cfg.plot:
-        png = plot_metrics(metrics.records, adapter_path / "metrics.png", f"{cfg.method} on {prep.path.name}")
-        log(f"[mesp-mlx] plot: {png}")
+
+    def save(step: int) -> None:
+        save_adapters(prep.model, adapter_file)
+        save_state(adapter_path, prep.model, optimizers, step, batches.state(), method.state_dict(), settings)
+
+    interrupted = {"flag": False}
+
+    def on_sigint(signum, frame):
+        interrupted["flag"] = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C stops at once
+        log("\n[mesp-mlx] Ctrl-C: finishing this step, then saving (Ctrl-C again to stop without saving)")
+
+    old_handler = signal.signal(signal.SIGINT, on_sigint) if threading.current_thread() is threading.main_thread() \
+        else None
+    step = first_step - 1
+    status = "done"
+    try:
+        for step in range(first_step, cfg.iters + 1):
+            tokens, lengths = next(batches)
+            try:
+                stats, _ = engine.step(Batch.from_mlx_lm(tokens, lengths), step)
+            except NonFiniteError as e:
+                if cfg.on_nonfinite == "stop":
+                    log(f"[mesp-mlx] ERROR: {e}; stopping. The last saved adapter ({adapter_file}) is kept; "
+                        "--on-nonfinite skip would skip such steps instead")
+                    status = "nonfinite"
+                    break
+                log(f"[mesp-mlx] WARNING: {e}; step skipped (blocks above it were already updated this step)")
+                continue
+            record = {"step": step, "loss": stats.loss, "tokens": stats.ntoks, "step_s": stats.step_s,
+                      "tokens_per_s": stats.ntoks / stats.step_s, "peak_mb": stats.peak_mb,
+                      "active_mb": stats.active_mb, "phase_peak_mb": stats.phase_peak_mb, "phase_s": stats.phase_s,
+                      "seq_len": int(tokens.shape[1] - 1)}
+            metrics.log(record)
+            if step % cfg.steps_per_report == 0 or step == cfg.iters:
+                progress.update(step, f"loss {stats.loss:.4f} | {record['tokens_per_s']:.0f} tok/s | "
+                                      f"{stats.step_s:.2f} s | peak {stats.peak_mb:.1f} MB | "
+                                      f"active {stats.active_mb:.1f} MB")
+            if interrupted["flag"]:
+                save(step)
+                log(f"[mesp-mlx] interrupted after step {step}: state saved; continue with --resume")
+                status = "interrupted"
+                break
+            if cfg.save_every and step % cfg.save_every == 0 and step != cfg.iters:
+                save(step)
+                save_adapters(prep.model, adapter_path / f"{step:07d}_adapters.safetensors")
+    finally:
+        if old_handler is not None:
+            signal.signal(signal.SIGINT, old_handler)
+    if status == "done":
+        save(cfg.iters)
+        log(f"[mesp-mlx] saved adapters to {adapter_file}")
+        if cfg.plot:
+            png = plot_metrics(metrics.records, adapter_path / "metrics.png", f"{cfg.method} on {prep.path.name}")
+            log(f"[mesp-mlx] plot: {png}")
+    else:
+        return TrainResult(adapter_path, metrics.records, answers_before, [], status)
     answers_after = _show_answers(prep, cfg, "after", log) if cfg.demo_prompts else []
-    return TrainResult(adapter_path, metrics.records, answers_before, answers_after)
+    return TrainResult(adapter_path, metrics.records, answers_before, answers_after, status)
 
 
 def _config_record(cfg: TrainConfig, prep: Prepared) -> dict:

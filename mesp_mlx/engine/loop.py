@@ -12,6 +12,7 @@ max over them and each block's own peak is known (the governor and the metrics u
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -24,6 +25,19 @@ from .checkpoints import make_checkpoints
 from .loss import chunked_cross_entropy
 
 MB = 1024 * 1024
+
+
+class NonFiniteError(FloatingPointError):
+    """NaN or inf in the loss or in a block's gradient; raised before that block's update is applied."""
+
+    def __init__(self, step: int, where: str):
+        super().__init__(f"step {step}: NaN or inf in {where}")
+        self.step, self.where = step, where
+
+
+def _all_finite(tree) -> mx.array:
+    flags = [mx.all(mx.isfinite(v)) for _, v in tree_flatten(tree)]
+    return mx.all(mx.stack(flags)) if flags else mx.array(True)
 
 
 @dataclass
@@ -150,6 +164,8 @@ class BlockEngine:
         loss, g_normed, ntoks = chunked_cross_entropy(self.parts, normed, batch.targets, batch.mask, self.vocab_chunk)
         _, (g,) = mx.vjp(self.parts.final_norm, [h_last], [g_normed])
         mx.eval(loss, g)
+        if not math.isfinite(loss.item()):
+            raise NonFiniteError(step, "the loss")
         del normed, g_normed, h_last, h
         self.checkpoints.drop(n)
         if self.clear_cache != "never":
@@ -166,6 +182,10 @@ class BlockEngine:
             h_in = self.checkpoints.get(i)
             self._block_key(step, i)
             g, block_grads = self.method.block_backward(layers[i], h_in, g, masks[i])
+            finite = _all_finite(block_grads)
+            mx.eval(g, block_grads, finite)
+            if not finite.item():  # nothing of this block (or any below) is updated
+                raise NonFiniteError(step, f"the LoRA gradient of block {i}")
             if apply_update:
                 opt = self.optimizers[i]
                 opt.update(layers[i], block_grads)

@@ -13,6 +13,13 @@ class Method:
         """Blocks that get a backward at this step; None means all of them."""
         return None
 
+    def state_dict(self) -> dict:
+        """What a resumed run needs to continue this method exactly (schedule positions, seeds); JSON-serialisable."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
     def block_forward(self, block: nn.Module, h: mx.array, mask) -> mx.array:
         """The forward through one block (the module's own by default)."""
         return block(h, mask)

@@ -1,0 +1,79 @@
+"""Training state for crash-safe resume: one safetensors file, written atomically (temp file, fsync, rename).
+
+    <adapter_path>/training_state.safetensors
+        tensors : adapter.<name>   every trainable tensor (full precision, bit-exact)
+                  opt.<block>.<path> every optimizer state tensor of every block's optimizer (AdamW m, v, step, ...)
+        metadata: step, data position, method state, and the settings a resumed run must share
+
+Randomness needs no saved generator: the engine draws every random number of step s, block i from a key derived from
+(--seed, s, i), so (seed, step) is the whole random state. A resumed run therefore repeats an uninterrupted one bit for
+bit. The file is either the previous complete state or the new complete state: a kill at any moment leaves one that
+loads.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlx.core as mx
+from mlx.utils import tree_flatten, tree_unflatten
+
+from .io import atomic_write
+
+STATE_FILE = "training_state.safetensors"
+FORMAT = "mesp_mlx-training-state-1"
+# settings that must not change between a run and its resumption (iters may grow; reporting settings may change)
+SHARED = ("model", "data", "method", "num_layers", "lora_parameters", "batch_size", "max_seq_length", "mask_prompt",
+          "optimizer", "optimizer_config", "learning_rate", "seed", "dtype", "compute_path", "quantize_bits",
+          "quantize_group_size", "store_h")
+
+
+class ResumeError(ValueError):
+    pass
+
+
+def shared_settings(cfg) -> dict:
+    return {k: getattr(cfg, k) for k in SHARED}
+
+
+def save_state(path: Path, model, optimizers: list, step: int, data_position: dict, method_state: dict,
+               settings: dict) -> None:
+    tensors = {f"adapter.{k}": v for k, v in tree_flatten(model.trainable_parameters())}
+    for i, opt in enumerate(optimizers):
+        tensors.update({f"opt.{i}.{k}": v for k, v in tree_flatten(opt.state)})
+    meta = {"format": FORMAT, "step": str(step), "data": json.dumps(data_position),
+            "method": json.dumps(method_state), "settings": json.dumps(settings, sort_keys=True, default=str)}
+    atomic_write(path / STATE_FILE, lambda tmp: mx.save_safetensors(tmp, tensors, metadata=meta),
+                 suffix=".safetensors")
+
+
+def load_state(path: Path, model, optimizers: list, settings: dict) -> dict:
+    """Restore adapters and optimizer states in place; return {step, data, method}. Refuses another run's state."""
+    file = path / STATE_FILE
+    if not file.is_file():
+        raise ResumeError(f"--resume: {file} does not exist (nothing to resume in {path})")
+    try:
+        tensors, meta = mx.load(str(file), return_metadata=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable file is the same error to the user
+        raise ResumeError(f"--resume: {file} is unreadable ({e})") from None
+    if meta.get("format") != FORMAT:
+        raise ResumeError(f"--resume: {file} is not a mesp_mlx training state")
+    saved = json.loads(meta["settings"])
+    now = json.loads(json.dumps(settings, sort_keys=True, default=str))
+    changed = [k for k in SHARED if saved.get(k) != now.get(k)]
+    if changed:
+        diffs = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in changed)
+        raise ResumeError(f"--resume: the run in {path} used other settings ({diffs})")
+    adapters = {k[len("adapter."):]: v for k, v in tensors.items() if k.startswith("adapter.")}
+    own = dict(tree_flatten(model.trainable_parameters()))
+    if set(adapters) != set(own) or any(adapters[k].shape != own[k].shape for k in own):
+        raise ResumeError(f"--resume: {file} holds adapters of another shape than this run's")
+    model.update(tree_unflatten(list(adapters.items())))
+    for i, opt in enumerate(optimizers):
+        prefix = f"opt.{i}."
+        flat = [(k[len(prefix):], v) for k, v in tensors.items() if k.startswith(prefix)]
+        if flat:
+            opt.state = tree_unflatten(flat)
+    mx.eval(model.trainable_parameters(), [opt.state for opt in optimizers])
+    return {"step": int(meta["step"]), "data": json.loads(meta["data"]), "method": json.loads(meta["method"])}
