@@ -176,6 +176,7 @@ def main():
     ap.add_argument("--steps", type=int, default=1, help="timed steps per row (after one warm-up step)")
     ap.add_argument("--mlx-lm", default="", help="sizes (0.5b,1.5b,3b) for which to add the mlx_lm.lora rows to table 1")
     ap.add_argument("--only", choices=["ours", "mlx-lm"], help="run only our rows or only the peer's")
+    ap.add_argument("--sizes", help="only rows of these model sizes (e.g. 1.5b,3b)")
     ap.add_argument("--fresh", action="store_true", help="forget earlier results")
     args = ap.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
@@ -185,6 +186,8 @@ def main():
                "mlx": report.mlx_version, "mlx_lm": report.mlx_lm_version}
     saved = json.loads(RESULTS.read_text()) if RESULTS.is_file() and not args.fresh else {"rows": {}}
     keys = [] if args.only == "mlx-lm" else [k for t in args.tables.split(",") if t for k in TABLES[t.strip()]]
+    if args.sizes:
+        keys = [k for k in keys if k[1] in args.sizes.split(",")]
     if args.only != "ours":
         keys += [("t1", s, 256, 8, v) for s in args.mlx_lm.split(",") if s for v in ("mlx-lm", "mlx-lm-gc")]
     measured = {}  # the same run in two tables (e.g. 0.5B, seq 256, r 8) is measured once per invocation
