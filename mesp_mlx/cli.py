@@ -1,4 +1,4 @@
-"""`mesp-mlx` subcommands: train, doctor, import-gguf, make-data, convert, fuse. Flag names follow mlx-lm's where they exist."""
+"""`mesp-mlx` subcommands: train, doctor, import-gguf, make-data, profiles, convert, fuse. Flag names follow mlx-lm's where they exist."""
 
 from __future__ import annotations
 
@@ -29,6 +29,8 @@ def _train_parser(sub):
     p.add_argument("--resume-adapter-file", help="start from these adapter weights")
     p.add_argument("--resume", action="store_true", default=None,
                    help="continue the interrupted run in --adapter-path (bit-identical to an uninterrupted run)")
+    p.add_argument("--device-profile", help="emulate this device's memory budget (see: mesp-mlx profiles)")
+    p.add_argument("--budget-mb", type=float, help="memory budget in MB (MLX peak), over which the run stops")
     p.add_argument("--on-nonfinite", choices=["stop", "skip"],
                    help="NaN/inf loss or gradient: stop keeping the last saved adapter (default), or skip the step")
     p.add_argument("--save-every", type=int)
@@ -55,7 +57,7 @@ def cmd_train(args) -> int:
     overrides = {k: v for k, v in vars(args).items() if k not in ("command", "config", "func")}
     cfg = build_config(args.config, overrides)
     result = train(cfg)
-    return {"done": 0, "interrupted": 130, "nonfinite": 3}[result.status]
+    return {"done": 0, "interrupted": 130, "nonfinite": 3, "over_budget": 4}[result.status]
 
 
 def cmd_doctor(args) -> int:
@@ -86,6 +88,13 @@ def cmd_make_data(args) -> int:
     counts = write_chat_jsonl(pairs, args.out, seed=args.seed)
     print(f"wrote {args.out}: {counts['train']} train / {counts['valid']} valid chat records from chatterbot-corpus "
           f"({args.categories})")
+    return 0
+
+
+def cmd_profiles(args) -> int:
+    from .governor import profile_lines
+
+    print("\n".join(profile_lines()))
     return 0
 
 
@@ -127,6 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--categories", default="botprofile", help="comma-separated chatterbot-corpus English categories")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_make_data)
+    p = sub.add_parser("profiles", help="list the device memory profiles and where their budgets come from")
+    p.set_defaults(func=cmd_profiles)
     p = sub.add_parser("convert", help="convert a LoRA adapter between PEFT and mlx-lm (source format detected)")
     p.add_argument("src", help="adapter folder (PEFT: adapter_model.safetensors; mlx-lm: adapters.safetensors)")
     p.add_argument("out", help="output folder")

@@ -36,7 +36,9 @@ class TrainConfig:
     resume_adapter_file: str | None = None
     save_every: int = 100
     resume: bool = False  # continue the run saved in adapter_path (training_state.safetensors)
-    on_nonfinite: str = "stop"  # stop | skip: what a NaN/inf loss or gradient does
+    on_nonfinite: str = "stop"
+    device_profile: str | None = None  # a named memory budget (mesp-mlx profiles)
+    budget_mb: float | None = None  # a budget in MB (wins over the profile's)  # stop | skip: what a NaN/inf loss or gradient does
     steps_per_report: int = 1
     # model / compute
     quantize_bits: int = 4
@@ -59,6 +61,12 @@ class TrainConfig:
         return {f.name for f in dataclasses.fields(cls)}
 
     def validate(self) -> None:
+        from .governor import BudgetError, resolve_budget
+
+        try:
+            resolve_budget(self.device_profile, self.budget_mb)
+        except BudgetError as e:
+            raise ConfigError(str(e)) from None
         if self.on_nonfinite not in ("stop", "skip"):
             raise ConfigError(f"--on-nonfinite must be stop or skip, not {self.on_nonfinite!r}")
         if self.method not in METHODS:

@@ -16,6 +16,7 @@ from . import backend
 from .config import ConfigError, TrainConfig
 from .data import BatchIterator, load_splits
 from .engine import Batch, BlockEngine, NonFiniteError, WeightStreamer
+from .governor import BudgetExceeded, Governor, resolve_budget
 from .io import check_writable
 from .mesp_lora import to_mesp_lora
 from .lora import apply_lora, cast_lora, load_adapter_weights, save_adapters, write_adapter_config
@@ -147,8 +148,10 @@ def train(cfg: TrainConfig, log=print) -> TrainResult:
 
     method = make_method(cfg.method, **({"store_h": cfg.store_h} if cfg.method == "mesp" else {}))
     optimizers = [make_optimizer(cfg) for _ in prep.parts.layers]
+    budget_mb, budget_text = resolve_budget(cfg.device_profile, cfg.budget_mb)
+    governor = Governor(budget_mb) if budget_mb is not None else None
     engine = BlockEngine(prep.parts, method, optimizers, cfg.checkpoint_storage, cfg.checkpoint_dir,
-                         prep.streamer, cfg.vocab_chunk, cfg.clear_cache, cfg.seed)
+                         prep.streamer, cfg.vocab_chunk, cfg.clear_cache, cfg.seed, on_block_done=governor)
     adapter_file = adapter_path / "adapters.safetensors"
     settings = shared_settings(cfg)
     first_step = 1
@@ -185,6 +188,11 @@ def train(cfg: TrainConfig, log=print) -> TrainResult:
             tokens, lengths = next(batches)
             try:
                 stats, _ = engine.step(Batch.from_mlx_lm(tokens, lengths), step)
+            except BudgetExceeded as e:
+                log(f"[mesp-mlx] ERROR: step {step}: {e}; stopped as the device would stop the app. The last saved "
+                    f"state ({adapter_file}) is kept; --resume continues it with a larger budget or a leaner plan")
+                status = "over_budget"
+                break
             except NonFiniteError as e:
                 if cfg.on_nonfinite == "stop":
                     log(f"[mesp-mlx] ERROR: {e}; stopping. The last saved adapter ({adapter_file}) is kept; "
@@ -213,6 +221,10 @@ def train(cfg: TrainConfig, log=print) -> TrainResult:
     finally:
         if old_handler is not None:
             signal.signal(signal.SIGINT, old_handler)
+        if governor is not None:
+            governor.close()
+    if governor is not None and metrics.records:
+        _emulation_report(metrics.records, budget_mb, budget_text, log)
     if status == "done":
         save(cfg.iters)
         log(f"[mesp-mlx] saved adapters to {adapter_file}")
@@ -223,6 +235,21 @@ def train(cfg: TrainConfig, log=print) -> TrainResult:
         return TrainResult(adapter_path, metrics.records, answers_before, [], status)
     answers_after = _show_answers(prep, cfg, "after", log) if cfg.demo_prompts else []
     return TrainResult(adapter_path, metrics.records, answers_before, answers_after, status)
+
+
+def _emulation_report(records: list, budget_mb: float, budget_text: str, log) -> None:
+    """Budget, MLX peak, headroom and per-phase peaks over the run, with the process's resident set size beside."""
+    import resource
+
+    peak = max(r["peak_mb"] for r in records)
+    phases: dict = {}
+    for r in records:
+        for k, v in r["phase_peak_mb"].items():
+            phases[k] = max(phases.get(k, 0.0), v)
+    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024 * 1024 if sys.platform == "darwin" else 1024)
+    log(f"[mesp-mlx] memory: budget {budget_mb:.0f} MB ({budget_text}) | MLX peak {peak:.1f} MB | headroom "
+        f"{budget_mb - peak:.1f} MB | phases " + ", ".join(f"{k} {v:.1f}" for k, v in phases.items() if v) +
+        f" | process max RSS {rss_mb:.0f} MB (Python, libraries and file pages included)")
 
 
 def _config_record(cfg: TrainConfig, prep: Prepared) -> dict:

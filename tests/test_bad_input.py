@@ -53,6 +53,9 @@ def _rows(tmp_path, tiny):
          "rank must be >= 1"),
         ("keys that do not fit", ["--model", m, "--data", str(good), "-c",
                                   str(_yaml(tmp_path, "keys: [self_attn.qkv_proj]"))], "not in this model's blocks"),
+        ("unknown device profile", ["--model", m, "--data", str(good), "--device-profile", "nokia-3310"],
+         "unknown device profile 'nokia-3310' (known: paper-1gb"),
+        ("non-positive budget", ["--model", m, "--data", str(good), "--budget-mb", "0"], "must be positive"),
         ("unwritable adapter path", ["--model", m, "--data", str(good), "--adapter-path", str(blocker / "out")],
          "cannot write to"),
     ]

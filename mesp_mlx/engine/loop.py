@@ -171,6 +171,8 @@ class BlockEngine:
         if self.clear_cache != "never":
             mx.clear_cache()
         meter.mark("loss")
+        if self.on_block_done is not None:
+            self.on_block_done("loss", None, meter.phases["loss"], mx.get_active_memory())
 
         # reverse pass
         selected = self.method.selected_blocks(step, n)
