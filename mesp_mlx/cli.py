@@ -8,8 +8,8 @@ import sys
 from .methods import METHODS
 
 
-def _train_parser(sub):
-    p = sub.add_parser("train", help="LoRA fine-tune within a memory budget (block-wise engine)")
+def _train_parser(sub, name="train", help="LoRA fine-tune within a memory budget (block-wise engine)"):
+    p = sub.add_parser(name, help=help)
     p.add_argument("-c", "--config", help="YAML file with mlx-lm's keys (lora_parameters included)")
     p.add_argument("--model", help="mlx-lm folder, .gguf file or Hugging Face repo id (default: embedded SmolLM2-135M)")
     p.add_argument("--data", help="folder with train.jsonl (valid.jsonl, test.jsonl optional); mlx-lm's formats")
@@ -31,6 +31,8 @@ def _train_parser(sub):
                    help="continue the interrupted run in --adapter-path (bit-identical to an uninterrupted run)")
     p.add_argument("--device-profile", help="emulate this device's memory budget (see: mesp-mlx profiles)")
     p.add_argument("--budget-mb", type=float, help="memory budget in MB (MLX peak), over which the run stops")
+    p.add_argument("--skip-plan", action="store_true", default=None,
+                   help="start even if the planner predicts the budget is exceeded")
     p.add_argument("--on-nonfinite", choices=["stop", "skip"],
                    help="NaN/inf loss or gradient: stop keeping the last saved adapter (default), or skip the step")
     p.add_argument("--save-every", type=int)
@@ -91,6 +93,31 @@ def cmd_make_data(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    from .config import build_config
+    from .governor import resolve_budget
+    from .planner import best_fitting_plan, predict
+    from .train import _plan_flags
+
+    overrides = {k: v for k, v in vars(args).items() if k not in ("command", "config", "func")}
+    cfg = build_config(args.config, overrides)
+    cfg.validate()
+    budget, text = resolve_budget(cfg.device_profile, cfg.budget_mb)
+    plan = predict(cfg)
+    print(f"plan for {cfg.method}, seq {cfg.max_seq_length - 1}, batch {cfg.batch_size}, stream weights "
+          f"{cfg.stream_weights}, checkpoints {cfg.checkpoint_storage} ({text}):")
+    print("\n".join(plan.lines(budget)))
+    if budget is None or plan.peak_mb <= budget:
+        return 0
+    best = best_fitting_plan(cfg, budget)
+    if best is None:
+        print("no plan within reach fits this budget (MeZO and LCSB, the last resorts, are not available yet)")
+    else:
+        print(f"fits with: {best[0]} (and the steps before it) -> predicted {best[2].peak_mb:.1f} MB")
+        print("  " + " ".join(_plan_flags(best[1])))
+    return 5
+
+
 def cmd_profiles(args) -> int:
     from .governor import profile_lines
 
@@ -123,6 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mesp-mlx", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub).set_defaults(func=cmd_train)
+    _train_parser(sub, "plan", "predict a run's peak memory by component, and the settings that fit its budget"
+                  ).set_defaults(func=cmd_plan)
     sub.add_parser("doctor", help="backend, versions, BLAS and measured GEMM speed").set_defaults(func=cmd_doctor)
     p = sub.add_parser("import-gguf", help="convert a Llama GGUF (Q4_0/Q4_1/Q8_0) to an mlx-lm folder")
     p.add_argument("gguf")

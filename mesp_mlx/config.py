@@ -38,7 +38,8 @@ class TrainConfig:
     resume: bool = False  # continue the run saved in adapter_path (training_state.safetensors)
     on_nonfinite: str = "stop"
     device_profile: str | None = None  # a named memory budget (mesp-mlx profiles)
-    budget_mb: float | None = None  # a budget in MB (wins over the profile's)  # stop | skip: what a NaN/inf loss or gradient does
+    budget_mb: float | None = None  # a budget in MB (wins over the profile's)
+    skip_plan: bool = False  # start even when the planner predicts the budget is exceeded  # stop | skip: what a NaN/inf loss or gradient does
     steps_per_report: int = 1
     # model / compute
     quantize_bits: int = 4

@@ -3,7 +3,8 @@
 A budget is compared with MLX's allocator peak, measured after every block of every phase. A run that goes over stops
 at once, as the OS stops an app that exceeds its limit, naming the phase and block; the last saved state (adapters,
 optimizer, data position) stays on disk and `--resume` continues from it. MLX's memory limit is set from the budget
-(a guideline, not a cap: the CPU allocator never checks it), and its cache limit to a fraction of it, so freed buffers
+(a guideline, not a cap: the CPU allocator never checks it), on Metal the wired limit too, and its cache limit to a
+fraction of it, so freed buffers
 cannot pile up unseen (the growth users report while the peak stays flat).
 
 Apple does not publish per-app memory limits (they depend on the device, and jetsam enforces them); the phone
@@ -78,11 +79,19 @@ class Governor:
         self.peaks: list[tuple[str, int | None, float]] = []
         self._previous = (mx.set_memory_limit(int(budget_mb * MB)),
                           mx.set_cache_limit(int(budget_mb * MB * cache_fraction)))
+        self._wired = None
+        if mx.metal.is_available():  # macOS 15+: keep the budget's pages wired, as a phone keeps an app's memory
+            try:
+                self._wired = mx.set_wired_limit(int(budget_mb * MB))
+            except (RuntimeError, ValueError):  # older macOS, or a budget above the wired maximum
+                self._wired = None
 
     def close(self) -> None:
         """Give MLX back the limits it had (they are process-wide)."""
         mx.set_memory_limit(self._previous[0])
         mx.set_cache_limit(self._previous[1])
+        if self._wired is not None:
+            mx.set_wired_limit(self._wired)
 
     def __call__(self, phase: str, block: int | None, peak_bytes: int, active_bytes: int) -> None:
         self.peaks.append((phase, block, peak_bytes / MB))

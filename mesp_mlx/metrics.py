@@ -68,3 +68,42 @@ def plot_metrics(records: list[dict], out_png: str | Path, title: str = "") -> P
     atomic_write(out_png, lambda tmp: fig.savefig(tmp, dpi=100, format="png"), suffix=".png")
     plt.close(fig)
     return Path(out_png)
+
+
+def block_peaks(block_peak_mb: dict, n_blocks: int) -> dict:
+    """StepStats.block_peak_mb {(phase, i): MB} -> {phase: [MB or None per block]} (JSON-friendly)."""
+    out = {}
+    for (phase, i), mb in block_peak_mb.items():
+        out.setdefault(phase, [None] * n_blocks)[i] = mb
+    return out
+
+
+def plot_block_memory(record: dict, out_png: str | Path, budget_mb: float | None = None, title: str = "") -> Path:
+    """MLX peak per block over one step: forward blocks, the loss, backward blocks (in the order they run)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .io import atomic_write
+
+    fwd = record["block_peak_mb"].get("forward", [])
+    bwd = record["block_peak_mb"].get("backward", [])
+    n = len(fwd)
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    ax.plot(range(n), fwd, marker="o", ms=3, label="forward, block i")
+    ax.plot([n], [record["phase_peak_mb"].get("loss", 0.0)], marker="s", ms=6, ls="", label="loss")
+    xs = [n + 1 + (n - 1 - i) for i in range(n) if bwd and bwd[i] is not None]
+    ys = [bwd[i] for i in range(n) if bwd and bwd[i] is not None]
+    ax.plot(xs, ys, marker="o", ms=3, label="backward, block n-1 ... 0")
+    if budget_mb:
+        ax.axhline(budget_mb, color="red", ls="--", label=f"budget {budget_mb:.0f} MB")
+    ax.set_xlabel("order within the step")
+    ax.set_ylabel("MLX peak MB")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(title or f"memory per block, step {record['step']}")
+    fig.tight_layout()
+    atomic_write(out_png, lambda tmp: fig.savefig(tmp, dpi=100, format="png"), suffix=".png")
+    plt.close(fig)
+    return Path(out_png)

@@ -21,7 +21,7 @@ from .io import check_writable
 from .mesp_lora import to_mesp_lora
 from .lora import apply_lora, cast_lora, load_adapter_weights, save_adapters, write_adapter_config
 from .methods import make_method
-from .metrics import MetricsLog, plot_metrics
+from .metrics import MetricsLog, block_peaks, plot_block_memory, plot_metrics
 from .state import STATE_FILE, load_state, save_state, shared_settings
 from .models import ModelParts, cast_float_params, load_model, set_compute_path
 
@@ -135,6 +135,9 @@ def train(cfg: TrainConfig, log=print) -> TrainResult:
     cfg.validate()
     adapter_path = Path(cfg.adapter_path)
     check_writable(adapter_path)
+    budget_mb, budget_text = resolve_budget(cfg.device_profile, cfg.budget_mb)
+    if budget_mb is not None and not cfg.skip_plan:
+        _check_plan(cfg, budget_mb, budget_text, log)
     mx.random.seed(cfg.seed)
     prep = prepare_model(cfg)
     splits = load_splits(cfg.data, prep.tokenizer, cfg.mask_prompt)
@@ -148,7 +151,6 @@ def train(cfg: TrainConfig, log=print) -> TrainResult:
 
     method = make_method(cfg.method, **({"store_h": cfg.store_h} if cfg.method == "mesp" else {}))
     optimizers = [make_optimizer(cfg) for _ in prep.parts.layers]
-    budget_mb, budget_text = resolve_budget(cfg.device_profile, cfg.budget_mb)
     governor = Governor(budget_mb) if budget_mb is not None else None
     engine = BlockEngine(prep.parts, method, optimizers, cfg.checkpoint_storage, cfg.checkpoint_dir,
                          prep.streamer, cfg.vocab_chunk, cfg.clear_cache, cfg.seed, on_block_done=governor)
@@ -204,6 +206,7 @@ def train(cfg: TrainConfig, log=print) -> TrainResult:
             record = {"step": step, "loss": stats.loss, "tokens": stats.ntoks, "step_s": stats.step_s,
                       "tokens_per_s": stats.ntoks / stats.step_s, "peak_mb": stats.peak_mb,
                       "active_mb": stats.active_mb, "phase_peak_mb": stats.phase_peak_mb, "phase_s": stats.phase_s,
+                      "block_peak_mb": block_peaks(stats.block_peak_mb, len(prep.parts.layers)),
                       "seq_len": int(tokens.shape[1] - 1)}
             metrics.log(record)
             if step % cfg.steps_per_report == 0 or step == cfg.iters:
@@ -230,11 +233,40 @@ def train(cfg: TrainConfig, log=print) -> TrainResult:
         log(f"[mesp-mlx] saved adapters to {adapter_file}")
         if cfg.plot:
             png = plot_metrics(metrics.records, adapter_path / "metrics.png", f"{cfg.method} on {prep.path.name}")
-            log(f"[mesp-mlx] plot: {png}")
+            blocks = plot_block_memory(metrics.records[-1], adapter_path / "memory_blocks.png", budget_mb)
+            log(f"[mesp-mlx] plots: {png}, {blocks}")
     else:
         return TrainResult(adapter_path, metrics.records, answers_before, [], status)
     answers_after = _show_answers(prep, cfg, "after", log) if cfg.demo_prompts else []
     return TrainResult(adapter_path, metrics.records, answers_before, answers_after, status)
+
+
+def _check_plan(cfg: TrainConfig, budget_mb: float, budget_text: str, log) -> None:
+    """Refuse, before anything is written, a run predicted not to fit; name the settings that would."""
+    from .planner import best_fitting_plan, predict
+
+    plan = predict(cfg)
+    log(f"[mesp-mlx] plan: predicted peak {plan.peak_mb:.1f} MB within {budget_text}" if plan.peak_mb <= budget_mb
+        else f"[mesp-mlx] plan: predicted peak {plan.peak_mb:.1f} MB is over {budget_text}")
+    if plan.peak_mb <= budget_mb:
+        return
+    best = best_fitting_plan(cfg, budget_mb)
+    fix = ("no plan within reach fits (MeZO and LCSB, the last resorts, are not available yet)" if best is None else
+           f"it fits with {best[0]} (and the steps before it), predicted {best[2].peak_mb:.1f} MB: "
+           + " ".join(_plan_flags(best[1])))
+    raise ConfigError(f"this run is predicted to need {plan.peak_mb:.1f} MB, over the budget ({budget_text}):\n"
+                      + "\n".join(plan.lines(budget_mb)) + f"\n{fix}\n(--skip-plan runs it anyway; the governor "
+                      "then stops it at the first block that goes over)")
+
+
+def _plan_flags(cfg: TrainConfig) -> list[str]:
+    flags = [f"--method {cfg.method}", f"--max-seq-length {cfg.max_seq_length}",
+             f"--checkpoint-storage {cfg.checkpoint_storage}"]
+    if cfg.stream_weights:
+        flags.append("--stream-weights")
+    if cfg.vocab_chunk:
+        flags.append(f"--vocab-chunk {cfg.vocab_chunk}")
+    return flags
 
 
 def _emulation_report(records: list, budget_mb: float, budget_text: str, log) -> None:

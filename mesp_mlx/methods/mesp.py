@@ -25,6 +25,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.tuner.lora import LoRALinear
 
+from ..models.compute import DequantLinear, set_compute_path
 from ..mesp_lora import dropout_active, frozen_input_grad, lean_matmul, lora_branch_grads
 from .base import Method
 from .mebp import MeBP
@@ -117,14 +118,23 @@ class MeSP(Method):
         return reason is None
 
     def _check_forward(self, block, h_in, mask) -> str | None:
-        """Once per block class: the rule's forward must reproduce the module's (guards against a changed mlx-lm)."""
+        """Once per block class: the rule's forward must reproduce the module's (guards against a changed mlx-lm).
+        Checked on the first few positions, with the module on the fused quantized path, so that the check adds no
+        dequantized matrices to the step's memory."""
+        t = min(8, h_in.shape[1])
+        x = h_in[:, :t]
+        small_mask = mask[..., :t, :t] if isinstance(mask, mx.array) else mask
         was_training = block.training
+        dequant = [m for _, m in block.named_modules() if isinstance(m, DequantLinear)]
         block.eval()  # no dropout draws here: the recompute that follows must see the forward's random stream
         try:
-            ours = self._forward(block, h_in, mask)[-1]
-            ref = block(h_in, mask)
+            ours = self._forward(block, x, small_mask)[-1]
+            set_compute_path(block, "fused")
+            ref = block(x, small_mask)
             err = (mx.abs(ours - ref).max() / (mx.abs(ref).max() + 1e-30)).item()
         finally:
+            for m in dequant:
+                m.__class__ = DequantLinear
             block.train(was_training)
         tol = 1e-4 if ref.dtype == mx.float32 else 3e-2  # a structural difference is O(1); rounding is not
         return None if err <= tol else f"its forward differs from the hand rule's by {err:.1e}"

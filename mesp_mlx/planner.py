@@ -1,0 +1,160 @@
+"""Before step 1: will this run fit its memory budget, and if not, which settings would?
+
+The step's MLX peak is predicted by component:
+    resident  what is in MLX memory before the step: LoRA weights, and the frozen weights unless streamed (measured
+              after loading, exactly as the run loads them)
+    optimizer state: AdamW/Adam 2x the trainable parameters, SGD with momentum 1x, plain SGD 0 (arithmetic)
+    checkpoints  the block-boundary activations: (blocks + 1) x B x T x d x 4 bytes in memory; two in flight when mmap'd
+    working set  the largest of: one block's forward, one block's backward (the method's rule), one vocabulary chunk of
+              the loss — each probed once on this model at these shapes (random activations; the block's weights are
+              streamed in during the probe when streaming, as in the run)
+    peak = resident (frozen weights + LoRA) + optimizer + checkpoints + working set
+The allocator cache is not part of MLX's peak; the governor caps it separately (10 % of the budget).
+
+Over budget, the planner tries settings from the cheapest in speed to the most costly: stream the weights, mmap the
+checkpoints, MeSP instead of MeBP, smaller loss chunks, shorter sequences; it returns the first that fits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import mlx.core as mx
+import numpy as np
+from mlx.utils import tree_flatten
+
+MB = 1024 * 1024
+
+
+@dataclass
+class PlanResult:
+    settings: dict
+    components_mb: dict = field(default_factory=dict)
+
+    @property
+    def peak_mb(self) -> float:
+        c = self.components_mb
+        return (c["frozen weights"] + c["LoRA"] + c["optimizer"] + c["checkpoints"] +
+                max(c["block forward"], c["block backward"], c["loss"]))
+
+    def lines(self, budget_mb: float | None = None) -> list[str]:
+        out = [f"  {k:<15}{v:9.1f} MB" for k, v in self.components_mb.items()]
+        out.append(f"  {'predicted peak':<15}{self.peak_mb:9.1f} MB" +
+                   (f"   (budget {budget_mb:.0f} MB: {'fits' if self.peak_mb <= budget_mb else 'OVER'})"
+                    if budget_mb else ""))
+        return out
+
+
+class _VocabWindow:
+    """The model's head seen through its first `rows` vocabulary rows (the loss probe needs two chunks, not all)."""
+
+    def __init__(self, parts, rows: int):
+        self.parts, self.vocab_size = parts, rows
+
+    def head_logits(self, x, a, b):
+        return self.parts.head_logits(x, a, b)
+
+    def head_backprop(self, g, a, b):
+        return self.parts.head_backprop(g, a, b)
+
+
+def _probe(fn) -> float:
+    mx.eval()
+    mx.clear_cache()
+    base = mx.get_active_memory()
+    mx.reset_peak_memory()
+    out = fn()
+    mx.eval(out)
+    peak = mx.get_peak_memory() - base
+    del out
+    mx.clear_cache()
+    return peak / MB
+
+
+def predict(cfg) -> PlanResult:
+    """Predict the step peak of run `cfg` (a TrainConfig) by component; loads the model lazily and probes one block."""
+    from .engine.loss import auto_vocab_chunk, chunked_cross_entropy
+    from .methods import make_method
+    from .train import prepare_model
+
+    mx.clear_cache()
+    before = mx.get_active_memory()
+    prep = prepare_model(cfg)
+    parts, layers = prep.parts, prep.parts.layers
+    if prep.streamer is not None:
+        prep.streamer.release_all()
+    mx.clear_cache()
+    resident = (mx.get_active_memory() - before) / MB
+    trainable = sum(v.nbytes for _, v in tree_flatten(prep.model.trainable_parameters())) / MB
+    momentum = (cfg.optimizer_config or {}).get("sgd", {}).get("momentum", 0) if cfg.optimizer == "sgd" else None
+    optimizer = 2 * trainable if cfg.optimizer in ("adamw", "adam") else (trainable if momentum else 0.0)
+
+    B, T = cfg.batch_size, cfg.max_seq_length - 1
+    d = parts.inner.norm.weight.shape[0]
+    act = 4 * B * T * d / MB  # one boundary activation, fp32
+    checkpoints = (len(layers) + 1) * act if cfg.checkpoint_storage == "memory" else 2 * act
+
+    method = make_method(cfg.method, **({"store_h": cfg.store_h} if cfg.method == "mesp" else {}))
+    block = layers[-1]
+    mx.random.seed(cfg.seed)
+    x = mx.random.normal((B, T, d)).astype(parts.dtype)
+    g = 1e-3 * mx.random.normal((B, T, d)).astype(parts.dtype)
+    mask = parts.block_mask(block, x)
+    mx.eval(x, g)
+    method.block_forward(block, x, mask)  # the once-per-class check of MeSP happens here, outside the probes
+    if prep.streamer is not None:
+        prep.streamer.release(len(layers) - 1)
+    forward = _probe(lambda: method.block_forward(block, x, mask))
+    if prep.streamer is not None:
+        prep.streamer.release(len(layers) - 1)
+    backward = _probe(lambda: method.block_backward(block, x, g, mask))
+    n = B * T
+    chunk = cfg.vocab_chunk or auto_vocab_chunk(n, parts.vocab_size, d)
+    window = _VocabWindow(parts, min(parts.vocab_size, 2 * chunk))
+    targets = mx.array(np.random.default_rng(0).integers(0, window.vocab_size, (B, T)).astype(np.int32))
+    normed = parts.final_norm(x)
+    mx.eval(normed)
+    loss = _probe(lambda: chunked_cross_entropy(window, normed, targets, mx.ones((B, T)), chunk)[:2]) + act
+    settings = {k: getattr(cfg, k) for k in ("method", "stream_weights", "checkpoint_storage", "vocab_chunk",
+                                              "max_seq_length", "batch_size")}
+    components = {"frozen weights": resident - trainable, "LoRA": trainable, "optimizer": optimizer,
+                  "checkpoints": checkpoints, "block forward": forward, "block backward": backward, "loss": loss}
+    result = PlanResult(settings, components)
+    del prep, block, x, g, normed
+    mx.clear_cache()
+    return result
+
+
+def candidates(cfg):
+    """Settings to try, cheapest in speed first, each adding to the previous."""
+    steps = []
+    c = cfg
+    if not c.stream_weights:
+        c = dataclasses.replace(c, stream_weights=True)
+        steps.append(("stream the frozen weights (--stream-weights)", c))
+    if c.checkpoint_storage != "mmap":
+        c = dataclasses.replace(c, checkpoint_storage="mmap")
+        steps.append(("keep checkpoints in mmap'd files (--checkpoint-storage mmap)", c))
+    if c.method == "mebp":
+        c = dataclasses.replace(c, method="mesp")
+        steps.append(("MeSP's backward (--method mesp)", c))
+    for chunk in (2048, 512):
+        if not c.vocab_chunk or c.vocab_chunk > chunk:
+            c = dataclasses.replace(c, vocab_chunk=chunk)
+            steps.append((f"smaller loss chunks (--vocab-chunk {chunk})", c))
+    seq = c.max_seq_length
+    while seq > 65:
+        seq = (seq - 1) // 2 + 1
+        c = dataclasses.replace(c, max_seq_length=seq)
+        steps.append((f"shorter sequences (--max-seq-length {seq})", c))
+    return steps
+
+
+def best_fitting_plan(cfg, budget_mb: float):
+    """(description, config, prediction) of the first candidate that fits, or None."""
+    for description, c in candidates(cfg):
+        p = predict(c)
+        if p.peak_mb <= budget_mb:
+            return description, c, p
+    return None
