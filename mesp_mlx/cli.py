@@ -14,7 +14,11 @@ def _train_parser(sub, name="train", help="LoRA fine-tune within a memory budget
     p.add_argument("--model", help="mlx-lm folder, .gguf file or Hugging Face repo id (default: embedded SmolLM2-135M)")
     p.add_argument("--data", help="folder with train.jsonl (valid.jsonl, test.jsonl optional); mlx-lm's formats")
     p.add_argument("--method", choices=list(METHODS),
-                   help="backward rule: mesp (hand-written VJPs, default) or mebp (autodiff per block)")
+                   help="mesp (hand-written VJPs, default), mebp (autodiff per block), lcsb (a subset of blocks per step)")
+    p.add_argument("--lcsb-fraction", type=float, help="LCSB: share of the blocks back-propagated per step (0.25)")
+    p.add_argument("--lcsb-schedule", choices=["cyclic", "random", "importance"], help="LCSB: which blocks (cyclic)")
+    p.add_argument("--lcsb-skipped", choices=["freeze", "momentum"],
+                   help="LCSB: skipped blocks' optimizer state waits (freeze) or steps with a zero gradient")
     p.add_argument("--store-h", action="store_true", default=None,
                    help="MeSP: keep each LoRA's h = xA from the block recompute instead of recomputing it")
     p.add_argument("--iters", type=int)

@@ -21,7 +21,10 @@ class TrainConfig:
     model: str | None = None  # local folder, .gguf, hub repo id, or None for the embedded SmolLM2
     data: str | None = None
     method: str = "mesp"
-    store_h: bool = False  # MeSP: keep h = xA from the recompute instead of recomputing it in backward
+    store_h: bool = False
+    lcsb_fraction: float = 0.25  # LCSB: share of the trainable blocks back-propagated per step
+    lcsb_schedule: str = "cyclic"  # cyclic | random | importance
+    lcsb_skipped: str = "freeze"  # freeze | momentum: skipped blocks' optimizer state  # MeSP: keep h = xA from the recompute instead of recomputing it in backward
     iters: int = 100
     batch_size: int = 1
     learning_rate: float = 1e-5
@@ -70,6 +73,12 @@ class TrainConfig:
             raise ConfigError(str(e)) from None
         if self.on_nonfinite not in ("stop", "skip"):
             raise ConfigError(f"--on-nonfinite must be stop or skip, not {self.on_nonfinite!r}")
+        if not 0 < self.lcsb_fraction <= 1:
+            raise ConfigError(f"--lcsb-fraction must be in (0, 1], not {self.lcsb_fraction}")
+        if self.lcsb_schedule not in ("cyclic", "random", "importance"):
+            raise ConfigError(f"--lcsb-schedule must be cyclic, random or importance, not {self.lcsb_schedule!r}")
+        if self.lcsb_skipped not in ("freeze", "momentum"):
+            raise ConfigError(f"--lcsb-skipped must be freeze or momentum, not {self.lcsb_skipped!r}")
         if self.method not in METHODS:
             raise ConfigError(f"--method {self.method!r}: available: {', '.join(METHODS)}")
         if self.optimizer not in ("sgd", "adamw", "adam"):

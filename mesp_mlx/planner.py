@@ -75,7 +75,7 @@ def _probe(fn) -> float:
 def predict(cfg) -> PlanResult:
     """Predict the step peak of run `cfg` (a TrainConfig) by component; loads the model lazily and probes one block."""
     from .engine.loss import auto_vocab_chunk, chunked_cross_entropy
-    from .methods import make_method
+    from .methods import method_for
     from .train import prepare_model
 
     mx.clear_cache()
@@ -95,7 +95,7 @@ def predict(cfg) -> PlanResult:
     act = 4 * B * T * d / MB  # one boundary activation, fp32
     checkpoints = (len(layers) + 1) * act if cfg.checkpoint_storage == "memory" else 2 * act
 
-    method = make_method(cfg.method, **({"store_h": cfg.store_h} if cfg.method == "mesp" else {}))
+    method = method_for(cfg)
     block = layers[-1]
     mx.random.seed(cfg.seed)
     x = mx.random.normal((B, T, d)).astype(parts.dtype)

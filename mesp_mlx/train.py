@@ -20,7 +20,7 @@ from .governor import BudgetExceeded, Governor, resolve_budget
 from .io import check_writable
 from .mesp_lora import to_mesp_lora
 from .lora import apply_lora, cast_lora, load_adapter_weights, save_adapters, write_adapter_config
-from .methods import make_method
+from .methods import method_for
 from .metrics import MetricsLog, block_peaks, plot_block_memory, plot_metrics
 from .state import STATE_FILE, load_state, save_state, shared_settings
 from .models import ModelParts, cast_float_params, load_model, set_compute_path
@@ -149,7 +149,7 @@ def train(cfg: TrainConfig, log=print) -> TrainResult:
     answers_before = _show_answers(prep, cfg, "before", log) if cfg.demo_prompts else []
     prep.model.train()
 
-    method = make_method(cfg.method, **({"store_h": cfg.store_h} if cfg.method == "mesp" else {}))
+    method = method_for(cfg)
     optimizers = [make_optimizer(cfg) for _ in prep.parts.layers]
     governor = Governor(budget_mb) if budget_mb is not None else None
     engine = BlockEngine(prep.parts, method, optimizers, cfg.checkpoint_storage, cfg.checkpoint_dir,

@@ -19,7 +19,7 @@ from typing import Callable
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten
+from mlx.utils import tree_flatten, tree_unflatten
 
 from .checkpoints import make_checkpoints
 from .loss import chunked_cross_entropy
@@ -35,9 +35,8 @@ class NonFiniteError(FloatingPointError):
         self.step, self.where = step, where
 
 
-def _all_finite(tree) -> mx.array:
-    flags = [mx.all(mx.isfinite(v)) for _, v in tree_flatten(tree)]
-    return mx.all(mx.stack(flags)) if flags else mx.array(True)
+def _squared_norm(tree) -> mx.array:
+    return sum((mx.sum(v.astype(mx.float32) ** 2) for _, v in tree_flatten(tree)), mx.array(0.0))
 
 
 @dataclass
@@ -175,19 +174,30 @@ class BlockEngine:
             self.on_block_done("loss", None, meter.phases["loss"], mx.get_active_memory())
 
         # reverse pass
-        selected = self.method.selected_blocks(step, n)
+        trainable = list(range(self.lowest_trainable, n))
+        selected = self.method.selected_blocks(step, trainable)
+        step_skipped = apply_update and getattr(self.method, "skipped", "freeze") == "momentum"
+        lowest = self.lowest_trainable if selected is None or step_skipped else min(selected, default=n)
         grads = {}
         done = 0
-        for i in range(n - 1, self.lowest_trainable - 1, -1):
+        for i in range(n - 1, lowest - 1, -1):
             if selected is not None and i not in selected:
-                continue  # identity path: dL/dh_i = dL/dh_{i+1} through the residual (LCSB)
+                # identity path: dL/dh_i = dL/dh_{i+1} through the residual (LCSB); no recompute, no weights
+                self.checkpoints.drop(i)
+                if step_skipped:  # the optimizer steps with a zero gradient (AdamW momentum, weight decay act)
+                    zeros = tree_unflatten([(k, mx.zeros_like(v)) for k, v in
+                                            tree_flatten(layers[i].trainable_parameters())])
+                    self.optimizers[i].update(layers[i], zeros)
+                    mx.eval(layers[i].trainable_parameters(), self.optimizers[i].state)
+                continue
             h_in = self.checkpoints.get(i)
             self._block_key(step, i)
             g, block_grads = self.method.block_backward(layers[i], h_in, g, masks[i])
-            finite = _all_finite(block_grads)
-            mx.eval(g, block_grads, finite)
-            if not finite.item():  # nothing of this block (or any below) is updated
+            norm2 = _squared_norm(block_grads)  # NaN / inf anywhere make it non-finite: one reduction for both
+            mx.eval(g, block_grads, norm2)
+            if not math.isfinite(norm2.item()):  # nothing of this block (or any below) is updated
                 raise NonFiniteError(step, f"the LoRA gradient of block {i}")
+            self.method.observe(step, i, math.sqrt(norm2.item()))
             if apply_update:
                 opt = self.optimizers[i]
                 opt.update(layers[i], block_grads)

@@ -1,11 +1,21 @@
 from .base import Method
 from .mebp import MeBP
+from .lcsb import LCSB
 from .mesp import MeSP
 
-METHODS = {"mesp": MeSP, "mebp": MeBP}
+METHODS = {"mesp": MeSP, "mebp": MeBP, "lcsb": LCSB}
 
 
 def make_method(name: str, **options) -> Method:
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r} (available: {', '.join(sorted(METHODS))})")
     return METHODS[name](**options)
+
+
+def method_for(cfg) -> Method:
+    """The method a TrainConfig asks for, with its options."""
+    if cfg.method == "mesp":
+        return MeSP(store_h=cfg.store_h)
+    if cfg.method == "lcsb":
+        return LCSB(cfg.lcsb_fraction, cfg.lcsb_schedule, cfg.lcsb_skipped, cfg.seed, MeSP(store_h=cfg.store_h))
+    return make_method(cfg.method)

@@ -9,9 +9,12 @@ import mlx.nn as nn
 class Method:
     name = "base"
 
-    def selected_blocks(self, step: int, n_blocks: int) -> set[int] | None:
-        """Blocks that get a backward at this step; None means all of them."""
+    def selected_blocks(self, step: int, blocks: list[int]) -> set[int] | None:
+        """Which of the trainable `blocks` get a backward at this step; None means all of them."""
         return None
+
+    def observe(self, step: int, block: int, grad_norm: float) -> None:
+        """Told the gradient norm of every block it back-propagated (schedules that learn from it override this)."""
 
     def state_dict(self) -> dict:
         """What a resumed run needs to continue this method exactly (schedule positions, seeds); JSON-serialisable."""
