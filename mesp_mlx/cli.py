@@ -14,7 +14,11 @@ def _train_parser(sub, name="train", help="LoRA fine-tune within a memory budget
     p.add_argument("--model", help="mlx-lm folder, .gguf file or Hugging Face repo id (default: embedded SmolLM2-135M)")
     p.add_argument("--data", help="folder with train.jsonl (valid.jsonl, test.jsonl optional); mlx-lm's formats")
     p.add_argument("--method", choices=list(METHODS),
-                   help="mesp (hand-written VJPs, default), mebp (autodiff per block), lcsb (a subset of blocks per step)")
+                   help="mesp (hand-written VJPs, default), mebp (autodiff per block), lcsb (a subset of blocks per step), "
+                        "mezo (zeroth-order, forward only)")
+    p.add_argument("--zo-eps", type=float, help="MeZO: perturbation size (1e-3)")
+    p.add_argument("--zo-samples", type=int, help="MeZO: SPSA draws per step (1)")
+    p.add_argument("--zo-weight-decay", type=float, help="MeZO: weight decay (0)")
     p.add_argument("--lcsb-fraction", type=float, help="LCSB: share of the blocks back-propagated per step (0.25)")
     p.add_argument("--lcsb-schedule", choices=["cyclic", "random", "importance"], help="LCSB: which blocks (cyclic)")
     p.add_argument("--lcsb-skipped", choices=["freeze", "momentum"],
@@ -115,7 +119,7 @@ def cmd_plan(args) -> int:
         return 0
     best = best_fitting_plan(cfg, budget)
     if best is None:
-        print("no plan within reach fits this budget (MeZO and LCSB, the last resorts, are not available yet)")
+        print("no plan within reach fits this budget, not even MeZO's forward-only one")
     else:
         print(f"fits with: {best[0]} (and the steps before it) -> predicted {best[2].peak_mb:.1f} MB")
         print("  " + " ".join(_plan_flags(best[1])))

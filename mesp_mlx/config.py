@@ -24,7 +24,10 @@ class TrainConfig:
     store_h: bool = False
     lcsb_fraction: float = 0.25  # LCSB: share of the trainable blocks back-propagated per step
     lcsb_schedule: str = "cyclic"  # cyclic | random | importance
-    lcsb_skipped: str = "freeze"  # freeze | momentum: skipped blocks' optimizer state  # MeSP: keep h = xA from the recompute instead of recomputing it in backward
+    lcsb_skipped: str = "freeze"  # freeze | momentum: skipped blocks' optimizer state
+    zo_eps: float = 1e-3  # MeZO: perturbation size
+    zo_samples: int = 1  # MeZO: SPSA draws averaged per step (n-SPSA)
+    zo_weight_decay: float = 0.0  # MeZO: weight decay in its own update  # MeSP: keep h = xA from the recompute instead of recomputing it in backward
     iters: int = 100
     batch_size: int = 1
     learning_rate: float = 1e-5
@@ -79,6 +82,8 @@ class TrainConfig:
             raise ConfigError(f"--lcsb-schedule must be cyclic, random or importance, not {self.lcsb_schedule!r}")
         if self.lcsb_skipped not in ("freeze", "momentum"):
             raise ConfigError(f"--lcsb-skipped must be freeze or momentum, not {self.lcsb_skipped!r}")
+        if self.zo_eps <= 0 or self.zo_samples < 1:
+            raise ConfigError("--zo-eps must be > 0 and --zo-samples >= 1")
         if self.method not in METHODS:
             raise ConfigError(f"--method {self.method!r}: available: {', '.join(METHODS)}")
         if self.optimizer not in ("sgd", "adamw", "adam"):

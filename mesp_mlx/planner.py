@@ -12,7 +12,8 @@ The step's MLX peak is predicted by component:
 The allocator cache is not part of MLX's peak; the governor caps it separately (10 % of the budget).
 
 Over budget, the planner tries settings from the cheapest in speed to the most costly: stream the weights, mmap the
-checkpoints, MeSP instead of MeBP, smaller loss chunks, shorter sequences; it returns the first that fits.
+checkpoints, MeSP instead of MeBP, smaller loss chunks, shorter sequences, and MeZO (forward only) as the last
+resort; it returns the first that fits. (LCSB saves time, not memory: its working set is MeSP's block.)
 """
 
 from __future__ import annotations
@@ -57,6 +58,9 @@ class _VocabWindow:
 
     def head_backprop(self, g, a, b):
         return self.parts.head_backprop(g, a, b)
+
+    def head_rows_at(self, ids, dtype):
+        return self.parts.head_rows_at(ids, dtype)
 
 
 def _probe(fn) -> float:
@@ -108,14 +112,18 @@ def predict(cfg) -> PlanResult:
     forward = _probe(lambda: method.block_forward(block, x, mask))
     if prep.streamer is not None:
         prep.streamer.release(len(layers) - 1)
-    backward = _probe(lambda: method.block_backward(block, x, g, mask))
+    zeroth_order = getattr(method, "zeroth_order", False)
+    backward = 0.0 if zeroth_order else _probe(lambda: method.block_backward(block, x, g, mask))
+    if zeroth_order:  # forward only: no checkpoints, no optimizer state (MeZO's update is its own)
+        checkpoints, optimizer = 0.0, 0.0
     n = B * T
     chunk = cfg.vocab_chunk or auto_vocab_chunk(n, parts.vocab_size, d)
     window = _VocabWindow(parts, min(parts.vocab_size, 2 * chunk))
     targets = mx.array(np.random.default_rng(0).integers(0, window.vocab_size, (B, T)).astype(np.int32))
     normed = parts.final_norm(x)
     mx.eval(normed)
-    loss = _probe(lambda: chunked_cross_entropy(window, normed, targets, mx.ones((B, T)), chunk)[:2]) + act
+    loss = _probe(lambda: chunked_cross_entropy(window, normed, targets, mx.ones((B, T)), chunk,
+                                                need_grad=not zeroth_order)[:2]) + act
     settings = {k: getattr(cfg, k) for k in ("method", "stream_weights", "checkpoint_storage", "vocab_chunk",
                                               "max_seq_length", "batch_size")}
     components = {"frozen weights": resident - trainable, "LoRA": trainable, "optimizer": optimizer,
@@ -143,11 +151,15 @@ def candidates(cfg):
         if not c.vocab_chunk or c.vocab_chunk > chunk:
             c = dataclasses.replace(c, vocab_chunk=chunk)
             steps.append((f"smaller loss chunks (--vocab-chunk {chunk})", c))
+    full_seq = c
     seq = c.max_seq_length
     while seq > 65:
         seq = (seq - 1) // 2 + 1
         c = dataclasses.replace(c, max_seq_length=seq)
         steps.append((f"shorter sequences (--max-seq-length {seq})", c))
+    if cfg.method != "mezo":  # the last resort: forward-only zeroth-order, at the original sequence length
+        steps.append(("MeZO, forward only (--method mezo; expect 10-100x more steps)",
+                      dataclasses.replace(full_seq, method="mezo")))
     return steps
 
 

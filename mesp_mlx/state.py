@@ -26,7 +26,8 @@ FORMAT = "mesp_mlx-training-state-1"
 # settings that must not change between a run and its resumption (iters may grow; reporting settings may change)
 SHARED = ("model", "data", "method", "num_layers", "lora_parameters", "batch_size", "max_seq_length", "mask_prompt",
           "optimizer", "optimizer_config", "learning_rate", "seed", "dtype", "compute_path", "quantize_bits",
-          "quantize_group_size", "store_h", "lcsb_fraction", "lcsb_schedule", "lcsb_skipped")
+          "quantize_group_size", "store_h", "lcsb_fraction", "lcsb_schedule", "lcsb_skipped", "zo_eps", "zo_samples",
+          "zo_weight_decay")
 
 
 class ResumeError(ValueError):

@@ -251,7 +251,7 @@ def _check_plan(cfg: TrainConfig, budget_mb: float, budget_text: str, log) -> No
     if plan.peak_mb <= budget_mb:
         return
     best = best_fitting_plan(cfg, budget_mb)
-    fix = ("no plan within reach fits (MeZO and LCSB, the last resorts, are not available yet)" if best is None else
+    fix = ("no plan within reach fits, not even MeZO's forward-only one" if best is None else
            f"it fits with {best[0]} (and the steps before it), predicted {best[2].peak_mb:.1f} MB: "
            + " ".join(_plan_flags(best[1])))
     raise ConfigError(f"this run is predicted to need {plan.peak_mb:.1f} MB, over the budget ({budget_text}):\n"

@@ -26,7 +26,7 @@ from mesp_mlx import backend  # noqa: E402
 from mesp_mlx.config import TrainConfig  # noqa: E402
 from mesp_mlx.data import BatchIterator, load_splits  # noqa: E402
 from mesp_mlx.engine import Batch, BlockEngine  # noqa: E402
-from mesp_mlx.methods import make_method  # noqa: E402
+from mesp_mlx.methods import method_for  # noqa: E402
 from mesp_mlx.models.synthetic import SHAPES, model_config, write_random_model  # noqa: E402
 from mesp_mlx.train import make_optimizer, prepare_model  # noqa: E402
 
@@ -60,13 +60,12 @@ def bench_ours(model: Path, data: Path, method: str, seq: int, rank: int, steps:
                storage: str = "memory", store_h: bool = False) -> dict:
     cfg = TrainConfig(model=str(model), data=str(data), method=method, optimizer="sgd", learning_rate=1e-4,
                       max_seq_length=seq + 1, lora_parameters={"rank": rank, "scale": 20.0, "dropout": 0.0, "keys": KEYS},
-                      stream_weights=stream, checkpoint_storage=storage)
+                      stream_weights=stream, checkpoint_storage=storage, store_h=store_h)
     mx.reset_peak_memory()
     prep = prepare_model(cfg)
     splits = load_splits(cfg.data, prep.tokenizer)
     batches = BatchIterator(splits["train"], 1, cfg.max_seq_length)
-    engine = BlockEngine(prep.parts, make_method(method, **({"store_h": store_h} if method == "mesp" else {})),
-                         [make_optimizer(cfg) for _ in prep.parts.layers],
+    engine = BlockEngine(prep.parts, method_for(cfg), [make_optimizer(cfg) for _ in prep.parts.layers],
                          cfg.checkpoint_storage, None, prep.streamer)
     resident = mx.get_active_memory() / 2**20
     rows = []
@@ -124,10 +123,12 @@ TABLES = {
     "2": [("t2", "0.5b", s, 8, v) for s in (128, 256, 512, 1024) for v in ("mebp", "mesp")],
     "3": [("t3", "0.5b", 256, r, v) for r in (4, 8, 16, 32) for v in ("mebp", "mesp")],
     "5": [("t5", "3b", 256, 8, v) for v in ("mebp", "mesp-store-h", "mesp")],
+    "4": [("t4", "0.5b", 256, 8, v) for v in ("mebp", "mesp", "lcsb", "mezo")],
 }
 TITLES = {"t1": "Table 1 — model size (seq 256, r 8)", "t2": "Table 2 — sequence length (0.5B, r 8)",
-          "t3": "Table 3 — LoRA rank (0.5B, seq 256)", "t5": "Table 5 — store h vs recompute h (seq 256, r 8)"}
-LABELS = {"mebp": "MeBP", "mesp": "MeSP", "mesp-store-h": "MeSP, store h", "mlx-lm": "mlx_lm.lora",
+          "t3": "Table 3 — LoRA rank (0.5B, seq 256)", "t5": "Table 5 — store h vs recompute h (seq 256, r 8)",
+          "t4": "The method family per step (0.5B, seq 256, r 8; LCSB 1/4 of the blocks cyclic, MeZO n=1)"}
+LABELS = {"mebp": "MeBP", "mesp": "MeSP", "mesp-store-h": "MeSP, store h", "lcsb": "LCSB (MeSP rule)", "mezo": "MeZO", "mlx-lm": "mlx_lm.lora",
           "mlx-lm-gc": "mlx_lm.lora --grad-checkpoint"}
 RESULTS = OUT / "bench.json"
 
@@ -137,7 +138,7 @@ def run_row(key, steps: int) -> dict:
     model, data = ensure_model(f"qwen2.5-{size}"), ensure_data(seq)
     if variant.startswith("mlx-lm"):
         return bench_mlx_lm(model, data, seq, rank, steps, variant == "mlx-lm-gc")
-    method = "mebp" if variant == "mebp" else "mesp"
+    method = "mesp" if variant == "mesp-store-h" else variant
     r = bench_ours(model, data, method, seq, rank, steps, True, "mmap", store_h=variant == "mesp-store-h")
     mx.clear_cache()
     return r
@@ -149,19 +150,19 @@ def render(results: dict, machine: dict) -> str:
              "(allocator, everything MLX holds). Paper: iPhone 17 Pro phys_footprint (mmap'd weight pages not counted).",
              ""]
     rows = {tuple(json.loads(k)): v for k, v in results.items()}
-    for table in ("t1", "t2", "t3", "t5"):
+    for table in ("t1", "t2", "t3", "t5", "t4"):
         keys = sorted((k for k in rows if k[0] == table), key=lambda k: (k[1], k[2], k[3], list(LABELS).index(k[4])))
         if not keys:
             continue
         lines += [f"**{TITLES[table]}**", "",
-                  "| model | seq | rank | run | MLX peak MB | s / step | paper MB | paper s | MeSP/MeBP peak | MeSP/MeBP time |",
+                  "| model | seq | rank | run | MLX peak MB | s / step | paper MB | paper s | ÷ MeBP peak | ÷ MeBP time |",
                   "|---|---|---|---|---|---|---|---|---|---|"]
         for k in keys:
             r = rows[k]
             paper = PAPER.get(k, (None, None))
             base = rows.get((table, k[1], k[2], k[3], "mebp"))
             ratio_m = ratio_t = ""
-            if k[4].startswith("mesp") and base:
+            if k[4] != "mebp" and not k[4].startswith("mlx-lm") and base:
                 ratio_m, ratio_t = f"{r['peak_mb'] / base['peak_mb']:.2f}", f"{r['step_s'] / base['step_s']:.2f}"
             fmt = lambda v, spec: "" if v is None else format(v, spec)  # noqa: E731
             lines.append(f"| {k[1].upper()} | {k[2]} | {k[3]} | {LABELS[k[4]]} | {r['peak_mb']:.1f} | {r['step_s']:.2f} | "
@@ -172,7 +173,7 @@ def render(results: dict, machine: dict) -> str:
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--tables", default="1,2,3,5", help="comma list of 1, 2, 3, 5")
+    ap.add_argument("--tables", default="1,2,3,5,4", help="comma list of 1, 2, 3, 5 (the paper's) and 4 (the family)")
     ap.add_argument("--steps", type=int, default=1, help="timed steps per row (after one warm-up step)")
     ap.add_argument("--mlx-lm", default="", help="sizes (0.5b,1.5b,3b) for which to add the mlx_lm.lora rows to table 1")
     ap.add_argument("--only", choices=["ours", "mlx-lm"], help="run only our rows or only the peer's")

@@ -133,11 +133,57 @@ class BlockEngine:
         if self.on_block_done is not None:
             self.on_block_done(phase, i, meter.blocks[(phase, i)], mx.get_active_memory())
 
+    def _stats(self, loss: float, ntoks: int, start: float, meter: "_PeakMeter", done: int) -> StepStats:
+        return StepStats(
+            loss=loss,
+            ntoks=ntoks,
+            step_s=time.perf_counter() - start,
+            peak_mb=meter.step_peak / MB,
+            active_mb=mx.get_active_memory() / MB,
+            phase_peak_mb={k: v / MB for k, v in meter.phases.items()},
+            phase_s=meter.seconds,
+            block_peak_mb={k: v / MB for k, v in meter.blocks.items()},
+            blocks_backpropagated=done,
+        )
+
     # --- the step ---------------------------------------------------------------------------------------------------
+    def forward_loss(self, batch: Batch, step: int, meter: "_PeakMeter", before_block: Callable | None = None,
+                     after_block: Callable | None = None) -> tuple[float, int]:
+        """The streamed forward and the loss value only (no checkpoints, no gradient): inference's memory. The hooks
+        run around each block (MeZO swaps its perturbed LoRA in and the original arrays back)."""
+        h = self.parts.embed(batch.inputs)
+        mx.eval(h)
+        for i, layer in enumerate(self.parts.layers):
+            if before_block is not None:
+                before_block(i, layer)
+            self._block_key(step, i)
+            h = self.method.block_forward(layer, h, self.parts.block_mask(layer, h))
+            mx.eval(h)
+            if after_block is not None:
+                after_block(i, layer)
+            if self.streamer is not None:
+                self.streamer.release(i)
+            self._after_block(meter, "forward", i)
+        normed = self.parts.final_norm(h)
+        loss, _, ntoks = chunked_cross_entropy(self.parts, normed, batch.targets, batch.mask, self.vocab_chunk,
+                                               need_grad=False)
+        if not math.isfinite(loss.item()):
+            raise NonFiniteError(step, "the loss")
+        del h, normed
+        if self.clear_cache != "never":
+            mx.clear_cache()
+        meter.mark("loss")
+        if self.on_block_done is not None:
+            self.on_block_done("loss", None, meter.phases["loss"], mx.get_active_memory())
+        return loss.item(), ntoks
+
     def step(self, batch: Batch, step: int = 0, apply_update: bool = True):
         """One training step. Returns (StepStats, grads) where grads is {block index: tree} when not applying updates."""
         start = time.perf_counter()
         meter = _PeakMeter()
+        if getattr(self.method, "zeroth_order", False):
+            loss, ntoks, grads = self.method.zo_step(self, batch, step, meter, apply_update)
+            return self._stats(loss, ntoks, start, meter, 0), grads
         layers = self.parts.layers
         n = len(layers)
 
@@ -216,15 +262,5 @@ class BlockEngine:
             mx.clear_cache()
         meter.mark("update")
 
-        stats = StepStats(
-            loss=loss.item(),
-            ntoks=ntoks,
-            step_s=time.perf_counter() - start,
-            peak_mb=meter.step_peak / MB,
-            active_mb=mx.get_active_memory() / MB,
-            phase_peak_mb={k: v / MB for k, v in meter.phases.items()},
-            phase_s=meter.seconds,
-            block_peak_mb={k: v / MB for k, v in meter.blocks.items()},
-            blocks_backpropagated=done,
-        )
+        stats = self._stats(loss.item(), ntoks, start, meter, done)
         return stats, grads

@@ -3,9 +3,12 @@
 For the n unmasked positions x [n, d] (final-norm output) with targets t and head W [V, d]:
     loss = (1/n) sum_k ( logsumexp_v(x_k W_v) - x_k W_{t_k} )
     dL/dx_k = (1/n) sum_v ( softmax(x_k W)_v - [v == t_k] ) W_v
-Pass 1 walks the vocabulary in row chunks and keeps a running max and sum (online logsumexp); pass 2 walks it again and
-accumulates (softmax - onehot) @ W_chunk. Only one [n, chunk] block of logits and one chunk of W exist at a time, and
-masked positions are never computed at all.
+One pass walks the vocabulary in row chunks keeping, per position, the running max m, the running sum
+s = sum_v exp(l_v - m) and the running a = sum_v exp(l_v - m) W_v, all three rescaled by exp(m_old - m_new) when the
+max grows (online softmax, as in flash attention). At the end logsumexp = m + log s and
+    dL/dx_k = (a_k / s_k - W_{t_k}) / n
+with the target rows W_{t_k} gathered directly. Only one [n, chunk] block of logits and one chunk of W exist at a time,
+each chunk of W is read once, and masked positions are never computed at all.
 """
 
 from __future__ import annotations
@@ -21,8 +24,10 @@ def auto_vocab_chunk(n_tokens: int, vocab: int, hidden: int, budget_elems: int =
     return min(max(256, chunk // 256 * 256), vocab)
 
 
-def chunked_cross_entropy(parts, x: mx.array, targets: mx.array, mask: mx.array, vocab_chunk: int | None = None):
-    """Return (loss, dL/dx, ntoks) for x [B, T, d], targets [B, T], mask [B, T] (1 = counted).
+def chunked_cross_entropy(parts, x: mx.array, targets: mx.array, mask: mx.array, vocab_chunk: int | None = None,
+                          need_grad: bool = True):
+    """Return (loss, dL/dx, ntoks) for x [B, T, d], targets [B, T], mask [B, T] (1 = counted); dL/dx is None when
+    need_grad is False (forward-only methods skip pass 2).
 
     `parts` supplies head_logits(x, a, b) and head_backprop(g, a, b) over vocabulary rows a:b.
     """
@@ -38,35 +43,31 @@ def chunked_cross_entropy(parts, x: mx.array, targets: mx.array, mask: mx.array,
     V = parts.vocab_size
     chunk = vocab_chunk or auto_vocab_chunk(n, V, d)
 
-    # pass 1: online logsumexp and the target logits
     run_max = mx.full((n,), -float("inf"))
     run_sum = mx.zeros((n,))
     target_logit = mx.zeros((n,))
+    acc = mx.zeros((n, d), dtype=mx.float32) if need_grad else None
     for a in range(0, V, chunk):
         b = min(a + chunk, V)
         logits = parts.head_logits(xs, a, b).astype(mx.float32)
         new_max = mx.maximum(run_max, logits.max(axis=1))
-        run_sum = run_sum * mx.exp(run_max - new_max) + mx.exp(logits - new_max[:, None]).sum(axis=1)
+        rescale = mx.exp(run_max - new_max)  # 0 on the first chunk (run_max = -inf)
+        e = mx.exp(logits - new_max[:, None])
+        run_sum = run_sum * rescale + e.sum(axis=1)
+        if need_grad:
+            acc = acc * rescale[:, None] + parts.head_backprop(e, a, b).astype(mx.float32)
         run_max = new_max
         in_chunk = (ts >= a) & (ts < b)
         local = mx.clip(ts - a, 0, b - a - 1)
         picked = mx.take_along_axis(logits, local[:, None], axis=1)[:, 0]
         target_logit = target_logit + mx.where(in_chunk, picked, 0.0)
-        mx.eval(run_max, run_sum, target_logit)
+        mx.eval(run_max, run_sum, target_logit, *([acc] if need_grad else []))
     lse = run_max + mx.log(run_sum)
     loss = (lse - target_logit).sum() / n
-    mx.eval(loss, lse)
-
-    # pass 2: dL/dx = (softmax - onehot) @ W / n
-    gx = mx.zeros((n, d), dtype=mx.float32)
-    for a in range(0, V, chunk):
-        b = min(a + chunk, V)
-        logits = parts.head_logits(xs, a, b).astype(mx.float32)
-        p = mx.exp(logits - lse[:, None])
-        cols = mx.arange(a, b)
-        p = p - (cols[None, :] == ts[:, None]).astype(p.dtype)
-        gx = gx + parts.head_backprop(p / n, a, b).astype(mx.float32)
-        mx.eval(gx)
+    mx.eval(loss)
+    if not need_grad:
+        return loss, None, n
+    gx = (acc / run_sum[:, None] - parts.head_rows_at(ts, mx.float32)) / n
     g_full = mx.zeros((B * T, d), dtype=mx.float32)
     g_full[idx_mx] = gx
     return loss, g_full.reshape(B, T, d).astype(x.dtype), n

@@ -2,8 +2,9 @@ from .base import Method
 from .mebp import MeBP
 from .lcsb import LCSB
 from .mesp import MeSP
+from .mezo import MeZO
 
-METHODS = {"mesp": MeSP, "mebp": MeBP, "lcsb": LCSB}
+METHODS = {"mesp": MeSP, "mebp": MeBP, "lcsb": LCSB, "mezo": MeZO}
 
 
 def make_method(name: str, **options) -> Method:
@@ -18,4 +19,6 @@ def method_for(cfg) -> Method:
         return MeSP(store_h=cfg.store_h)
     if cfg.method == "lcsb":
         return LCSB(cfg.lcsb_fraction, cfg.lcsb_schedule, cfg.lcsb_skipped, cfg.seed, MeSP(store_h=cfg.store_h))
+    if cfg.method == "mezo":
+        return MeZO(cfg.learning_rate, cfg.zo_eps, cfg.zo_samples, cfg.zo_weight_decay, cfg.seed)
     return make_method(cfg.method)

@@ -76,6 +76,15 @@ class ModelParts:
     def _quantized(self) -> bool:
         return "scales" in self.head
 
+    def head_rows_at(self, ids: mx.array, dtype) -> mx.array:
+        """The head's rows W[ids] ([n, d]) in full precision (the targets' rows of the loss gradient)."""
+        np_ids = np.array(ids)
+        if self.head_rows is not None:
+            rows = self.head_rows.take(np_ids)
+        else:
+            rows = {k: self.head[k][ids] for k in ("weight", "scales", "biases") if k in self.head}
+        return self._full_precision(rows, self.head, dtype)
+
     def head_logits(self, x: mx.array, start: int, stop: int) -> mx.array:
         """x [n, d] -> logits [n, stop-start] for vocabulary rows start:stop."""
         rows = self._rows(start, stop)
