@@ -94,6 +94,8 @@ def curves(args) -> dict:
     runs = {"mesp": {}, "mebp": {}, "lcsb": {}, "mezo": {"lr": args.mezo_lr, "zo_eps": args.zo_eps}}
     out = {}
     for name, extra in runs.items():
+        if name not in args.methods.split(","):
+            continue
         method = name
         _, _, batches, engine = setup(args, method, **extra)
         losses, seconds, t = [], [], 0.0
@@ -142,12 +144,16 @@ def main():
     ap.add_argument("--mezo-lr", type=float, default=1e-4)
     ap.add_argument("--zo-eps", type=float, default=1e-3)
     ap.add_argument("--trials", type=int, default=3)
+    ap.add_argument("--methods", default="mesp,mebp,lcsb,mezo", help="curves to (re)measure; others are kept")
+    ap.add_argument("--skip-cosines", action="store_true", help="keep the cosines of the last run")
     args = ap.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
     args.data = OUT / "shakespeare"
     write_text_jsonl(shakespeare_passages(["hamlet", "macbeth", "othello"]), args.data)
+    old = json.loads((OUT / "study.json").read_text()) if (OUT / "study.json").is_file() else {}
     result = {"settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-              "cosines": cosines(args), "curves": curves(args)}
+              "cosines": old["cosines"] if args.skip_cosines and "cosines" in old else cosines(args),
+              "curves": {**old.get("curves", {}), **curves(args)}}
     (OUT / "study.json").write_text(json.dumps(result, indent=2))
     plot(result, OUT / "study.png")
     print(f"wrote {OUT / 'study.json'} and {OUT / 'study.png'}")
