@@ -147,3 +147,17 @@ def test_plain_sgd_keeps_no_state_and_steps_like_mlx_sgd(tiny_models):
     assert any(k.endswith(".v") for k in flat(theirs[0].state))
     a, b = flat(m1.trainable_parameters()), flat(m2.trainable_parameters())
     assert all(mx.array_equal(a[k], b[k]).item() for k in a)
+
+
+def test_embedding_compute_dtype_is_per_model():
+    """Two models with different training dtypes in one process keep their own embedding dtype."""
+    from mesp_mlx.models.compute import DequantEmbedding
+
+    models = []
+    for dtype in ("float16", "float32"):
+        emb = nn.QuantizedEmbedding(64, 32, group_size=32, bits=4)
+        emb.__class__ = DequantEmbedding
+        model = nn.Sequential(emb)
+        cast_float_params(model, dtype)
+        models.append(emb)
+    assert models[0](mx.array([3])).dtype == mx.float16 and models[1](mx.array([3])).dtype == mx.float32

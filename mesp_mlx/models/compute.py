@@ -40,13 +40,13 @@ class DequantLinear(nn.QuantizedLinear):
 
 
 class DequantEmbedding(nn.QuantizedEmbedding):
-    """QuantizedEmbedding whose rows come out in the compute dtype (GGUF scales are fp16)."""
-
-    compute_dtype = mx.float32
+    """QuantizedEmbedding whose rows come out in the compute dtype (GGUF scales are fp16); the dtype is per instance
+    (`cast_float_params` sets it), fp32 unless told otherwise."""
 
     def __call__(self, x):
-        s = self["scales"][x].astype(self.compute_dtype)
-        b = self["biases"][x].astype(self.compute_dtype) if "biases" in self else None
+        dtype = getattr(self, "compute_dtype", mx.float32)
+        s = self["scales"][x].astype(dtype)
+        b = self["biases"][x].astype(dtype) if "biases" in self else None
         return mx.dequantize(self["weight"][x], s, b, group_size=self.group_size, bits=self.bits,
                              mode=getattr(self, "mode", "affine"))
 
@@ -81,7 +81,12 @@ def cast_float_params(model: nn.Module, dtype_name: str) -> None:
     if dtype_name == "native":
         return
     dtype = DTYPES[dtype_name]
-    DequantEmbedding.compute_dtype = dtype
+
+    def set_embedding_dtype(_, module):
+        if isinstance(module, DequantEmbedding):
+            module.compute_dtype = dtype
+
+    model.apply_to_modules(set_embedding_dtype)
 
     def cast(path, x):
         if not isinstance(x, mx.array) or not mx.issubdtype(x.dtype, mx.floating):
