@@ -50,7 +50,8 @@ def _cos(a: mx.array, b: mx.array) -> float:
 
 
 def setup(args, method: str, **extra):
-    cfg = TrainConfig(model=None, data=str(args.data), method=method, optimizer="sgd", learning_rate=extra.pop(
+    optimizer = "sgd" if method == "mezo" else args.optimizer  # MeZO's update is its own (plain SGD on the estimate)
+    cfg = TrainConfig(model=None, data=str(args.data), method=method, optimizer=optimizer, learning_rate=extra.pop(
         "lr", args.lr), max_seq_length=args.seq + 1, seed=0, **extra)
     mx.random.seed(0)
     prep = prepare_model(cfg)
@@ -140,7 +141,9 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--seq", type=int, default=128)
-    ap.add_argument("--lr", type=float, default=1e-3, help="SGD learning rate of the first-order methods")
+    ap.add_argument("--lr", type=float, default=1e-3, help="learning rate of the first-order methods")
+    ap.add_argument("--optimizer", default="sgd", choices=["sgd", "adamw"], help="of the first-order methods")
+    ap.add_argument("--name", default="study", help="output files tools/out/study/<name>.{json,png}")
     ap.add_argument("--mezo-lr", type=float, default=1e-4)
     ap.add_argument("--zo-eps", type=float, default=1e-3)
     ap.add_argument("--trials", type=int, default=3)
@@ -150,13 +153,13 @@ def main():
     OUT.mkdir(parents=True, exist_ok=True)
     args.data = OUT / "shakespeare"
     write_text_jsonl(shakespeare_passages(["hamlet", "macbeth", "othello"]), args.data)
-    old = json.loads((OUT / "study.json").read_text()) if (OUT / "study.json").is_file() else {}
+    old = json.loads((OUT / f"{args.name}.json").read_text()) if (OUT / f"{args.name}.json").is_file() else {}
     result = {"settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
               "cosines": old["cosines"] if args.skip_cosines and "cosines" in old else cosines(args),
               "curves": {**old.get("curves", {}), **curves(args)}}
-    (OUT / "study.json").write_text(json.dumps(result, indent=2))
-    plot(result, OUT / "study.png")
-    print(f"wrote {OUT / 'study.json'} and {OUT / 'study.png'}")
+    (OUT / f"{args.name}.json").write_text(json.dumps(result, indent=2))
+    plot(result, OUT / f"{args.name}.png")
+    print(f"wrote {OUT / args.name}.json and .png")
 
 
 if __name__ == "__main__":
