@@ -104,8 +104,7 @@ def cmd_make_data(args) -> int:
 def cmd_plan(args) -> int:
     from .config import build_config
     from .governor import resolve_budget
-    from .planner import best_fitting_plan, predict
-    from .train import _plan_flags
+    from .planner import fitting_advice, predict
 
     overrides = {k: v for k, v in vars(args).items() if k not in ("command", "config", "func")}
     cfg = build_config(args.config, overrides)
@@ -117,12 +116,7 @@ def cmd_plan(args) -> int:
     print("\n".join(plan.lines(budget)))
     if budget is None or plan.peak_mb <= budget:
         return 0
-    best = best_fitting_plan(cfg, budget)
-    if best is None:
-        print("no plan within reach fits this budget, not even MeZO's forward-only one")
-    else:
-        print(f"fits with: {best[0]} (and the steps before it) -> predicted {best[2].peak_mb:.1f} MB")
-        print("  " + " ".join(_plan_flags(best[1])))
+    print(fitting_advice(cfg, budget))
     return 5
 
 

@@ -224,8 +224,6 @@ def convert(src: str, out: str, to: str, source_format: str | None = None, model
     if fmt == to:
         raise ConvertError(f"{src} is already a {fmt} adapter")
     modules, scales, cfg = read_peft(src_p) if fmt == "peft" else read_mlx(src_p)
-    if len(set(a.shape[1] for a, _ in modules.values())) > 1 and to == "peft":
-        raise ConvertError(f"{src}: modules of several ranks")  # mlx-lm adapters have one rank; never reached
     base = model or (cfg.get("base_model_name_or_path") if fmt == "peft" else cfg.get("model"))
     n_blocks = None
     if model or (base and (Path(base) / "config.json").is_file()):

@@ -76,7 +76,6 @@ class Governor:
 
     def __init__(self, budget_mb: float, cache_fraction: float = 0.1):
         self.budget_mb = budget_mb
-        self.peaks: list[tuple[str, int | None, float]] = []
         self._previous = (mx.set_memory_limit(int(budget_mb * MB)),
                           mx.set_cache_limit(int(budget_mb * MB * cache_fraction)))
         self._wired = None
@@ -94,7 +93,6 @@ class Governor:
             mx.set_wired_limit(self._wired)
 
     def __call__(self, phase: str, block: int | None, peak_bytes: int, active_bytes: int) -> None:
-        self.peaks.append((phase, block, peak_bytes / MB))
         if peak_bytes / MB > self.budget_mb:
             raise BudgetExceeded(phase, block, peak_bytes, self.budget_mb)
 

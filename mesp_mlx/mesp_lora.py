@@ -21,7 +21,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.tuner.lora import LoRALinear
 
-from .models.compute import DequantLinear, dequantize
+from .models.compute import DequantLinear, frozen_matmul
 
 
 def frozen_operands(linear: nn.Module) -> tuple[tuple, tuple | None]:
@@ -35,20 +35,6 @@ def frozen_operands(linear: nn.Module) -> tuple[tuple, tuple | None]:
     return (linear["weight"],), None
 
 
-def base_matmul(x, base: tuple, quant: tuple | None, transpose: bool):
-    """x @ W0^T (transpose=True) or x @ W0 (transpose=False), without forming any gradient for W0."""
-    if quant is None:
-        w0 = base[0].astype(x.dtype)
-        return x @ (w0.T if transpose else w0)
-    group_size, bits, mode, fused = quant
-    w, scales, biases = base
-    if fused:
-        return mx.quantized_matmul(x, w, scales, biases, transpose=transpose, group_size=group_size, bits=bits,
-                                   mode=mode)
-    w0 = dequantize(w, scales, biases, group_size, bits, mode, x.dtype)  # lives only for this product
-    return x @ (w0.T if transpose else w0)
-
-
 def lean_matmul(x, linear: nn.Module, transpose: bool, chunk_bytes: int = 4 << 20) -> mx.array:
     """x @ W0^T (transpose=True) or x @ W0 of a frozen linear, evaluated now, never holding more than ~chunk_bytes of
     dequantized W0: W0 is dequantized in slices of its output rows r, and
@@ -60,17 +46,17 @@ def lean_matmul(x, linear: nn.Module, transpose: bool, chunk_bytes: int = 4 << 2
     row_bytes = base[0].shape[1] * 4 * (1 if quant is None else 32 // quant[1])
     step = max(1, chunk_bytes // row_bytes)
     if (quant is not None and quant[3]) or step >= out_dim:
-        y = base_matmul(x, base, quant, transpose)
+        y = frozen_matmul(x, base, quant, transpose)
         mx.eval(y)
         return y
     pieces, acc = [], None
     for a in range(0, out_dim, step):
         rows = tuple(t[a:a + step] for t in base)
         if transpose:
-            pieces.append(base_matmul(x, rows, quant, True))
+            pieces.append(frozen_matmul(x, rows, quant, True))
             mx.eval(pieces[-1])
         else:
-            part = base_matmul(x[..., a:a + step], rows, quant, False)
+            part = frozen_matmul(x[..., a:a + step], rows, quant, False)
             acc = part if acc is None else acc + part
             mx.eval(acc)
     return mx.concatenate(pieces, axis=-1) if transpose else acc
@@ -81,7 +67,7 @@ def frozen_input_grad(linear: nn.Module, g: mx.array, lean: bool = False) -> mx.
     if lean:
         return lean_matmul(g, linear, False)
     base, quant = frozen_operands(linear)
-    return base_matmul(g, base, quant, False)
+    return frozen_matmul(g, base, quant, False)
 
 
 def lora_branch_grads(xd, a, b, g, scale: float, h=None):
@@ -102,14 +88,14 @@ def _lora_fn(scale: float, quant: tuple | None):
 
     @mx.custom_function
     def lora(x, xd, a, b, *base):
-        y = base_matmul(x, base, quant, True)
+        y = frozen_matmul(x, base, quant, True)
         return y + (scale * ((xd @ a) @ b)).astype(y.dtype)
 
     @lora.vjp
     def lora_vjp(primals, cotangent, output):
         x, xd, a, b, *base = primals
         grad_xd, grad_a, grad_b = lora_branch_grads(xd, a, b, cotangent, scale)
-        grad_x = base_matmul(cotangent, base, quant, False).astype(x.dtype)
+        grad_x = frozen_matmul(cotangent, base, quant, False).astype(x.dtype)
         frozen = tuple(mx.zeros((1,), dtype=t.dtype) for t in base)  # no gradient formed for W0, scales, biases
         return (grad_x, grad_xd, grad_a, grad_b, *frozen)
 
@@ -122,12 +108,6 @@ def dropout_active(layer: LoRALinear) -> bool:
 
 class MeSPLoRALinear(LoRALinear):
     """mlx-lm's LoRALinear with MeSP's hand-written backward (W0 path from the base's compute path)."""
-
-    @staticmethod
-    def from_base(linear, r: int = 8, dropout: float = 0.0, scale: float = 20.0):
-        layer = LoRALinear.from_base(linear, r=r, dropout=dropout, scale=scale)
-        layer.__class__ = MeSPLoRALinear
-        return layer
 
     def __call__(self, x):
         lin = self.linear

@@ -63,8 +63,6 @@ def plot_metrics(records: list[dict], out_png: str | Path, title: str = "") -> P
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    from .io import atomic_write
-
     atomic_write(out_png, lambda tmp: fig.savefig(tmp, dpi=100, format="png"), suffix=".png")
     plt.close(fig)
     return Path(out_png)
@@ -84,8 +82,6 @@ def plot_block_memory(record: dict, out_png: str | Path, budget_mb: float | None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from .io import atomic_write
 
     fwd = record["block_peak_mb"].get("forward", [])
     bwd = record["block_peak_mb"].get("backward", [])

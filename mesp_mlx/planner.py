@@ -48,23 +48,16 @@ class PlanResult:
 
 
 class _VocabWindow:
-    """The model's head seen through its first `rows` vocabulary rows (the loss probe needs two chunks, not all)."""
+    """The model's parts seen through their first `rows` vocabulary rows (the loss probe needs two chunks, not all)."""
 
     def __init__(self, parts, rows: int):
         self.parts, self.vocab_size = parts, rows
 
-    def head_logits(self, x, a, b):
-        return self.parts.head_logits(x, a, b)
-
-    def head_backprop(self, g, a, b):
-        return self.parts.head_backprop(g, a, b)
-
-    def head_rows_at(self, ids, dtype):
-        return self.parts.head_rows_at(ids, dtype)
+    def __getattr__(self, name):
+        return getattr(self.parts, name)
 
 
 def _probe(fn) -> float:
-    mx.eval()
     mx.clear_cache()
     base = mx.get_active_memory()
     mx.reset_peak_memory()
@@ -170,3 +163,24 @@ def best_fitting_plan(cfg, budget_mb: float):
         if p.peak_mb <= budget_mb:
             return description, c, p
     return None
+
+
+def plan_flags(cfg) -> list[str]:
+    """The command-line flags that select a candidate's settings."""
+    flags = [f"--method {cfg.method}", f"--max-seq-length {cfg.max_seq_length}",
+             f"--checkpoint-storage {cfg.checkpoint_storage}"]
+    if cfg.stream_weights:
+        flags.append("--stream-weights")
+    if cfg.vocab_chunk:
+        flags.append(f"--vocab-chunk {cfg.vocab_chunk}")
+    return flags
+
+
+def fitting_advice(cfg, budget_mb: float) -> str:
+    """One line naming the first plan that fits the budget and its flags (or saying none does)."""
+    best = best_fitting_plan(cfg, budget_mb)
+    if best is None:
+        return "no plan within reach fits, not even MeZO's forward-only one"
+    description, fitting, prediction = best
+    return (f"it fits with {description} (and the steps before it), predicted {prediction.peak_mb:.1f} MB: "
+            + " ".join(plan_flags(fitting)))

@@ -128,7 +128,7 @@ class TrainResult:
     records: list
     answers_before: list
     answers_after: list
-    status: str = "done"  # done | interrupted | nonfinite
+    status: str = "done"  # done | interrupted | nonfinite | over_budget
 
 
 def train(cfg: TrainConfig, log=print) -> TrainResult:
@@ -183,7 +183,6 @@ def train(cfg: TrainConfig, log=print) -> TrainResult:
 
     old_handler = signal.signal(signal.SIGINT, on_sigint) if threading.current_thread() is threading.main_thread() \
         else None
-    step = first_step - 1
     status = "done"
     try:
         for step in range(first_step, cfg.iters + 1):
@@ -228,45 +227,30 @@ def train(cfg: TrainConfig, log=print) -> TrainResult:
             governor.close()
     if governor is not None and metrics.records:
         _emulation_report(metrics.records, budget_mb, budget_text, log)
-    if status == "done":
-        save(cfg.iters)
-        log(f"[mesp-mlx] saved adapters to {adapter_file}")
-        if cfg.plot:
-            png = plot_metrics(metrics.records, adapter_path / "metrics.png", f"{cfg.method} on {prep.path.name}")
-            blocks = plot_block_memory(metrics.records[-1], adapter_path / "memory_blocks.png", budget_mb)
-            log(f"[mesp-mlx] plots: {png}, {blocks}")
-    else:
+    if status != "done":
         return TrainResult(adapter_path, metrics.records, answers_before, [], status)
+    save(cfg.iters)
+    log(f"[mesp-mlx] saved adapters to {adapter_file}")
+    if cfg.plot:
+        png = plot_metrics(metrics.records, adapter_path / "metrics.png", f"{cfg.method} on {prep.path.name}")
+        blocks = plot_block_memory(metrics.records[-1], adapter_path / "memory_blocks.png", budget_mb)
+        log(f"[mesp-mlx] plots: {png}, {blocks}")
     answers_after = _show_answers(prep, cfg, "after", log) if cfg.demo_prompts else []
     return TrainResult(adapter_path, metrics.records, answers_before, answers_after, status)
 
 
 def _check_plan(cfg: TrainConfig, budget_mb: float, budget_text: str, log) -> None:
     """Refuse, before anything is written, a run predicted not to fit; name the settings that would."""
-    from .planner import best_fitting_plan, predict
+    from .planner import fitting_advice, predict
 
     plan = predict(cfg)
     log(f"[mesp-mlx] plan: predicted peak {plan.peak_mb:.1f} MB within {budget_text}" if plan.peak_mb <= budget_mb
         else f"[mesp-mlx] plan: predicted peak {plan.peak_mb:.1f} MB is over {budget_text}")
     if plan.peak_mb <= budget_mb:
         return
-    best = best_fitting_plan(cfg, budget_mb)
-    fix = ("no plan within reach fits, not even MeZO's forward-only one" if best is None else
-           f"it fits with {best[0]} (and the steps before it), predicted {best[2].peak_mb:.1f} MB: "
-           + " ".join(_plan_flags(best[1])))
     raise ConfigError(f"this run is predicted to need {plan.peak_mb:.1f} MB, over the budget ({budget_text}):\n"
-                      + "\n".join(plan.lines(budget_mb)) + f"\n{fix}\n(--skip-plan runs it anyway; the governor "
-                      "then stops it at the first block that goes over)")
-
-
-def _plan_flags(cfg: TrainConfig) -> list[str]:
-    flags = [f"--method {cfg.method}", f"--max-seq-length {cfg.max_seq_length}",
-             f"--checkpoint-storage {cfg.checkpoint_storage}"]
-    if cfg.stream_weights:
-        flags.append("--stream-weights")
-    if cfg.vocab_chunk:
-        flags.append(f"--vocab-chunk {cfg.vocab_chunk}")
-    return flags
+                      + "\n".join(plan.lines(budget_mb)) + f"\n{fitting_advice(cfg, budget_mb)}\n(--skip-plan runs "
+                      "it anyway; the governor then stops it at the first block that goes over)")
 
 
 def _emulation_report(records: list, budget_mb: float, budget_text: str, log) -> None:

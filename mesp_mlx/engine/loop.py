@@ -126,6 +126,13 @@ class BlockEngine:
         # same random stream for a block's forward and its recomputation in backward (LoRA dropout stays exact)
         mx.random.seed((self.seed * 1_000_003 + step * 1009 + i) % (2**31))
 
+    def _after_loss(self, meter: _PeakMeter) -> None:
+        if self.clear_cache != "never":
+            mx.clear_cache()
+        meter.mark("loss")
+        if self.on_block_done is not None:
+            self.on_block_done("loss", None, meter.phases["loss"], mx.get_active_memory())
+
     def _after_block(self, meter: _PeakMeter, phase: str, i: int) -> None:
         if self.clear_cache == "block":
             mx.clear_cache()
@@ -170,11 +177,7 @@ class BlockEngine:
         if not math.isfinite(loss.item()):
             raise NonFiniteError(step, "the loss")
         del h, normed
-        if self.clear_cache != "never":
-            mx.clear_cache()
-        meter.mark("loss")
-        if self.on_block_done is not None:
-            self.on_block_done("loss", None, meter.phases["loss"], mx.get_active_memory())
+        self._after_loss(meter)
         return loss.item(), ntoks
 
     def step(self, batch: Batch, step: int = 0, apply_update: bool = True):
@@ -213,11 +216,7 @@ class BlockEngine:
             raise NonFiniteError(step, "the loss")
         del normed, g_normed, h_last, h
         self.checkpoints.drop(n)
-        if self.clear_cache != "never":
-            mx.clear_cache()
-        meter.mark("loss")
-        if self.on_block_done is not None:
-            self.on_block_done("loss", None, meter.phases["loss"], mx.get_active_memory())
+        self._after_loss(meter)
 
         # reverse pass
         trainable = list(range(self.lowest_trainable, n))

@@ -16,6 +16,8 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 
+from ..models.compute import frozen_matmul
+
 
 def auto_vocab_chunk(n_tokens: int, vocab: int, hidden: int, budget_elems: int = 1 << 21) -> int:
     """Largest chunk (multiple of 256) such that both the [n, chunk] logits and the [chunk, d] dequantized head rows
@@ -29,7 +31,8 @@ def chunked_cross_entropy(parts, x: mx.array, targets: mx.array, mask: mx.array,
     """Return (loss, dL/dx, ntoks) for x [B, T, d], targets [B, T], mask [B, T] (1 = counted); dL/dx is None when
     need_grad is False (forward-only methods skip pass 2).
 
-    `parts` supplies head_logits(x, a, b) and head_backprop(g, a, b) over vocabulary rows a:b.
+    `parts` supplies head_chunk(a, b, dtype) (the head's vocabulary rows a:b as frozen_matmul operands) and
+    head_rows_at(ids, dtype).
     """
     B, T, d = x.shape
     flat_mask = np.array(mask.reshape(-1)).astype(bool)
@@ -49,13 +52,14 @@ def chunked_cross_entropy(parts, x: mx.array, targets: mx.array, mask: mx.array,
     acc = mx.zeros((n, d), dtype=mx.float32) if need_grad else None
     for a in range(0, V, chunk):
         b = min(a + chunk, V)
-        logits = parts.head_logits(xs, a, b).astype(mx.float32)
+        base, quant = parts.head_chunk(a, b, mx.float32)
+        logits = frozen_matmul(xs, base, quant, True).astype(mx.float32)
         new_max = mx.maximum(run_max, logits.max(axis=1))
         rescale = mx.exp(run_max - new_max)  # 0 on the first chunk (run_max = -inf)
         e = mx.exp(logits - new_max[:, None])
         run_sum = run_sum * rescale + e.sum(axis=1)
         if need_grad:
-            acc = acc * rescale[:, None] + parts.head_backprop(e, a, b).astype(mx.float32)
+            acc = acc * rescale[:, None] + frozen_matmul(e, base, quant, False).astype(mx.float32)
         run_max = new_max
         in_chunk = (ts >= a) & (ts < b)
         local = mx.clip(ts - a, 0, b - a - 1)

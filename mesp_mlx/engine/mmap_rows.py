@@ -50,13 +50,13 @@ class MmapRows:
     """weight / scales / biases of one (possibly quantized) embedding or head, by rows."""
 
     def __init__(self, index: dict[str, str], prefix: str):
-        self.parts = {name: MmapTensor(index[f"{prefix}.{name}"], f"{prefix}.{name}")
+        self.tensors = {name: MmapTensor(index[f"{prefix}.{name}"], f"{prefix}.{name}")
                       for name in ("weight", "scales", "biases") if f"{prefix}.{name}" in index}
-        if "weight" not in self.parts:
+        if "weight" not in self.tensors:
             raise KeyError(f"{prefix}.weight is not in the model files")
 
     def rows(self, start: int, stop: int) -> dict:
-        return {name: t.rows(start, stop) for name, t in self.parts.items()}
+        return {name: t.rows(start, stop) for name, t in self.tensors.items()}
 
     def take(self, ids: np.ndarray) -> dict:
-        return {name: t.take(ids) for name, t in self.parts.items()}
+        return {name: t.take(ids) for name, t in self.tensors.items()}

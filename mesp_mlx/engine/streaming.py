@@ -79,6 +79,3 @@ class WeightStreamer:
         for i in range(len(self._entries)):
             self.release(i)
         self._release(self._vocab_entries)
-
-    def block_bytes(self, i: int) -> int:
-        return sum(module[name].nbytes for module, name, *_ in self._entries[i])

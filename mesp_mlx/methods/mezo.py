@@ -78,5 +78,4 @@ class MeZO(Method):
                 grads[i] = tree_unflatten([(name, gj) for (name, _), gj in zip(flats[i], g)])
                 mx.eval(grads[i])
         meter.mark("update")
-        self.last_projected = projected
         return first_loss, ntoks, grads

@@ -23,6 +23,22 @@ def dequantize(weight, scales, biases, group_size: int, bits: int, mode: str = "
                          group_size=group_size, bits=bits, mode=mode)
 
 
+def frozen_matmul(x, base: tuple, quant: tuple | None, transpose: bool):
+    """x @ W0^T (transpose=True) or x @ W0 (transpose=False) of a frozen matrix given as operands: `base` is (W0,)
+    dense or (w, scales, biases) packed; `quant` is None (dense) or (group_size, bits, mode, fused). On the fused path
+    no dequantized copy exists; otherwise W0 is dequantized just for this product. No gradient is formed for W0."""
+    if quant is None:
+        w0 = base[0].astype(x.dtype)
+        return x @ (w0.T if transpose else w0)
+    group_size, bits, mode, fused = quant
+    w, scales, biases = base
+    if fused:
+        return mx.quantized_matmul(x, w, scales, biases, transpose=transpose, group_size=group_size, bits=bits,
+                                   mode=mode)
+    w0 = dequantize(w, scales, biases, group_size, bits, mode, x.dtype)  # lives only for this product
+    return x @ (w0.T if transpose else w0)
+
+
 def dequantized_weight(module, dtype=mx.float32) -> mx.array:
     """The full-precision weight of a QuantizedLinear / QuantizedEmbedding, in `dtype`."""
     return dequantize(module["weight"], module["scales"], module["biases"] if "biases" in module else None,

@@ -73,9 +73,6 @@ class ModelParts:
                 out[k] = head[k][start:stop]
         return out
 
-    def _quantized(self) -> bool:
-        return "scales" in self.head
-
     def head_rows_at(self, ids: mx.array, dtype) -> mx.array:
         """The head's rows W[ids] ([n, d]) in full precision (the targets' rows of the loss gradient)."""
         np_ids = np.array(ids)
@@ -85,25 +82,17 @@ class ModelParts:
             rows = {k: self.head[k][ids] for k in ("weight", "scales", "biases") if k in self.head}
         return self._full_precision(rows, self.head, dtype)
 
-    def head_logits(self, x: mx.array, start: int, stop: int) -> mx.array:
-        """x [n, d] -> logits [n, stop-start] for vocabulary rows start:stop."""
+    def head_chunk(self, start: int, stop: int, dtype) -> tuple[tuple, tuple | None]:
+        """Vocabulary rows start:stop of the head as frozen_matmul operands (base, quant): read once, and on the
+        dequant path dequantized once, so the loss's logits (x W^T) and its gradient (g W) share them."""
         rows = self._rows(start, stop)
-        if not self._quantized():
-            return x @ rows["weight"].astype(x.dtype).T
+        if "scales" not in rows:
+            return (rows["weight"].astype(dtype),), None
         if self.compute_path == "fused":
-            return mx.quantized_matmul(x, rows["weight"], rows["scales"], rows.get("biases"), transpose=True,
-                                       group_size=self.head.group_size, bits=self.head.bits)
-        return x @ self._full_precision(rows, self.head, x.dtype).T
-
-    def head_backprop(self, g_logits: mx.array, start: int, stop: int) -> mx.array:
-        """g_logits [n, stop-start] -> contribution g_logits @ W[start:stop] to dL/dx ([n, d])."""
-        rows = self._rows(start, stop)
-        if not self._quantized():
-            return g_logits @ rows["weight"].astype(g_logits.dtype)
-        if self.compute_path == "fused":
-            return mx.quantized_matmul(g_logits, rows["weight"], rows["scales"], rows.get("biases"), transpose=False,
-                                       group_size=self.head.group_size, bits=self.head.bits)
-        return g_logits @ self._full_precision(rows, self.head, g_logits.dtype)
+            head = self.head
+            return ((rows["weight"], rows["scales"], rows.get("biases")),
+                    (head.group_size, head.bits, getattr(head, "mode", "affine"), True))
+        return (self._full_precision(rows, self.head, dtype),), None
 
     @staticmethod
     def _full_precision(rows: dict, module, dtype) -> mx.array:
