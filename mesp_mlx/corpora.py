@@ -38,6 +38,33 @@ def chatterbot_pairs(categories: list[str], language: str = "english") -> list[t
     return pairs
 
 
+def chatterbot_categories(language: str = "english") -> list[str]:
+    import chatterbot_corpus
+
+    return sorted(p.stem for p in (Path(chatterbot_corpus.__file__).parent / "data" / language).glob("*.yml"))
+
+
+def chatterbot_user_stream(seed: int = 0, held_out: int = 60, categories: list[str] | None = None
+                           ) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """One user's dialogue stream and held-out dialogues from chatterbot-corpus (all English categories by default).
+
+    The stream keeps the corpus' own repetition (tech_support, for one, repeats 10 exchanges about a hundred times
+    each, as a real user repeats themselves) in a seeded order. `held_out` distinct prompts (with their first response)
+    are set aside first: none of them, nor any repeat of them, is in the stream."""
+    pairs = chatterbot_pairs(categories or chatterbot_categories())
+    distinct = sorted({q for q, _ in pairs})
+    rng = random.Random(seed)
+    rng.shuffle(distinct)
+    kept_out = set(distinct[:held_out])
+    first_answer: dict = {}
+    for q, a in pairs:
+        first_answer.setdefault(q, a)
+    evaluation = [(q, first_answer[q]) for q in distinct[:held_out]]
+    stream = [(q, a) for q, a in pairs if q not in kept_out]
+    rng.shuffle(stream)
+    return stream, evaluation
+
+
 def write_chat_jsonl(pairs: list[tuple[str, str]], out_dir: str | Path, valid_fraction: float = 0.1, seed: int = 0,
                      system: str | None = None) -> dict:
     """Shuffle deterministically, split into train/valid and write mlx-lm chat jsonl files atomically."""

@@ -1,0 +1,242 @@
+"""The personalization pipeline (REFERENCE §6): stream -> selection buffer -> sparse annotation -> self-synthesis ->
+budgeted MeSP fine-tune -> ROUGE-1 on held-out dialogues before and after.
+
+Everything stays on the machine. Outputs in `out/`: buffer.jsonl (the kept dialogues with their scores),
+synthetic.jsonl (paraphrases and the item each came from), data/train.jsonl (what was trained on, mlx-lm chat format),
+adapters/ (mlx-lm adapters, metrics), evaluation.jsonl (held-out prompts, references and replies) and report.json.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import mlx.core as mx
+
+from ..io import atomic_write
+from .annotate import annotate, file_annotator, interactive_annotator
+from .buffer import Candidate, SelectionBuffer, make_policy, POLICIES
+from .generation import TextEncoder, generate_batch, paraphrase_all
+from .scores import dominant_domain, dss, eoe, load_lexicons, rouge1, words
+from .stream import Dialogue, chat_record, read_dialogues, write_jsonl
+
+# the fine-tune's defaults; any TrainConfig key can be given in PersonalizeConfig.train
+TRAIN_DEFAULTS = {"method": "mesp", "iters": 100, "batch_size": 4, "learning_rate": 2e-4, "optimizer": "adamw",
+                  "mask_prompt": True, "max_seq_length": 256, "device_profile": "iphone-17-pro",
+                  "lora_parameters": {"rank": 8, "scale": 20.0, "dropout": 0.0,
+                                      "keys": ["q", "k", "v", "o", "gate", "up", "down"]},
+                  "save_every": 0, "steps_per_report": 10}
+
+
+@dataclass
+class PersonalizeConfig:
+    stream: str  # the user's dialogues, jsonl (stream.py)
+    out: str = "runs/personalize"
+    model: str | None = None  # as for train; None = the embedded SmolLM2
+    eval: str | None = None  # held-out dialogues of the same user (with responses)
+    buffer_kb: float = 64.0
+    policy: str = "quality"  # quality | random | fifo | kcenter
+    lexicons: str | None = None  # folder of <domain>.txt files; default: the shipped ones
+    seed: int = 0
+    annotate_k: int = 0  # ask the user about at most k kept dialogues
+    annotations: str | None = None  # non-interactive answers: jsonl {"prompt", "response"}
+    interactive: bool | None = None  # None: ask on the terminal when stdin is one and no file is given
+    variants: int = 3  # paraphrases per kept prompt
+    synth_min_rouge: float = 0.3
+    synth_temperature: float = 0.8
+    eval_max_tokens: int = 48
+    train: dict = field(default_factory=dict)
+
+    def validate(self) -> None:
+        from ..config import ConfigError
+
+        if self.policy not in POLICIES:
+            raise ConfigError(f"--policy {self.policy!r}: one of {', '.join(POLICIES)}")
+        if self.buffer_kb <= 0:
+            raise ConfigError(f"--buffer-kb must be positive, not {self.buffer_kb}")
+        if self.annotate_k < 0 or self.variants < 0:
+            raise ConfigError("--annotate-k and --variants must be >= 0")
+        if not 0 <= self.synth_min_rouge <= 1:
+            raise ConfigError(f"--synth-min-rouge must be in [0, 1], not {self.synth_min_rouge}")
+
+
+def load_for_inference(model_spec: str | None):
+    """The model as the pipeline's own stages use it (embeddings, replies, paraphrases). Per backend: on Metal the
+    4-bit weights stay and the fused quantized matmul runs; on CPU the weights are dequantized once to fp32 (decoding
+    re-dequantizes every weight per token otherwise: 2.7 vs 15.6 tokens/s on SmolLM2 here)."""
+    from mlx_lm.utils import dequantize_model
+
+    from .. import backend
+    from ..models import cast_float_params, load_model, set_compute_path
+
+    loaded = load_model(model_spec, lazy=False)
+    if backend.compute_path("auto") == "fused":
+        set_compute_path(loaded.model, "fused")
+        cast_float_params(loaded.model, backend.default_dtype())
+    else:
+        loaded.model = dequantize_model(loaded.model)
+        cast_float_params(loaded.model, "float32")
+    mx.eval(loaded.model.parameters())
+    return loaded
+
+
+def make_candidates(dialogues: list[Dialogue], encoder: TextEncoder, lexicons: dict) -> list[Candidate]:
+    """Score what does not depend on the buffer (EOE, DSS, domain, embedding) once per dialogue. The scored text is
+    the dialogue as the user saw it: prompt and response."""
+    out = []
+    for i, d in enumerate(dialogues):
+        text = d.prompt if d.response is None else f"{d.prompt}\n{d.response}"
+        ids, ws = encoder.tokens(text), words(text)
+        out.append(Candidate(index=i, prompt=d.prompt, response=d.response, domain=dominant_domain(ws, lexicons),
+                             embedding=encoder.embed(ids), eoe=eoe(ids), dss=dss(ws, lexicons), source=d.source))
+    return out
+
+
+def select(candidates: list[Candidate], policy: str, capacity_bytes: int, seed: int = 0) -> SelectionBuffer:
+    buffer = SelectionBuffer(capacity_bytes, make_policy(policy, seed))
+    for c in candidates:
+        buffer.offer(dataclasses.replace(c))  # a copy: the buffer sets its IDD, annotation its response
+    return buffer
+
+
+def synthesize(items: list[Candidate], model, tokenizer, variants: int, seed: int, min_rouge: float,
+               temperature: float) -> list[dict]:
+    """The model's paraphrases of each kept prompt, paired with the kept (or annotated) response."""
+    written = paraphrase_all(model, tokenizer, [c.prompt for c in items], variants, seed, min_rouge, temperature)
+    return [{"origin": item.index, "prompt": text, "response": item.response,
+             "rouge1_to_origin": round(rouge1(text, item.prompt), 4)}
+            for item, texts in zip(items, written) for text in texts]
+
+
+def evaluate(model, tokenizer, dialogues: list[Dialogue], max_tokens: int) -> dict:
+    """ROUGE-1 of the model's greedy replies against the user's responses."""
+    replies = generate_batch(model, tokenizer, [d.prompt for d in dialogues], max_tokens)
+    rows = [{"prompt": d.prompt, "reference": d.response, "reply": r, "rouge1": rouge1(r, d.response)}
+            for d, r in zip(dialogues, replies)]
+    mean = sum(r["rouge1"] for r in rows) / len(rows)
+    return {"rouge1": mean, "rows": rows}
+
+
+def training_config(cfg: PersonalizeConfig, data_dir: Path, adapter_dir: Path):
+    from ..config import TrainConfig
+
+    values = {**TRAIN_DEFAULTS, **cfg.train}
+    values.update(model=cfg.model, data=str(data_dir), adapter_path=str(adapter_dir), seed=cfg.seed)
+    if "lora_parameters" in cfg.train:
+        values["lora_parameters"] = {**TRAIN_DEFAULTS["lora_parameters"], **cfg.train["lora_parameters"]}
+    unknown = set(values) - TrainConfig.keys()
+    if unknown:
+        from ..config import ConfigError
+        raise ConfigError(f"unknown training setting(s): {', '.join(sorted(unknown))}")
+    return TrainConfig(**values)
+
+
+def with_adapters(loaded, train_cfg, adapter_file: Path):
+    """The inference model with the trained LoRA applied (mlx-lm's layers and file)."""
+    from ..lora import apply_lora, cast_lora, load_adapter_weights
+
+    apply_lora(loaded.model, train_cfg.num_layers, train_cfg.lora_parameters)
+    cast_lora(loaded.model, mx.float32)
+    load_adapter_weights(loaded.model, adapter_file)
+    mx.eval(loaded.model.parameters())
+    return loaded.model
+
+
+def _annotator(cfg: PersonalizeConfig, ask, show):
+    if cfg.annotations:
+        return file_annotator(cfg.annotations), f"file {cfg.annotations}"
+    interactive = cfg.interactive if cfg.interactive is not None else sys.stdin.isatty()
+    if interactive:
+        return interactive_annotator(ask, show), "interactive"
+    return None, "none (non-interactive and no --annotations file)"
+
+
+def run(cfg: PersonalizeConfig, log=print, ask=input) -> dict:
+    from ..train import train
+
+    cfg.validate()
+    out = Path(cfg.out)
+    t0 = time.perf_counter()
+    lexicons = load_lexicons(cfg.lexicons)
+    stream = read_dialogues(cfg.stream)
+    held_out = read_dialogues(cfg.eval, need_response=True) if cfg.eval else []
+    train_cfg = training_config(cfg, out / "data", out / "adapters")
+    train_cfg.validate()  # bad training settings fail here, before the slow stages
+    report: dict = {"config": dataclasses.asdict(cfg), "stream": len(stream), "held_out": len(held_out)}
+
+    loaded = load_for_inference(cfg.model)
+    encoder = TextEncoder(loaded.model, loaded.tokenizer)
+    t = time.perf_counter()
+    candidates = make_candidates(stream, encoder, lexicons)
+    buffer = select(candidates, cfg.policy, int(cfg.buffer_kb * 1024), cfg.seed)
+    report["selection"] = {**buffer.summary(), "seconds": round(time.perf_counter() - t, 2)}
+    log(f"[personalize] {len(stream)} dialogues -> buffer of {buffer.capacity / 1024:g} KB ({cfg.policy}): "
+        f"{len(buffer.items)} kept, {buffer.used} bytes, {report['selection']['distinct_prompts']} distinct prompts")
+    write_jsonl(out / "buffer.jsonl", [c.record() for c in buffer.items])
+
+    items = buffer.items
+    annotator, how = _annotator(cfg, ask, log) if cfg.annotate_k else (None, "not asked (--annotate-k 0)")
+    changed = annotate(items, cfg.annotate_k, annotator) if annotator else []
+    report["annotation"] = {"source": how, "asked": min(cfg.annotate_k, len(items)) if annotator else 0,
+                            "changed": len(changed)}
+    log(f"[personalize] annotation: {how}; {len(changed)} responses set by the user")
+    unanswered = [c for c in items if c.response is None]
+    if unanswered:
+        log(f"[personalize] {len(unanswered)} kept dialogues have no response and are left out of training "
+            f"(annotate them with --annotate-k / --annotations)")
+    items = [c for c in items if c.response is not None]
+    if not items:
+        from ..data import DataError
+        raise DataError("no kept dialogue has a response to train on (give responses in the stream or annotate)")
+
+    t = time.perf_counter()
+    synthetic = synthesize(items, loaded.model, loaded.tokenizer, cfg.variants, cfg.seed, cfg.synth_min_rouge,
+                           cfg.synth_temperature) if cfg.variants else []
+    report["synthesis"] = {"variants": cfg.variants, "kept": len(synthetic),
+                           "seconds": round(time.perf_counter() - t, 2)}
+    log(f"[personalize] synthesis: {len(synthetic)} paraphrases of {len(items)} prompts kept "
+        f"({report['synthesis']['seconds']:.0f} s)")
+    write_jsonl(out / "synthetic.jsonl", synthetic)
+    records = [chat_record(c.prompt, c.response) for c in items] + \
+              [chat_record(s["prompt"], s["response"]) for s in synthetic]
+    write_jsonl(out / "data" / "train.jsonl", records)
+    report["train_examples"] = len(records)
+
+    if held_out:
+        t = time.perf_counter()
+        before = evaluate(loaded.model, loaded.tokenizer, held_out, cfg.eval_max_tokens)
+        report["rouge1_before"] = before["rouge1"]
+        log(f"[personalize] held-out ROUGE-1 before: {before['rouge1']:.4f} ({time.perf_counter() - t:.0f} s)")
+    del encoder, loaded
+    gc.collect()
+    mx.clear_cache()  # the fine-tune's budget is for the fine-tune
+
+    result = train(train_cfg, log=log)
+    peaks = [r["peak_mb"] for r in result.records]
+    report["train"] = {"status": result.status, "steps": len(result.records),
+                       "peak_mb": max(peaks) if peaks else None, "budget": train_cfg.device_profile,
+                       "final_loss": result.records[-1]["loss"] if result.records else None}
+    if result.status != "done":
+        log(f"[personalize] the fine-tune ended early ({result.status}); no after-evaluation")
+    elif held_out:
+        loaded = load_for_inference(cfg.model)
+        model = with_adapters(loaded, train_cfg, out / "adapters" / "adapters.safetensors")
+        after = evaluate(model, loaded.tokenizer, held_out, cfg.eval_max_tokens)
+        report["rouge1_after"] = after["rouge1"]
+        log(f"[personalize] held-out ROUGE-1 after: {after['rouge1']:.4f} (before {report['rouge1_before']:.4f})")
+        write_jsonl(out / "evaluation.jsonl", [{**a, "reply_before": b["reply"], "rouge1_before": b["rouge1"]}
+                                               for a, b in zip(after["rows"], before["rows"])])
+    report["seconds"] = round(time.perf_counter() - t0, 1)
+
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(report, f, indent=2, default=str)
+
+    atomic_write(out / "report.json", write)
+    log(f"[personalize] report: {out / 'report.json'}")
+    return report
