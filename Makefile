@@ -1,5 +1,5 @@
 # The two commands of the README. Both set up .venv first (idempotent).
-.PHONY: setup demo test bench
+.PHONY: setup demo test bench personalize-demo
 
 setup:
 	./scripts/setup.sh
@@ -13,3 +13,6 @@ test: setup
 
 bench: setup
 	.venv/bin/python tools/bench.py
+
+personalize-demo: setup
+	.venv/bin/python tools/personalize_demo.py

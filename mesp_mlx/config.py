@@ -21,13 +21,13 @@ class TrainConfig:
     model: str | None = None  # local folder, .gguf, hub repo id, or None for the embedded SmolLM2
     data: str | None = None
     method: str = "mesp"
-    store_h: bool = False
+    store_h: bool = False  # MeSP: keep h = xA from the recompute instead of recomputing it in backward
     lcsb_fraction: float = 0.25  # LCSB: share of the trainable blocks back-propagated per step
     lcsb_schedule: str = "cyclic"  # cyclic | random | importance
     lcsb_skipped: str = "freeze"  # freeze | momentum: skipped blocks' optimizer state
     zo_eps: float = 1e-3  # MeZO: perturbation size
     zo_samples: int = 1  # MeZO: SPSA draws averaged per step (n-SPSA)
-    zo_weight_decay: float = 0.0  # MeZO: weight decay in its own update  # MeSP: keep h = xA from the recompute instead of recomputing it in backward
+    zo_weight_decay: float = 0.0  # MeZO: weight decay in its own update
     iters: int = 100
     batch_size: int = 1
     learning_rate: float = 1e-5
@@ -42,10 +42,10 @@ class TrainConfig:
     resume_adapter_file: str | None = None
     save_every: int = 100
     resume: bool = False  # continue the run saved in adapter_path (training_state.safetensors)
-    on_nonfinite: str = "stop"
+    on_nonfinite: str = "stop"  # stop | skip: what a NaN/inf loss or gradient does
     device_profile: str | None = None  # a named memory budget (mesp-mlx profiles)
     budget_mb: float | None = None  # a budget in MB (wins over the profile's)
-    skip_plan: bool = False  # start even when the planner predicts the budget is exceeded  # stop | skip: what a NaN/inf loss or gradient does
+    skip_plan: bool = False  # start even when the planner predicts the budget is exceeded
     steps_per_report: int = 1
     # model / compute
     quantize_bits: int = 4

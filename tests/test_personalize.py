@@ -255,3 +255,29 @@ def test_personalize_end_to_end_on_a_tiny_model(tmp_path, tiny_models):
     assert 0 <= report["rouge1_before"] <= 1 and 0 <= report["rouge1_after"] <= 1
     assert (out / "adapters" / "adapters.safetensors").is_file()
     assert len((out / "evaluation.jsonl").read_text().splitlines()) == 2
+
+
+def test_batched_embeddings_equal_one_by_one(tiny_models):
+    from mesp_mlx.personalize.pipeline import load_for_inference
+
+    loaded = load_for_inference(str(tiny_models["llama"]))
+    enc = generation.TextEncoder(loaded.model, loaded.tokenizer)
+    ids = [enc.tokens(q + " " + a) for q, a in DIALOGUES] + [enc.tokens("hi")]
+    batched = enc.embed_many(ids, batch_size=4)
+    for i, e in zip(ids, batched):
+        np.testing.assert_allclose(e.astype(np.float32), enc.embed(i).astype(np.float32), atol=2e-3)
+        assert abs(np.linalg.norm(e.astype(np.float32)) - 1) < 2e-3
+
+
+def test_shakespeare_user_stream_is_one_characters_replies():
+    from mesp_mlx.corpora import shakespeare_speeches, shakespeare_user_stream
+
+    speeches = shakespeare_speeches("hamlet")
+    assert ("HAMLET", "A little more than kin, and less than kind.") in speeches
+    stream, held = shakespeare_user_stream("HAMLET", "hamlet", seed=0, held_out=10)
+    assert len(held) == 10 and not set(held) & set(stream)
+    hamlet = {text[:100] for who, text in speeches if who == "HAMLET"}
+    assert all(reply[:100] in hamlet or any(h.startswith(reply) for h in hamlet) for _, reply in stream + held)
+    assert shakespeare_user_stream("HAMLET", "hamlet", seed=0, held_out=10) == (stream, held)
+    with pytest.raises(ValueError, match="too few"):
+        shakespeare_user_stream("HAMLET", "hamlet", held_out=10_000)

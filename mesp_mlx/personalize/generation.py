@@ -26,9 +26,26 @@ class TextEncoder:
         return list(self.tokenizer.encode(text))[: self.max_tokens]
 
     def embed(self, ids: list[int]) -> np.ndarray:
-        hidden = self.model.model(mx.array(ids)[None])  # [1, T, d], final norm applied
-        pooled = hidden[0].astype(mx.float32).mean(axis=0)
-        return unit(np.array(pooled)).astype(np.float16)
+        return self.embed_many([ids])[0]
+
+    def embed_many(self, texts_ids: list[list[int]], batch_size: int = 32) -> list[np.ndarray]:
+        """Embeddings of many texts, batch by batch of similar lengths. Right padding is exact: attention is causal,
+        so a position never sees the padding after it, and the mean is over each text's own positions."""
+        order = sorted(range(len(texts_ids)), key=lambda i: len(texts_ids[i]))
+        out: list = [None] * len(texts_ids)
+        for start in range(0, len(order), batch_size):
+            group = order[start:start + batch_size]
+            lengths = [max(1, len(texts_ids[i])) for i in group]
+            width = max(lengths)
+            pad = np.zeros((len(group), width), dtype=np.int32)
+            for row, i in enumerate(group):
+                pad[row, :len(texts_ids[i])] = texts_ids[i]
+            hidden = self.model.model(mx.array(pad)).astype(mx.float32)  # [B, T, d], final norm applied
+            valid = mx.array(np.arange(width)[None, :] < np.array(lengths)[:, None], dtype=mx.float32)
+            pooled = (hidden * valid[..., None]).sum(axis=1) / valid.sum(axis=1, keepdims=True)
+            for row, i in enumerate(group):
+                out[i] = unit(np.array(pooled[row])).astype(np.float16)
+        return out
 
 
 def _chat_tokens(tokenizer, prompt: str) -> list[int]:

@@ -88,12 +88,14 @@ def load_for_inference(model_spec: str | None):
 def make_candidates(dialogues: list[Dialogue], encoder: TextEncoder, lexicons: dict) -> list[Candidate]:
     """Score what does not depend on the buffer (EOE, DSS, domain, embedding) once per dialogue. The scored text is
     the dialogue as the user saw it: prompt and response."""
+    texts = [d.prompt if d.response is None else f"{d.prompt}\n{d.response}" for d in dialogues]
+    ids = [encoder.tokens(t) for t in texts]
+    embeddings = encoder.embed_many(ids)
     out = []
-    for i, d in enumerate(dialogues):
-        text = d.prompt if d.response is None else f"{d.prompt}\n{d.response}"
-        ids, ws = encoder.tokens(text), words(text)
+    for i, (d, text) in enumerate(zip(dialogues, texts)):
+        ws = words(text)
         out.append(Candidate(index=i, prompt=d.prompt, response=d.response, domain=dominant_domain(ws, lexicons),
-                             embedding=encoder.embed(ids), eoe=eoe(ids), dss=dss(ws, lexicons), source=d.source))
+                             embedding=embeddings[i], eoe=eoe(ids[i]), dss=dss(ws, lexicons), source=d.source))
     return out
 
 
@@ -156,7 +158,10 @@ def _annotator(cfg: PersonalizeConfig, ask, show):
     return None, "none (non-interactive and no --annotations file)"
 
 
-def run(cfg: PersonalizeConfig, log=print, ask=input) -> dict:
+def run(cfg: PersonalizeConfig, log=print, ask=input, candidates: list[Candidate] | None = None,
+        before: dict | None = None) -> dict:
+    """The whole pipeline; `candidates` (make_candidates of the same stream) and `before` (evaluate of the base
+    model on the same held-out set) may be given when several runs share them (tools/personalize_demo.py)."""
     from ..train import train
 
     cfg.validate()
@@ -172,7 +177,10 @@ def run(cfg: PersonalizeConfig, log=print, ask=input) -> dict:
     loaded = load_for_inference(cfg.model)
     encoder = TextEncoder(loaded.model, loaded.tokenizer)
     t = time.perf_counter()
-    candidates = make_candidates(stream, encoder, lexicons)
+    if candidates is None:
+        candidates = make_candidates(stream, encoder, lexicons)
+    elif len(candidates) != len(stream):
+        raise ValueError("the given candidates are not those of this stream")
     buffer = select(candidates, cfg.policy, int(cfg.buffer_kb * 1024), cfg.seed)
     report["selection"] = {**buffer.summary(), "seconds": round(time.perf_counter() - t, 2)}
     log(f"[personalize] {len(stream)} dialogues -> buffer of {buffer.capacity / 1024:g} KB ({cfg.policy}): "
@@ -207,11 +215,12 @@ def run(cfg: PersonalizeConfig, log=print, ask=input) -> dict:
     write_jsonl(out / "data" / "train.jsonl", records)
     report["train_examples"] = len(records)
 
-    if held_out:
+    if held_out and before is None:
         t = time.perf_counter()
         before = evaluate(loaded.model, loaded.tokenizer, held_out, cfg.eval_max_tokens)
-        report["rouge1_before"] = before["rouge1"]
         log(f"[personalize] held-out ROUGE-1 before: {before['rouge1']:.4f} ({time.perf_counter() - t:.0f} s)")
+    if held_out:
+        report["rouge1_before"] = before["rouge1"]
     del encoder, loaded
     gc.collect()
     mx.clear_cache()  # the fine-tune's budget is for the fine-tune
