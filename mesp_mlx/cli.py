@@ -9,6 +9,9 @@ from pathlib import Path
 from .methods import METHODS
 
 
+EXIT_STATUS = {"done": 0, "interrupted": 130, "nonfinite": 3, "over_budget": 4}  # how a training run ended
+
+
 def _train_parser(sub, name="train", help="LoRA fine-tune within a memory budget (block-wise engine)"):
     p = sub.add_parser(name, help=help)
     p.add_argument("-c", "--config", help="YAML file with mlx-lm's keys (lora_parameters included)")
@@ -68,7 +71,7 @@ def cmd_train(args) -> int:
     overrides = {k: v for k, v in vars(args).items() if k not in ("command", "config", "func")}
     cfg = build_config(args.config, overrides)
     result = train(cfg)
-    return {"done": 0, "interrupted": 130, "nonfinite": 3, "over_budget": 4}[result.status]
+    return EXIT_STATUS[result.status]
 
 
 def cmd_personalize(args) -> int:
@@ -86,7 +89,7 @@ def cmd_personalize(args) -> int:
                             synth_temperature=args.synth_temperature, eval_max_tokens=args.eval_max_tokens,
                             train=train)
     report = run(cfg)
-    return 0 if report.get("train", {}).get("status") == "done" else 4
+    return EXIT_STATUS[report["train"]["status"]]
 
 
 def _personalize_parser(sub):

@@ -137,7 +137,7 @@ def train(cfg: TrainConfig, log=print) -> TrainResult:
     check_writable(adapter_path)
     budget_mb, budget_text = resolve_budget(cfg.device_profile, cfg.budget_mb)
     if budget_mb is not None and not cfg.skip_plan:
-        _check_plan(cfg, budget_mb, budget_text, log)
+        check_plan(cfg, budget_mb, budget_text, log)
     mx.random.seed(cfg.seed)
     prep = prepare_model(cfg)
     splits = load_splits(cfg.data, prep.tokenizer, cfg.mask_prompt)
@@ -239,7 +239,7 @@ def train(cfg: TrainConfig, log=print) -> TrainResult:
     return TrainResult(adapter_path, metrics.records, answers_before, answers_after, status)
 
 
-def _check_plan(cfg: TrainConfig, budget_mb: float, budget_text: str, log) -> None:
+def check_plan(cfg: TrainConfig, budget_mb: float, budget_text: str, log) -> None:
     """Refuse, before anything is written, a run predicted not to fit; name the settings that would."""
     from .planner import fitting_advice, predict
 

@@ -281,3 +281,17 @@ def test_shakespeare_user_stream_is_one_characters_replies():
     assert shakespeare_user_stream("HAMLET", "hamlet", seed=0, held_out=10) == (stream, held)
     with pytest.raises(ValueError, match="too few"):
         shakespeare_user_stream("HAMLET", "hamlet", held_out=10_000)
+
+
+def test_personalize_refuses_a_budget_that_cannot_fit_before_any_work(tmp_path, tiny_models, capsys):
+    from mesp_mlx.cli import main
+
+    stream = tmp_path / "stream.jsonl"
+    stream.write_text("".join(json.dumps({"prompt": q, "completion": a}) + "\n" for q, a in DIALOGUES))
+    out = tmp_path / "run"
+    rc = main(["personalize", "--model", str(tiny_models["qwen2"]), "--stream", str(stream), "--out", str(out),
+               "--budget-mb", "0.5", "--batch-size", "2"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "predicted to need" in err and "over the budget" in err
+    assert not out.exists()

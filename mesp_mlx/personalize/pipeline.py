@@ -162,7 +162,8 @@ def run(cfg: PersonalizeConfig, log=print, ask=input, candidates: list[Candidate
         before: dict | None = None) -> dict:
     """The whole pipeline; `candidates` (make_candidates of the same stream) and `before` (evaluate of the base
     model on the same held-out set) may be given when several runs share them (tools/personalize_demo.py)."""
-    from ..train import train
+    from ..governor import resolve_budget
+    from ..train import check_plan, train
 
     cfg.validate()
     out = Path(cfg.out)
@@ -172,6 +173,10 @@ def run(cfg: PersonalizeConfig, log=print, ask=input, candidates: list[Candidate
     held_out = read_dialogues(cfg.eval, need_response=True) if cfg.eval else []
     train_cfg = training_config(cfg, out / "data", out / "adapters")
     train_cfg.validate()  # bad training settings fail here, before the slow stages
+    budget_mb, budget_text = resolve_budget(train_cfg.device_profile, train_cfg.budget_mb)
+    if budget_mb is not None and not train_cfg.skip_plan:
+        check_plan(train_cfg, budget_mb, budget_text, log)  # a fine-tune that cannot fit is refused now
+        train_cfg.skip_plan = True
     report: dict = {"config": dataclasses.asdict(cfg), "stream": len(stream), "held_out": len(held_out)}
 
     loaded = load_for_inference(cfg.model)
