@@ -118,18 +118,21 @@ def test_quality_rule_by_hand():
     c = cand(3, eoe_=0.6, dss_=0.2, emb=[0, 0, 0, 1])  # beats a on EOE and DSS, not b
     assert buf.offer(c)
     assert [x.index for x in buf.items] == [1, 3]
-    dup = cand(4, eoe_=0.95, dss_=0.05, emb=[0, 0, 0, 1])  # a copy of c's embedding: IDD 0; wins only on EOE
+    dup = cand(4, eoe_=0.95, dss_=0.05, emb=[0, 0, 0, 1])  # a repeat of c (cosine 1): counted on c, not stored
     assert not buf.offer(dup)
-    assert dup.idd == pytest.approx(0.0)
+    assert dup.idd == pytest.approx(0.0) and buf.items[1].seen == 2 and buf.repeats == 1
+    other = cand(5, eoe_=0.5, dss_=0.05, emb=[0, 0, 0.9, 0.44])  # cosine 0.44 to c: not a repeat
+    assert not buf.offer(other) and buf.repeats == 1  # beats nothing (c is protected, b is stronger)
 
 
-def test_quality_evicts_duplicates_first():
-    buf = SelectionBuffer(300, make_policy("quality"))
+def test_quality_counts_repeats_and_protects_them():
+    buf = SelectionBuffer(200, make_policy("quality"))
     for i in range(3):
         buf.offer(cand(i, eoe_=0.5, dss_=0.1, emb=[1, 0, 0, 0]))  # the same dialogue three times
-    assert all(c.idd == pytest.approx(0.0) for c in buf.items)
-    assert buf.offer(cand(5, eoe_=0.5, dss_=0.2, emb=[0, 1, 0, 0]))  # new content wins on DSS and IDD
-    assert [c.index for c in buf.items] == [1, 2, 5]  # the weakest, oldest copy went
+    assert len(buf.items) == 1 and buf.items[0].seen == 3
+    assert buf.offer(cand(3, eoe_=0.4, dss_=0.1, emb=[0, 1, 0, 0]))  # room left: admitted
+    assert buf.offer(cand(5, eoe_=0.9, dss_=0.9, emb=[0, 0, 1, 0]))  # beats both on scores: only the one seen once goes
+    assert [(c.index, c.seen) for c in buf.items] == [(0, 3), (5, 1)]
 
 
 def test_fifo_and_kcenter_by_hand():

@@ -23,6 +23,7 @@ sys.path.insert(0, str(ROOT))
 
 from mesp_mlx.corpora import chatterbot_user_stream, shakespeare_user_stream  # noqa: E402
 from mesp_mlx.io import atomic_write  # noqa: E402
+from mesp_mlx.personalize.buffer import POLICIES  # noqa: E402
 from mesp_mlx.personalize.generation import TextEncoder  # noqa: E402
 from mesp_mlx.personalize.pipeline import (PersonalizeConfig, evaluate, load_for_inference, make_candidates,  # noqa
                                            run)
@@ -82,7 +83,14 @@ def main() -> int:
                             "peak_mb": report["train"]["peak_mb"], "final_loss": report["train"]["final_loss"],
                             "seconds": report["seconds"]})
             print(f"[demo] {results[-1]}", flush=True)
-    settings = {k: v for k, v in vars(args).items()}
+    settings = {k: v for k, v in vars(args).items() if k not in ("policies", "seeds")}
+    previous = out.parent / "personalize.json"
+    if previous.is_file():  # runs of other policies / seeds with the same settings are kept
+        old = json.loads(previous.read_text())
+        if old.get("settings") == settings:
+            done = {(r["seed"], r["policy"]) for r in results}
+            results = [r for r in old["results"] if (r["seed"], r["policy"]) not in done] + results
+            results.sort(key=lambda r: (r["seed"], list(POLICIES).index(r["policy"])))
 
     def write_json(tmp):
         with open(tmp, "w") as f:

@@ -5,9 +5,12 @@ refuses it, evicting nothing). The buffer never holds more than its capacity, an
 stream and the seed only.
 
 - `quality` (ours, after Qin et al.): the candidate's IDD is taken against the buffer, each entry's against the other
-  entries. A candidate *beats* an entry when it is better on at least two of EOE, DSS and IDD. Beaten entries are evicted
-  weakest first (lowest sum of their three within-buffer ranks; older first on ties) until the candidate fits; if all
-  beaten entries together do not free enough bytes, the candidate is refused.
+  entries. A candidate within cosine `repeat_cos` (0.98) of an entry of its domain is a repeat of it: the entry's `seen`
+  count goes up and nothing is stored twice. Otherwise a candidate *beats* an entry when it is better on at least two of
+  EOE, DSS and IDD; entries the user repeated (seen > 1) are not replaced by a dialogue seen once. Beaten entries are
+  evicted weakest first (lowest sum of their three within-buffer ranks; older first on ties) until the candidate fits;
+  if all beaten entries together do not free enough bytes, the candidate is refused. (Without the repeat rule the
+  buffer drops exactly what a user keeps coming back to: tools/personalize_demo.py measured it.)
 - `random`: evicts uniformly drawn entries (seeded) until the candidate fits.
 - `fifo`: evicts the oldest entries until the candidate fits.
 - `kcenter`: greedy k-center on the embeddings: from the entries plus the candidate, removes the most redundant point
@@ -36,6 +39,7 @@ class Candidate:
     dss: float
     source: str = ""  # file:line it came from
     idd: float = field(default=1.0, compare=False)  # against the buffer, set when offered
+    seen: int = field(default=1, compare=False)  # how often the stream brought this dialogue (repeats absorbed)
 
     @property
     def nbytes(self) -> int:
@@ -45,7 +49,7 @@ class Candidate:
 
     def record(self) -> dict:
         return {"index": self.index, "source": self.source, "domain": self.domain, "eoe": round(self.eoe, 6),
-                "dss": round(self.dss, 6), "idd": round(self.idd, 6), "bytes": self.nbytes, "prompt": self.prompt,
+                "dss": round(self.dss, 6), "idd": round(self.idd, 6), "seen": self.seen, "bytes": self.nbytes, "prompt": self.prompt,
                 "response": self.response}
 
 
@@ -58,6 +62,10 @@ class Policy:
 
     def score_candidate(self, items: list[Candidate], candidate: Candidate) -> None:
         """Called before `evictions` (a policy may score the candidate against the entries)."""
+
+    def absorb(self, items: list[Candidate], candidate: Candidate) -> bool:
+        """True when the candidate is a repeat of an entry and was counted there instead of stored."""
+        return False
 
     def admitted(self, items: list[Candidate]) -> None:
         """Called after the buffer changed (a policy may refresh what it derives from the entries)."""
@@ -82,6 +90,9 @@ def _ranks(values: list[float]) -> np.ndarray:
 class QualityPolicy(Policy):
     name = "quality"
 
+    def __init__(self, repeat_cos: float = 0.98):
+        self.repeat_cos = repeat_cos
+
     def refresh_idd(self, items: list[Candidate]) -> None:
         """Each entry's IDD against the other entries of its domain."""
         if not items:
@@ -99,9 +110,17 @@ class QualityPolicy(Policy):
         same = [c.embedding for c in items if c.domain == candidate.domain]
         candidate.idd = idd(candidate.embedding, np.stack(same) if same else np.zeros((0, 1)))
 
+    def absorb(self, items, candidate):
+        if 1.0 - candidate.idd < self.repeat_cos:
+            return False
+        same = [c for c in items if c.domain == candidate.domain]
+        sims = np.stack([c.embedding for c in same]).astype(np.float32) @ candidate.embedding.astype(np.float32)
+        same[int(np.argmax(sims))].seen += 1
+        return True
+
     def evictions(self, items, candidate, need):
-        beaten = [i for i, c in enumerate(items)
-                  if (candidate.eoe > c.eoe) + (candidate.dss > c.dss) + (candidate.idd > c.idd) >= 2]
+        beaten = [i for i, c in enumerate(items) if c.seen <= candidate.seen
+                  and (candidate.eoe > c.eoe) + (candidate.dss > c.dss) + (candidate.idd > c.idd) >= 2]
         if not beaten:
             return None
         strength = _ranks([c.eoe for c in items]) + _ranks([c.dss for c in items]) + _ranks([c.idd for c in items])
@@ -170,13 +189,17 @@ class SelectionBuffer:
         self.policy = policy
         self.items: list[Candidate] = []
         self.used = 0
-        self.offered = self.admitted = self.evicted = 0
+        self.offered = self.admitted = self.evicted = self.repeats = 0
 
     def offer(self, candidate: Candidate) -> bool:
+        """True when the candidate was stored (a repeat absorbed by an entry is counted there, not stored)."""
         self.offered += 1
         if candidate.nbytes > self.capacity:
             return False
         self.policy.score_candidate(self.items, candidate)
+        if self.policy.absorb(self.items, candidate):
+            self.repeats += 1
+            return False
         need = self.used + candidate.nbytes - self.capacity
         if need > 0:
             drop = self.policy.evictions(self.items, candidate, need)
@@ -198,4 +221,5 @@ class SelectionBuffer:
             domains[c.domain] = domains.get(c.domain, 0) + 1
         return {"policy": self.policy.name, "capacity_bytes": self.capacity, "used_bytes": self.used,
                 "items": len(self.items), "distinct_prompts": len({c.prompt for c in self.items}),
-                "offered": self.offered, "admitted": self.admitted, "evicted": self.evicted, "domains": domains}
+                "offered": self.offered, "admitted": self.admitted, "evicted": self.evicted, "repeats": self.repeats,
+                "domains": domains}
