@@ -94,10 +94,11 @@ def cosines(args) -> dict:
 def curves(args) -> dict:
     runs = {"mesp": {}, "mebp": {}, "lcsb": {}, "mezo": {"lr": args.mezo_lr, "zo_eps": args.zo_eps}}
     out = {}
-    for name, extra in runs.items():
-        if name not in args.methods.split(","):
-            continue
-        method = name
+    for name in args.methods.split(","):
+        method, _, schedule = name.partition(":")  # lcsb:importance / lcsb:random pick LCSB's schedule
+        extra = dict(runs[method])
+        if schedule:
+            extra["lcsb_schedule"] = schedule
         _, _, batches, engine = setup(args, method, **extra)
         losses, seconds, t = [], [], 0.0
         for step in range(args.steps):
@@ -147,7 +148,7 @@ def main():
     ap.add_argument("--mezo-lr", type=float, default=1e-4)
     ap.add_argument("--zo-eps", type=float, default=1e-3)
     ap.add_argument("--trials", type=int, default=3)
-    ap.add_argument("--methods", default="mesp,mebp,lcsb,mezo", help="curves to (re)measure; others are kept")
+    ap.add_argument("--methods", default="mesp,mebp,lcsb,mezo", help="curves to (re)measure; others are kept. lcsb:importance / lcsb:random: LCSB with that schedule")
     ap.add_argument("--skip-cosines", action="store_true", help="keep the cosines of the last run")
     args = ap.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
