@@ -15,4 +15,4 @@ bench: setup
 	.venv/bin/python tools/bench.py
 
 personalize-demo: setup
-	.venv/bin/python tools/personalize_demo.py
+	.venv/bin/python tools/personalize_demo.py --seeds 0,1

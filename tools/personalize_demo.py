@@ -4,7 +4,7 @@ or Hamlet as the user with --corpus shakespeare — every speech addressed to hi
 each kept set is self-synthesised, fine-tuned with MeSP under the iphone-17-pro profile and scored by ROUGE-1 on the
 user's held-out dialogues. Embeddings and the base model's held-out replies are computed once and shared by all runs.
 
-    python tools/personalize_demo.py                       # all four policies, seed 0
+    python tools/personalize_demo.py --seeds 0,1            # all four policies, two seeds (the README's table)
     python tools/personalize_demo.py --seeds 0,1 --iters 60
 
 Writes tools/out/personalize.json and tools/out/personalize.md (a Markdown table) and each run's folder.
