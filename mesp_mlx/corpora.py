@@ -7,21 +7,25 @@ modelling corpus standing in for WikiText-2 (the MeSP paper's data) where no hub
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 
 import yaml
 
-from .io import atomic_write
+from .data import chat_record
+from .io import write_jsonl
 
 
-def chatterbot_pairs(categories: list[str], language: str = "english") -> list[tuple[str, str]]:
+def _chatterbot_root(language: str) -> Path:
     try:
         import chatterbot_corpus
     except ImportError as e:
         raise RuntimeError("chatterbot-corpus is not installed: pip install --no-deps chatterbot-corpus") from e
-    root = Path(chatterbot_corpus.__file__).parent / "data" / language
+    return Path(chatterbot_corpus.__file__).parent / "data" / language
+
+
+def chatterbot_pairs(categories: list[str], language: str = "english") -> list[tuple[str, str]]:
+    root = _chatterbot_root(language)
     pairs = []
     for cat in categories:
         path = root / f"{cat}.yml"
@@ -39,9 +43,7 @@ def chatterbot_pairs(categories: list[str], language: str = "english") -> list[t
 
 
 def chatterbot_categories(language: str = "english") -> list[str]:
-    import chatterbot_corpus
-
-    return sorted(p.stem for p in (Path(chatterbot_corpus.__file__).parent / "data" / language).glob("*.yml"))
+    return sorted(p.stem for p in _chatterbot_root(language).glob("*.yml"))
 
 
 def chatterbot_user_stream(seed: int = 0, held_out: int = 60, categories: list[str] | None = None,
@@ -75,26 +77,28 @@ def chatterbot_user_stream(seed: int = 0, held_out: int = 60, categories: list[s
 def write_chat_jsonl(pairs: list[tuple[str, str]], out_dir: str | Path, valid_fraction: float = 0.1, seed: int = 0,
                      system: str | None = None) -> dict:
     """Shuffle deterministically, split into train/valid and write mlx-lm chat jsonl files atomically."""
-    out_dir = Path(out_dir)
-    pairs = list(pairs)
-    random.Random(seed).shuffle(pairs)
-    n_valid = max(1, int(len(pairs) * valid_fraction)) if len(pairs) > 1 else 0
-    splits = {"valid": pairs[:n_valid], "train": pairs[n_valid:]}
+    return _write_splits([chat_record(q, a, system) for q, a in pairs], out_dir, valid_fraction, seed)
+
+
+def _write_splits(records: list[dict], out_dir: str | Path, valid_fraction: float, seed: int) -> dict:
+    """A deterministic shuffle, then valid.jsonl (at least one record when there are two) and train.jsonl."""
+    records = list(records)
+    random.Random(seed).shuffle(records)
+    n_valid = max(1, int(len(records) * valid_fraction)) if len(records) > 1 else 0
     counts = {}
-    for name, items in splits.items():
-        lines = []
-        for q, a in items:
-            msgs = ([{"role": "system", "content": system}] if system else []) + [
-                {"role": "user", "content": q}, {"role": "assistant", "content": a}]
-            lines.append(json.dumps({"messages": msgs}))
-
-        def write(tmp, lines=lines):
-            with open(tmp, "w") as f:
-                f.write("\n".join(lines) + "\n")
-
-        atomic_write(out_dir / f"{name}.jsonl", write)
+    for name, items in {"valid": records[:n_valid], "train": records[n_valid:]}.items():
+        write_jsonl(Path(out_dir) / f"{name}.jsonl", items)
         counts[name] = len(items)
     return counts
+
+
+def write_user_stream(stream: list[tuple[str, str]], held_out: list[tuple[str, str]], out_dir: str | Path
+                      ) -> tuple[Path, Path]:
+    """stream.jsonl and heldout.jsonl (chat records, in order) for `mesp-mlx personalize`."""
+    paths = Path(out_dir) / "stream.jsonl", Path(out_dir) / "heldout.jsonl"
+    for path, pairs in zip(paths, (stream, held_out)):
+        write_jsonl(path, [chat_record(q, a) for q, a in pairs])
+    return paths
 
 
 def _play_files() -> list[Path]:
@@ -180,16 +184,4 @@ def shakespeare_passages(plays: list[str] | None = None, chars: int = 1200) -> l
 
 def write_text_jsonl(texts: list[str], out_dir: str | Path, valid_fraction: float = 0.05, seed: int = 0) -> dict:
     """Deterministic train/valid split of plain texts into mlx-lm {"text": ...} jsonl files, written atomically."""
-    out_dir = Path(out_dir)
-    texts = list(texts)
-    random.Random(seed).shuffle(texts)
-    n_valid = max(1, int(len(texts) * valid_fraction)) if len(texts) > 1 else 0
-    counts = {}
-    for name, items in {"valid": texts[:n_valid], "train": texts[n_valid:]}.items():
-        def write(tmp, items=items):
-            with open(tmp, "w") as f:
-                f.write("\n".join(json.dumps({"text": t}) for t in items) + "\n")
-
-        atomic_write(out_dir / f"{name}.jsonl", write)
-        counts[name] = len(items)
-    return counts
+    return _write_splits([{"text": t} for t in texts], out_dir, valid_fraction, seed)

@@ -52,9 +52,9 @@ def _check_record(rec, fmt: str, keys: dict, where: str) -> None:
                 raise DataError(f"{where}: message {j} content must be a string")
 
 
-def read_jsonl(path: Path, keys: dict) -> list[dict]:
-    """Parse and validate a jsonl file; every record must be of the format its first record has."""
-    records, fmt = [], None
+def iter_jsonl(path: str | Path):
+    """(where, record) for each non-blank line of a jsonl file, where = "file:line"; a line that is not a JSON object
+    is refused with its file:line."""
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             where = f"{path}:{lineno}"
@@ -66,16 +66,29 @@ def read_jsonl(path: Path, keys: dict) -> list[dict]:
                 raise DataError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
             if not isinstance(rec, dict):
                 raise DataError(f"{where}: each line must be a JSON object, got {type(rec).__name__}")
-            this = _detect(rec, keys)
-            if this is None:
-                raise DataError(f"{where}: unknown format: expected {keys['text']!r} (text), {keys['prompt']!r}+"
-                                f"{keys['completion']!r} (completions) or {keys['chat']!r} (chat); got keys {sorted(rec)}")
-            if fmt is None:
-                fmt = this
-            elif this != fmt:
-                raise DataError(f"{where}: {this} record in a {fmt} file (one format per file)")
-            _check_record(rec, fmt, keys, where)
-            records.append(rec)
+            yield where, rec
+
+
+def chat_record(prompt: str, response: str, system: str | None = None) -> dict:
+    """One mlx-lm chat record: an optional system turn, the user's prompt, the assistant's response."""
+    msgs = [{"role": "system", "content": system}] if system else []
+    return {"messages": msgs + [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]}
+
+
+def read_jsonl(path: Path, keys: dict) -> list[dict]:
+    """Parse and validate a jsonl file; every record must be of the format its first record has."""
+    records, fmt = [], None
+    for where, rec in iter_jsonl(path):
+        this = _detect(rec, keys)
+        if this is None:
+            raise DataError(f"{where}: unknown format: expected {keys['text']!r} (text), {keys['prompt']!r}+"
+                            f"{keys['completion']!r} (completions) or {keys['chat']!r} (chat); got keys {sorted(rec)}")
+        if fmt is None:
+            fmt = this
+        elif this != fmt:
+            raise DataError(f"{where}: {this} record in a {fmt} file (one format per file)")
+        _check_record(rec, fmt, keys, where)
+        records.append(rec)
     if not records:
         raise DataError(f"{path}: empty (no records)")
     return records

@@ -47,6 +47,15 @@ def atomic_write_json(path: str | os.PathLike, obj) -> None:
     atomic_write(path, write)
 
 
+def write_jsonl(path: str | os.PathLike, records) -> None:
+    """One JSON object per line, written atomically."""
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(r) + "\n" for r in records)
+
+    atomic_write(path, write)
+
+
 def check_writable(folder: str | os.PathLike) -> None:
     """Fail early (before any training) when an output folder cannot be created or written."""
     folder = Path(folder)

@@ -192,7 +192,7 @@ def test_stream_formats_and_errors(tmp_path):
     with pytest.raises(DataError, match=r"s.jsonl:1: the dialogue has no user turn"):
         read_dialogues(f)
     f.write_text('{"messages": [}\n')
-    with pytest.raises(DataError, match=r"s.jsonl:1: invalid JSON"):
+    with pytest.raises(DataError, match=r"s.jsonl:1: malformed JSON"):
         read_dialogues(f)
 
 

@@ -21,14 +21,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mesp_mlx.corpora import chatterbot_user_stream, shakespeare_user_stream  # noqa: E402
-from mesp_mlx.io import atomic_write  # noqa: E402
+from mesp_mlx.corpora import chatterbot_user_stream, shakespeare_user_stream, write_user_stream  # noqa: E402
+from mesp_mlx.io import atomic_write, atomic_write_json  # noqa: E402
 from mesp_mlx.personalize.buffer import POLICIES  # noqa: E402
 from mesp_mlx.personalize.generation import TextEncoder  # noqa: E402
 from mesp_mlx.personalize.pipeline import (PersonalizeConfig, evaluate, load_for_inference, make_candidates,  # noqa
                                            run)
 from mesp_mlx.personalize.scores import load_lexicons  # noqa: E402
-from mesp_mlx.personalize.stream import chat_record, read_dialogues, write_jsonl  # noqa: E402
+from mesp_mlx.personalize.stream import read_dialogues  # noqa: E402
 
 
 def main() -> int:
@@ -56,10 +56,9 @@ def main() -> int:
             stream_pairs, held_pairs = shakespeare_user_stream(args.character, args.play, seed, args.held_out)
         else:
             stream_pairs, held_pairs = chatterbot_user_stream(seed, args.held_out, split=args.split)
-        write_jsonl(data / "stream.jsonl", [chat_record(q, a) for q, a in stream_pairs])
-        write_jsonl(data / "heldout.jsonl", [chat_record(q, a) for q, a in held_pairs])
-        stream = read_dialogues(data / "stream.jsonl")
-        held = read_dialogues(data / "heldout.jsonl", need_response=True)
+        stream_file, held_file = write_user_stream(stream_pairs, held_pairs, data)
+        stream = read_dialogues(stream_file)
+        held = read_dialogues(held_file, need_response=True)
         t = time.perf_counter()
         loaded = load_for_inference(None)
         candidates = make_candidates(stream, TextEncoder(loaded.model, loaded.tokenizer), load_lexicons())
@@ -69,7 +68,7 @@ def main() -> int:
         print(f"[demo] seed {seed}: {len(stream)} dialogues embedded and scored in {embed_s:.0f} s; held-out "
               f"ROUGE-1 of the base model {before['rouge1']:.4f}", flush=True)
         for policy in args.policies.split(","):
-            cfg = PersonalizeConfig(stream=str(data / "stream.jsonl"), eval=str(data / "heldout.jsonl"),
+            cfg = PersonalizeConfig(stream=str(stream_file), eval=str(held_file),
                                     out=str(data / policy), buffer_kb=args.buffer_kb, policy=policy, seed=seed,
                                     variants=args.variants,
                                     train={"iters": args.iters, "learning_rate": args.learning_rate,
@@ -91,12 +90,7 @@ def main() -> int:
             done = {(r["seed"], r["policy"]) for r in results}
             results = [r for r in old["results"] if (r["seed"], r["policy"]) not in done] + results
             results.sort(key=lambda r: (r["seed"], list(POLICIES).index(r["policy"])))
-
-    def write_json(tmp):
-        with open(tmp, "w") as f:
-            json.dump({"settings": settings, "results": results}, f, indent=2)
-
-    atomic_write(out.parent / "personalize.json", write_json)
+    atomic_write_json(out.parent / "personalize.json", {"settings": settings, "results": results})
     user = (f"{args.character} in {args.play}" if args.corpus == "shakespeare"
             else f"chatterbot-corpus, {args.split} split")
     lines = [f"user: {user}; buffer {args.buffer_kb:g} KB, {args.variants} paraphrases per kept prompt, MeSP "

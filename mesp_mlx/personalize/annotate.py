@@ -7,11 +7,10 @@ stream order on ties. Where the answers come from: an interactive prompt, or a j
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Callable
 
-from ..data import DataError
+from ..data import DataError, iter_jsonl
 from .buffer import Candidate
 
 
@@ -25,17 +24,10 @@ def read_annotations(path: str | Path) -> dict[str, str]:
     if not path.is_file():
         raise FileNotFoundError(f"annotation file not found: {path}")
     answers = {}
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
-            if not (isinstance(rec, dict) and isinstance(rec.get("prompt"), str) and isinstance(rec.get("response"), str)):
-                raise DataError(f"{path}:{lineno}: an annotation needs string fields 'prompt' and 'response'")
-            answers[rec["prompt"].strip()] = rec["response"].strip()
+    for where, rec in iter_jsonl(path):
+        if not (isinstance(rec.get("prompt"), str) and isinstance(rec.get("response"), str)):
+            raise DataError(f"{where}: an annotation needs string fields 'prompt' and 'response'")
+        answers[rec["prompt"].strip()] = rec["response"].strip()
     return answers
 
 

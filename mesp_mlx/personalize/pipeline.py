@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-import json
 import sys
 import time
 from dataclasses import dataclass, field
@@ -18,12 +17,14 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from ..io import atomic_write
+from ..config import ConfigError, TrainConfig
+from ..data import DataError, chat_record
+from ..io import atomic_write_json, write_jsonl
 from .annotate import annotate, file_annotator, interactive_annotator
 from .buffer import Candidate, SelectionBuffer, make_policy, POLICIES
 from .generation import TextEncoder, generate_batch, paraphrase_all
 from .scores import dominant_domain, dss, eoe, load_lexicons, rouge1, words
-from .stream import Dialogue, chat_record, read_dialogues, write_jsonl
+from .stream import Dialogue, read_dialogues
 
 # the fine-tune's defaults; any TrainConfig key can be given in PersonalizeConfig.train
 TRAIN_DEFAULTS = {"method": "mesp", "iters": 100, "batch_size": 4, "learning_rate": 2e-4, "optimizer": "adamw",
@@ -53,8 +54,6 @@ class PersonalizeConfig:
     train: dict = field(default_factory=dict)
 
     def validate(self) -> None:
-        from ..config import ConfigError
-
         if self.policy not in POLICIES:
             raise ConfigError(f"--policy {self.policy!r}: one of {', '.join(POLICIES)}")
         if self.buffer_kb <= 0:
@@ -124,16 +123,13 @@ def evaluate(model, tokenizer, dialogues: list[Dialogue], max_tokens: int) -> di
     return {"rouge1": mean, "rows": rows}
 
 
-def training_config(cfg: PersonalizeConfig, data_dir: Path, adapter_dir: Path):
-    from ..config import TrainConfig
-
+def training_config(cfg: PersonalizeConfig, data_dir: Path, adapter_dir: Path) -> TrainConfig:
     values = {**TRAIN_DEFAULTS, **cfg.train}
     values.update(model=cfg.model, data=str(data_dir), adapter_path=str(adapter_dir), seed=cfg.seed)
     if "lora_parameters" in cfg.train:
         values["lora_parameters"] = {**TRAIN_DEFAULTS["lora_parameters"], **cfg.train["lora_parameters"]}
     unknown = set(values) - TrainConfig.keys()
     if unknown:
-        from ..config import ConfigError
         raise ConfigError(f"unknown training setting(s): {', '.join(sorted(unknown))}")
     return TrainConfig(**values)
 
@@ -204,7 +200,6 @@ def run(cfg: PersonalizeConfig, log=print, ask=input, candidates: list[Candidate
             f"(annotate them with --annotate-k / --annotations)")
     items = [c for c in items if c.response is not None]
     if not items:
-        from ..data import DataError
         raise DataError("no kept dialogue has a response to train on (give responses in the stream or annotate)")
 
     t = time.perf_counter()
@@ -246,11 +241,6 @@ def run(cfg: PersonalizeConfig, log=print, ask=input, candidates: list[Candidate
         write_jsonl(out / "evaluation.jsonl", [{**a, "reply_before": b["reply"], "rouge1_before": b["rouge1"]}
                                                for a, b in zip(after["rows"], before["rows"])])
     report["seconds"] = round(time.perf_counter() - t0, 1)
-
-    def write(tmp):
-        with open(tmp, "w") as f:
-            json.dump(report, f, indent=2, default=str)
-
-    atomic_write(out / "report.json", write)
+    atomic_write_json(out / "report.json", report)
     log(f"[personalize] report: {out / 'report.json'}")
     return report

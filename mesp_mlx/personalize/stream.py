@@ -7,12 +7,10 @@ prompt is a dialogue still waiting for the user's preferred response (sparse ann
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..data import DataError
-from ..io import atomic_write
+from ..data import DataError, iter_jsonl
 
 
 @dataclass
@@ -22,9 +20,7 @@ class Dialogue:
     source: str  # file:line
 
 
-def _parse(rec, where: str) -> Dialogue:
-    if not isinstance(rec, dict):
-        raise DataError(f"{where}: each line must be a JSON object")
+def _parse(rec: dict, where: str) -> Dialogue:
     if "messages" in rec:
         msgs = rec["messages"]
         if not isinstance(msgs, list) or not all(isinstance(m, dict) and isinstance(m.get("content"), str)
@@ -52,31 +48,11 @@ def read_dialogues(path: str | Path, need_response: bool = False) -> list[Dialog
     if not path.is_file():
         raise FileNotFoundError(f"dialogue file not found: {path}")
     out = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: invalid JSON ({e.msg})") from None
-            d = _parse(rec, where)
-            if need_response and d.response is None:
-                raise DataError(f"{where}: an evaluation dialogue needs a response to compare with")
-            out.append(d)
+    for where, rec in iter_jsonl(path):
+        d = _parse(rec, where)
+        if need_response and d.response is None:
+            raise DataError(f"{where}: an evaluation dialogue needs a response to compare with")
+        out.append(d)
     if not out:
         raise DataError(f"{path}: no dialogues")
     return out
-
-
-def chat_record(prompt: str, response: str) -> dict:
-    return {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]}
-
-
-def write_jsonl(path: str | Path, records: list[dict]) -> None:
-    def write(tmp):
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(r) + "\n" for r in records)
-
-    atomic_write(Path(path), write)
