@@ -9,7 +9,7 @@ import pytest
 
 from mesp_mlx.cli import main
 from mesp_mlx.data import BatchIterator, DataError, load_splits, read_jsonl
-from mesp_mlx.models import ModelLoadError, load_model, resolve_model
+from mesp_mlx.models import ModelLoadError, compute, load_model, resolve_model
 from mesp_mlx.models.gguf_import import GGUFImportError, import_gguf, unpermute_rows
 from mesp_mlx.models.synthetic import model_config, write_random_model
 
@@ -37,6 +37,24 @@ def test_gguf_import_of_real_smollm2_generates_paris(smollm2):
     assert tok.chat_template and "<|im_start|>" in tok.chat_template
     ids = tok.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True)
     assert tok.decode(ids).endswith("<|im_start|>assistant\n")
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+@pytest.mark.parametrize("scales_dtype", [mx.float32, mx.float16])
+def test_fast_dequantize_is_bit_identical_to_mlx(bits, group_size, scales_dtype, monkeypatch):
+    """The CPU unpacking the dequant compute path uses must give mx.dequantize's exact values (GGUF: fp16 scales)."""
+    mx.random.seed(bits * 1000 + group_size)
+    w, scales, biases = mx.quantize(3 * mx.random.normal((96, 256)), group_size=group_size, bits=bits)
+    scales, biases = scales.astype(scales_dtype), biases.astype(scales_dtype)
+    ref = mx.dequantize(w, scales.astype(mx.float32), biases.astype(mx.float32), group_size=group_size, bits=bits)
+    mx.eval(ref)
+    monkeypatch.setattr(mx, "dequantize", None)  # the unpacking must not fall back to it
+    with mx.stream(mx.cpu):
+        got = compute.dequantize(w, scales, biases, group_size, bits)
+        rows = compute.dequantize(w[7:40], scales[7:40], biases[7:40], group_size, bits)  # row slices (lean matmuls)
+    assert got.dtype == mx.float32 and mx.array_equal(got, ref).item()
+    assert mx.array_equal(rows, ref[7:40]).item()
 
 
 def test_gguf_errors(tmp_path):

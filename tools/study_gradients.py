@@ -4,10 +4,17 @@
    - MeZO's SPSA estimate with n = 1, 4, 16 draws (averaged over a few steps' seeds),
    - LCSB's partial gradient (1/4 of the blocks; unselected blocks count as zero), and on the selected blocks alone.
 2. Loss curves of MeSP, MeBP, LCSB and MeZO from the same start, on the same batches, for a fixed step budget, and
-   the same curves against wall-clock seconds.
-Writes tools/out/study/study.json and study.png.
+   the same curves against wall-clock seconds; with --eval-every, the loss on the held-out passages along the way.
+Writes tools/out/study/<name>.json and <name>.png.
+
+Starts: the cosines need B != 0 (at mlx-lm's LoRA init B = 0, so dL/dA = 0 exactly), so they are taken at a perturbed
+start (A, B += 0.02 N(0, 1)). The curves start where `mesp-mlx train` starts (--init lora: B = 0, the model is the
+pretrained one) unless --init perturbed, the earlier studies' start, which mostly measures how fast the noise is undone.
 
     .venv/bin/python tools/study_gradients.py [--steps 40] [--seq 128]
+    # the LCSB paper's setting (r 16, AdamW 1e-4, wd 0.01), held-out loss every 50 steps:
+    .venv/bin/python tools/study_gradients.py --steps 300 --rank 16 --optimizer adamw --lr 1e-4 --weight-decay 0.01 \
+        --eval-every 50 --methods mesp,lcsb,lcsb:cyclic:momentum --skip-cosines --name study_paper
 """
 
 from __future__ import annotations
@@ -49,15 +56,18 @@ def _cos(a: mx.array, b: mx.array) -> float:
     return (mx.sum(a * b) / (mx.linalg.norm(a) * mx.linalg.norm(b) + 1e-30)).item()
 
 
-def setup(args, method: str, **extra):
+def setup(args, method: str, init: str = "perturbed", **extra):
     optimizer = "sgd" if method == "mezo" else args.optimizer  # MeZO's update is its own (plain SGD on the estimate)
+    opt_config = {"adamw": {"weight_decay": args.weight_decay}} if optimizer == "adamw" else {}
     cfg = TrainConfig(model=None, data=str(args.data), method=method, optimizer=optimizer, learning_rate=extra.pop(
-        "lr", args.lr), max_seq_length=args.seq + 1, seed=0, **extra)
+        "lr", args.lr), max_seq_length=args.seq + 1, seed=0, optimizer_config=opt_config,
+        lora_parameters={**TrainConfig().lora_parameters, "rank": args.rank}, **extra)
     mx.random.seed(0)
     prep = prepare_model(cfg)
-    # a trained-looking start: LoRA B is zero at init (then dL/dA = 0); give it small random values
-    prep.model.update(tree_map(lambda x: 0.02 * mx.random.normal(x.shape), prep.model.trainable_parameters()))
-    mx.eval(prep.model.trainable_parameters())
+    if init == "perturbed":
+        # a trained-looking start: LoRA B is zero at init (then dL/dA = 0); give it small random values
+        prep.model.update(tree_map(lambda x: 0.02 * mx.random.normal(x.shape), prep.model.trainable_parameters()))
+        mx.eval(prep.model.trainable_parameters())
     batches = BatchIterator(load_splits(cfg.data, prep.tokenizer)["train"], 1, cfg.max_seq_length, seed=0)
     engine = BlockEngine(prep.parts, method_for(cfg), [make_optimizer(cfg) for _ in prep.parts.layers], seed=0)
     return cfg, prep, batches, engine
@@ -91,15 +101,34 @@ def cosines(args) -> dict:
     return out
 
 
+def heldout_loss(engine: BlockEngine, batches: list) -> float:
+    """Token-weighted mean loss over the held-out passages (the streamed forward, no gradient)."""
+    from mesp_mlx.engine.loop import _PeakMeter
+
+    total = count = 0
+    for tokens, lengths in batches:
+        loss, ntoks = engine.forward_loss(Batch.from_mlx_lm(tokens, lengths), 0, _PeakMeter())
+        total, count = total + loss * ntoks, count + ntoks
+    return total / count
+
+
 def curves(args) -> dict:
     runs = {"mesp": {}, "mebp": {}, "lcsb": {}, "mezo": {"lr": args.mezo_lr, "zo_eps": args.zo_eps}}
     out = {}
     for name in args.methods.split(","):
-        method, _, schedule = name.partition(":")  # lcsb:importance / lcsb:random pick LCSB's schedule
+        # lcsb:<schedule>[:<skipped>] picks LCSB's schedule (cyclic, random, importance) and skipped-block state
+        method, schedule, skipped = (name.split(":") + ["", ""])[:3]
         extra = dict(runs[method])
         if schedule:
             extra["lcsb_schedule"] = schedule
-        _, _, batches, engine = setup(args, method, **extra)
+        if skipped:
+            extra["lcsb_skipped"] = skipped
+        cfg, prep, batches, engine = setup(args, method, init=args.init, **extra)
+        valid = []
+        if args.eval_every:
+            held_out = BatchIterator(load_splits(cfg.data, prep.tokenizer)["valid"], 1, cfg.max_seq_length)
+            valid = [next(held_out) for _ in held_out.batches]  # one epoch: every held-out passage once
+        evals = {0: heldout_loss(engine, valid)} if valid else {}
         losses, seconds, t = [], [], 0.0
         for step in range(args.steps):
             tokens, lengths = next(batches)
@@ -107,9 +136,14 @@ def curves(args) -> dict:
             t += stats.step_s
             losses.append(stats.loss)
             seconds.append(t)
-        out[name] = {"loss": losses, "seconds": seconds, "s_per_step": t / args.steps}
-        print(f"{name}: loss {losses[0]:.3f} -> {np.mean(losses[-5:]):.3f} (mean of last 5), {t / args.steps:.2f} s/step",
-              flush=True)
+            if valid and ((step + 1) % args.eval_every == 0 or step + 1 == args.steps):
+                evals[step + 1] = heldout_loss(engine, valid)
+                print(f"  {name} step {step + 1}: train {np.mean(losses[-args.eval_every:]):.4f} "
+                      f"held-out {evals[step + 1]:.4f}", flush=True)
+        out[name] = {"loss": losses, "seconds": seconds, "s_per_step": t / args.steps,
+                     "heldout": {str(k): v for k, v in evals.items()}}
+        print(f"{name}: loss {losses[0]:.3f} -> {np.mean(losses[-5:]):.3f} (mean of last 5), {t / args.steps:.2f} s/step"
+              + (f", held-out {evals[args.steps]:.4f}" if valid else ""), flush=True)
     return out
 
 
@@ -144,6 +178,11 @@ def main():
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--lr", type=float, default=1e-3, help="learning rate of the first-order methods")
     ap.add_argument("--optimizer", default="sgd", choices=["sgd", "adamw"], help="of the first-order methods")
+    ap.add_argument("--weight-decay", type=float, default=0.0, help="AdamW's weight decay")
+    ap.add_argument("--rank", type=int, default=8, help="LoRA rank (the LCSB paper uses 16)")
+    ap.add_argument("--init", default="lora", choices=["lora", "perturbed"],
+                    help="start of the curves: mlx-lm's LoRA init (B = 0, as train) or the perturbed one of the cosines")
+    ap.add_argument("--eval-every", type=int, default=0, help="held-out loss every N steps (0: none)")
     ap.add_argument("--name", default="study", help="output files tools/out/study/<name>.{json,png}")
     ap.add_argument("--mezo-lr", type=float, default=1e-4)
     ap.add_argument("--zo-eps", type=float, default=1e-3)

@@ -17,10 +17,28 @@ from mlx.utils import tree_flatten, tree_map_with_path
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 
 
+def _affine_unpack(weight, scales, biases, group_size: int, bits: int) -> mx.array:
+    """Affine dequantization written as MLX ops: value j of a uint32 word is (word >> bits*j) & (2^bits - 1), then
+    q * scale + bias per group. Bit-identical to mx.dequantize (tested); compiled, it runs ~2x faster on CPU."""
+    per_word = 32 // bits
+    shifts = mx.array([bits * j for j in range(per_word)], dtype=mx.uint32)
+    q = (weight[..., None] >> shifts) & mx.array((1 << bits) - 1, dtype=mx.uint32)
+    q = q.reshape(*weight.shape[:-1], -1, group_size).astype(scales.dtype)
+    return (q * scales[..., None] + biases[..., None]).reshape(*weight.shape[:-1], weight.shape[-1] * per_word)
+
+
+_compiled_unpack = mx.compile(_affine_unpack)
+FAST_UNPACK = True  # the compiled unpacking on CPU (mx.dequantize's CPU kernel is ~2x slower); False: always mx.dequantize
+
+
 def dequantize(weight, scales, biases, group_size: int, bits: int, mode: str = "affine", dtype=mx.float32) -> mx.array:
     """Packed weight -> full precision in `dtype` (scales/biases cast first: GGUF stores them in fp16)."""
-    return mx.dequantize(weight, scales.astype(dtype), None if biases is None else biases.astype(dtype),
-                         group_size=group_size, bits=bits, mode=mode)
+    scales = scales.astype(dtype)
+    biases = None if biases is None else biases.astype(dtype)
+    if (FAST_UNPACK and mode == "affine" and bits in (1, 2, 4, 8) and biases is not None
+            and mx.default_device() == mx.cpu):
+        return _compiled_unpack(weight, scales, biases, group_size, bits)
+    return mx.dequantize(weight, scales, biases, group_size=group_size, bits=bits, mode=mode)
 
 
 def frozen_matmul(x, base: tuple, quant: tuple | None, transpose: bool):
@@ -61,10 +79,8 @@ class DequantEmbedding(nn.QuantizedEmbedding):
 
     def __call__(self, x):
         dtype = getattr(self, "compute_dtype", mx.float32)
-        s = self["scales"][x].astype(dtype)
-        b = self["biases"][x].astype(dtype) if "biases" in self else None
-        return mx.dequantize(self["weight"][x], s, b, group_size=self.group_size, bits=self.bits,
-                             mode=getattr(self, "mode", "affine"))
+        return dequantize(self["weight"][x], self["scales"][x], self["biases"][x] if "biases" in self else None,
+                          self.group_size, self.bits, getattr(self, "mode", "affine"), dtype)
 
     def as_linear(self, x):
         return x @ dequantized_weight(self, x.dtype).T
