@@ -48,6 +48,11 @@ def _train_parser(sub, name="train", help="LoRA fine-tune within a memory budget
                    help="NaN/inf loss or gradient: stop keeping the last saved adapter (default), or skip the step")
     p.add_argument("--save-every", type=int)
     p.add_argument("--steps-per-report", type=int)
+    p.add_argument("--steps-per-eval", type=int,
+                   help="held-out loss on valid.jsonl every N steps, before the first and after the last (200; 0: never)")
+    p.add_argument("--val-batches", type=int, help="batches of valid.jsonl per evaluation (25; -1: all)")
+    p.add_argument("--test", action="store_true", default=None, help="after training, the loss on test.jsonl")
+    p.add_argument("--test-batches", type=int, help="batches of test.jsonl (500; -1: all)")
     p.add_argument("--stream-weights", action="store_true", default=None,
                    help="load each block's frozen weights on demand and release them after use")
     p.add_argument("--checkpoint-storage", choices=["memory", "mmap"])

@@ -47,6 +47,10 @@ class TrainConfig:
     budget_mb: float | None = None  # a budget in MB (wins over the profile's)
     skip_plan: bool = False  # start even when the planner predicts the budget is exceeded
     steps_per_report: int = 1
+    steps_per_eval: int = 200  # held-out loss on valid.jsonl every N steps (and before the first, after the last)
+    val_batches: int = 25  # batches of valid.jsonl per evaluation (-1: all of it)
+    test: bool = False  # after training, the loss on test.jsonl
+    test_batches: int = 500  # batches of test.jsonl (-1: all)
     # model / compute
     quantize_bits: int = 4
     quantize_group_size: int = 64
@@ -88,6 +92,10 @@ class TrainConfig:
             raise ConfigError(f"--method {self.method!r}: available: {', '.join(METHODS)}")
         if self.optimizer not in ("sgd", "adamw", "adam"):
             raise ConfigError(f"--optimizer {self.optimizer!r}: sgd, adamw or adam")
+        if self.steps_per_eval < 0 or self.val_batches == 0 or self.val_batches < -1 or self.test_batches == 0 \
+                or self.test_batches < -1:
+            raise ConfigError("--steps-per-eval must be >= 0 (0: never) and --val-batches / --test-batches >= 1 or -1 "
+                              "(all)")
         if self.iters < 1 or self.batch_size < 1 or self.max_seq_length < 2:
             raise ConfigError("--iters and --batch-size must be >= 1 and --max-seq-length >= 2")
         if self.checkpoint_storage not in ("memory", "mmap"):
@@ -97,8 +105,8 @@ class TrainConfig:
 
 
 # mlx-lm YAML keys we accept as they are, and the ones that name the same thing differently
-_ALIASES = {"lora_layers": "num_layers", "grad_checkpoint": None, "steps_per_eval": None, "val_batches": None,
-            "fine_tune_type": None, "train": None, "test": None, "test_batches": None, "wandb": None,
+_ALIASES = {"lora_layers": "num_layers", "grad_checkpoint": None,
+            "fine_tune_type": None, "train": None, "wandb": None,
             "steps_per_report": "steps_per_report", "report_to": None, "project_name": None,
             "grad_accumulation_steps": None, "lr_schedule": None}
 

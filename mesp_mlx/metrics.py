@@ -51,7 +51,12 @@ def plot_metrics(records: list[dict], out_png: str | Path, title: str = "") -> P
 
     steps = [r["step"] for r in records]
     fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
-    ax1.plot(steps, [r["loss"] for r in records], marker="o", ms=3)
+    ax1.plot(steps, [r["loss"] for r in records], marker="o", ms=3, label="train (step batch)")
+    val = [(0 if k == "val_loss_at_start" else r["step"], r[k]) for r in records
+           for k in ("val_loss_at_start", "val_loss") if r.get(k) is not None]
+    if val:
+        ax1.plot(*zip(*sorted(val)), marker="s", ms=4, label="validation")
+        ax1.legend()
     ax1.set_ylabel("loss")
     ax1.grid(alpha=0.3)
     ax2.plot(steps, [r["peak_mb"] for r in records], marker="o", ms=3, label="MLX peak (step)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import signal
 import sys
 import threading
@@ -129,6 +130,28 @@ class TrainResult:
     answers_before: list
     answers_after: list
     status: str = "done"  # done | interrupted | nonfinite | over_budget
+    test_loss: float | None = None
+
+
+def evaluate(engine: BlockEngine, model, dataset, batch_size: int, max_seq_length: int, num_batches: int
+             ) -> tuple[float, int]:
+    """Mean loss per counted target token over `num_batches` batches of `dataset` (-1: all of it), as mlx-lm's
+    evaluate, on the streamed forward without gradients (so no more memory than a training step's forward). The same
+    batches every call (a fixed order), dropout off."""
+    batches = BatchIterator(dataset, min(batch_size, len(dataset)), max_seq_length, seed=0)
+    batches.warned = True  # truncation was announced for the training set already
+    n = len(batches.batches) if num_batches == -1 else min(num_batches, len(batches.batches))
+    was_training = model.training
+    model.eval()
+    total = count = 0
+    try:
+        for _ in range(n):
+            tokens, lengths = next(batches)
+            loss, ntoks = engine.loss_of(Batch.from_mlx_lm(tokens, lengths))
+            total, count = total + loss * ntoks, count + ntoks
+    finally:
+        model.train(was_training)
+    return total / max(count, 1), count
 
 
 def train(cfg: TrainConfig, log=print) -> TrainResult:
@@ -169,6 +192,19 @@ def train(cfg: TrainConfig, log=print) -> TrainResult:
                          cfg.lora_parameters, extra=_config_record(cfg, prep))
     metrics = MetricsLog(adapter_path / "metrics.jsonl", keep_until=first_step - 1 if cfg.resume else None)
     progress = Progress(cfg.iters)
+    valid = splits["valid"] if cfg.steps_per_eval and splits.get("valid") is not None and len(splits["valid"]) else None
+
+    def held_out(step: int) -> dict:
+        start = time.perf_counter()
+        try:
+            loss, ntoks = evaluate(engine, prep.model, valid, cfg.batch_size, cfg.max_seq_length, cfg.val_batches)
+        except NonFiniteError:
+            log(f"[mesp-mlx] WARNING: step {step}: the validation loss is NaN or inf")
+            return {"val_loss": None}
+        seconds = time.perf_counter() - start
+        log(f"[mesp-mlx] step {step}: val loss {loss:.4f} | val ppl {math.exp(min(loss, 50)):.2f} | "
+            f"{ntoks} tokens | {seconds:.1f} s")
+        return {"val_loss": loss, "val_tokens": ntoks, "val_s": seconds}
 
     def save(step: int) -> None:
         save_adapters(prep.model, adapter_file)
@@ -184,15 +220,27 @@ def train(cfg: TrainConfig, log=print) -> TrainResult:
     old_handler = signal.signal(signal.SIGINT, on_sigint) if threading.current_thread() is threading.main_thread() \
         else None
     status = "done"
+
+    def over_budget(step: int, error: BudgetExceeded) -> str:
+        log(f"[mesp-mlx] ERROR: step {step}: {error}; stopped as the device would stop the app. The last saved "
+            f"state ({adapter_file}) is kept; --resume continues it with a larger budget or a leaner plan")
+        return "over_budget"
+
+    at_start = {}
     try:
-        for step in range(first_step, cfg.iters + 1):
+        if valid is not None and first_step == 1:
+            try:
+                at_start = held_out(0)
+            except BudgetExceeded as e:
+                status = over_budget(0, e)
+        for step in range(first_step, cfg.iters + 1) if status == "done" else ():
             tokens, lengths = next(batches)
             try:
                 stats, _ = engine.step(Batch.from_mlx_lm(tokens, lengths), step)
+                due = valid is not None and (step % cfg.steps_per_eval == 0 or step == cfg.iters)
+                evaluation = held_out(step) if due else {}  # after this step's update
             except BudgetExceeded as e:
-                log(f"[mesp-mlx] ERROR: step {step}: {e}; stopped as the device would stop the app. The last saved "
-                    f"state ({adapter_file}) is kept; --resume continues it with a larger budget or a leaner plan")
-                status = "over_budget"
+                status = over_budget(step, e)
                 break
             except NonFiniteError as e:
                 if cfg.on_nonfinite == "stop":
@@ -206,7 +254,9 @@ def train(cfg: TrainConfig, log=print) -> TrainResult:
                       "tokens_per_s": stats.ntoks / stats.step_s, "peak_mb": stats.peak_mb,
                       "active_mb": stats.active_mb, "phase_peak_mb": stats.phase_peak_mb, "phase_s": stats.phase_s,
                       "block_peak_mb": block_peaks(stats.block_peak_mb, len(prep.parts.layers)),
-                      "seq_len": int(tokens.shape[1] - 1)}
+                      "seq_len": int(tokens.shape[1] - 1), **evaluation}
+            if step == 1 and at_start:
+                record["val_loss_at_start"] = at_start["val_loss"]
             metrics.log(record)
             if step % cfg.steps_per_report == 0 or step == cfg.iters:
                 progress.update(step, f"loss {stats.loss:.4f} | {record['tokens_per_s']:.0f} tok/s | "
@@ -231,12 +281,20 @@ def train(cfg: TrainConfig, log=print) -> TrainResult:
         return TrainResult(adapter_path, metrics.records, answers_before, [], status)
     save(cfg.iters)
     log(f"[mesp-mlx] saved adapters to {adapter_file}")
+    test_loss = None
+    if cfg.test:
+        if splits.get("test") is None or not len(splits["test"]):
+            log(f"[mesp-mlx] WARNING: --test: {cfg.data} has no test.jsonl; nothing to evaluate")
+        else:
+            test_loss, ntoks = evaluate(engine, prep.model, splits["test"], cfg.batch_size, cfg.max_seq_length,
+                                        cfg.test_batches)
+            log(f"[mesp-mlx] test loss {test_loss:.4f} | test ppl {math.exp(min(test_loss, 50)):.2f} | {ntoks} tokens")
     if cfg.plot:
         png = plot_metrics(metrics.records, adapter_path / "metrics.png", f"{cfg.method} on {prep.path.name}")
         blocks = plot_block_memory(metrics.records[-1], adapter_path / "memory_blocks.png", budget_mb)
         log(f"[mesp-mlx] plots: {png}, {blocks}")
     answers_after = _show_answers(prep, cfg, "after", log) if cfg.demo_prompts else []
-    return TrainResult(adapter_path, metrics.records, answers_before, answers_after, status)
+    return TrainResult(adapter_path, metrics.records, answers_before, answers_after, status, test_loss)
 
 
 def check_plan(cfg: TrainConfig, budget_mb: float, budget_text: str, log) -> None:

@@ -162,3 +162,47 @@ def test_mesp_and_mebp_train_the_real_smollm2_identically(smollm2, tmp_path):
         losses[method] = np.array([r["loss"] for r in MetricsLog.read(out / "metrics.jsonl")])
     assert losses["mesp"][-1] < losses["mesp"][0] - 0.1  # it learns: the comparison is not between two no-ops
     np.testing.assert_allclose(losses["mesp"], losses["mebp"], rtol=0, atol=1e-5)
+
+
+def test_validation_and_test_loss_match_mlx_lm_evaluate(tiny_models, tmp_path, capsys):
+    """Held-out loss before the first step, every --steps-per-eval steps and after the last, and --test at the end:
+    each equals mlx-lm's own evaluate() of the model with the adapters saved at that point."""
+    from mlx_lm import load
+    from mlx_lm.tuner.trainer import evaluate
+
+    from mesp_mlx.data import load_splits
+
+    data = write_data(tmp_path / "data", CHAT + CHAT[:2])
+    with open(data / "valid.jsonl", "w") as f:
+        f.write("\n".join(json.dumps(r) for r in CHAT[1:]) + "\n")
+    with open(data / "test.jsonl", "w") as f:
+        f.write(json.dumps(CHAT[2]) + "\n")
+    out = tmp_path / "adapters"
+    rc = main(["train", "--model", str(tiny_models["qwen2"]), "--data", str(data), "--iters", "5", "--batch-size", "1",
+               "--learning-rate", "1e-2", "--optimizer", "adamw", "--adapter-path", str(out), "--steps-per-eval", "2",
+               "--val-batches", "-1", "--test", "--no-plot", "--mask-prompt"])
+    assert rc == 0
+    records = MetricsLog.read(out / "metrics.jsonl")
+    assert [r["step"] for r in records if "val_loss" in r] == [2, 4, 5]
+    assert "val_loss_at_start" in records[0]
+
+    model, tokenizer = load(str(tiny_models["qwen2"]))
+    splits = load_splits(data, tokenizer, mask_prompt=True)
+    base = evaluate(model, splits["valid"], 1, -1, max_seq_length=2048)
+    model, _ = load(str(tiny_models["qwen2"]), adapter_path=str(out))
+    final = evaluate(model, splits["valid"], 1, -1, max_seq_length=2048)
+    test = evaluate(model, splits["test"], 1, -1, max_seq_length=2048)
+    assert records[0]["val_loss_at_start"] == pytest.approx(base, rel=1e-5)
+    assert records[-1]["val_loss"] == pytest.approx(final, rel=1e-5)
+    assert records[-1]["val_loss"] < records[0]["val_loss_at_start"]
+    printed = capsys.readouterr().out
+    assert f"test loss {test:.4f}" in printed and "step 0: val loss" in printed
+
+    # --steps-per-eval 0: no evaluation at all; --test without test.jsonl: a warning, not a failure
+    (data / "test.jsonl").unlink()
+    assert main(["train", "--model", str(tiny_models["qwen2"]), "--data", str(data), "--iters", "2", "--adapter-path",
+                 str(tmp_path / "b"), "--steps-per-eval", "0", "--test", "--no-plot"]) == 0
+    assert not any("val_loss" in r for r in MetricsLog.read(tmp_path / "b" / "metrics.jsonl"))
+    assert "no test.jsonl" in capsys.readouterr().out
+    assert main(["train", "--model", str(tiny_models["qwen2"]), "--data", str(data), "--iters", "2", "--adapter-path",
+                 str(tmp_path / "c"), "--val-batches", "0"]) == 2

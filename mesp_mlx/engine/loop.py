@@ -180,6 +180,11 @@ class BlockEngine:
         self._after_loss(meter)
         return loss.item(), ntoks
 
+    def loss_of(self, batch: Batch) -> tuple[float, int]:
+        """(mean loss, counted tokens) of `batch` on the streamed forward, no gradient: inference's memory (held-out
+        evaluation). The governor's per-block hook sees it like any other forward."""
+        return self.forward_loss(batch, 0, _PeakMeter())
+
     def step(self, batch: Batch, step: int = 0, apply_update: bool = True):
         """One training step. Returns (StepStats, grads) where grads is {block index: tree} when not applying updates."""
         start = time.perf_counter()
