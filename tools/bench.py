@@ -76,7 +76,9 @@ def bench_ours(model: Path, data: Path, method: str, seq: int, rank: int, steps:
     timed = rows[1:]
     return {"peak_mb": max(s.peak_mb for s in timed), "step_s": sum(s.step_s for s in timed) / len(timed),
             "resident_mb_before_step": resident, "tokens": int(tokens.shape[1] - 1),
-            "phase_peak_mb": timed[-1].phase_peak_mb, "phase_s": timed[-1].phase_s, "losses": [s.loss for s in rows]}
+            "phase_peak_mb": timed[-1].phase_peak_mb, "losses": [s.loss for s in rows],
+            # seconds per phase, mean over the timed steps (LCSB's cyclic groups differ from step to step)
+            "phase_s": {k: sum(s.phase_s.get(k, 0.0) for s in timed) / len(timed) for k in timed[-1].phase_s}}
 
 
 def bench_mlx_lm(model: Path, data: Path, seq: int, rank: int, steps: int, grad_checkpoint: bool) -> dict:
@@ -168,6 +170,35 @@ def render(results: dict, machine: dict) -> str:
             lines.append(f"| {k[1].upper()} | {k[2]} | {k[3]} | {LABELS[k[4]]} | {r['peak_mb']:.1f} | {r['step_s']:.2f} | "
                          f"{fmt(paper[0], '.1f')} | {fmt(paper[1], '.2f')} | {ratio_m} | {ratio_t} |")
         lines.append("")
+        if table == "t4":
+            lines += family_phases([(k, rows[k]) for k in keys])
+    return "\n".join(lines)
+
+
+def family_phases(rows: list) -> list[str]:
+    """Seconds per phase of the family's rows, and the most any LCSB can gain on MeBP: its forward and loss are the
+    full model's, so even a free backward leaves (forward + loss); ceiling = MeBP step / (forward + loss)."""
+    lines = ["Seconds per phase (mean over the timed steps):", "",
+             "| run | forward | loss | backward | update |", "|---|---|---|---|---|"]
+    for k, r in rows:
+        p = r.get("phase_s", {})
+        lines.append(f"| {LABELS[k[4]]} | " + " | ".join(f"{p.get(ph, 0.0):.2f}" for ph in
+                                                          ("forward", "loss", "backward", "update")) + " |")
+    by = {k[4]: r for k, r in rows}
+    if "mebp" in by and "lcsb" in by and by["lcsb"].get("phase_s"):
+        p = by["lcsb"]["phase_s"]
+        floor = p.get("forward", 0.0) + p.get("loss", 0.0)
+        lines += ["", f"LCSB's forward + loss take {floor:.2f} s, which no backward rule removes: the most LCSB can be "
+                      f"faster than MeBP here is {by['mebp']['step_s'] / floor:.2f}x (with a free backward); measured "
+                      f"{by['mebp']['step_s'] / by['lcsb']['step_s']:.2f}x."]
+        if "mesp" in by and by["mesp"].get("phase_s", {}).get("backward"):
+            full = by["mesp"]["phase_s"]["backward"]
+            room = by["mebp"]["step_s"] / 2 - floor
+            lines.append(f"2x would leave LCSB {room:.2f} s of backward, {room / full:.0%} of MeSP's full backward "
+                         f"({full:.2f} s); a quarter of the blocks takes {p.get('backward', 0.0):.2f} s.")
+        lines.append("")
+    return lines
+
     return "\n".join(lines)
 
 
