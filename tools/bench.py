@@ -3,6 +3,7 @@ paper's figures beside ours (its Tables 1, 2, 3 and 5). Same machine, same BLAS,
 all 7 projections; our rows stream the weights and keep checkpoints in mmap'd files (the papers' runtime setting).
 
     .venv/bin/python tools/bench.py --tables 1,2,3,5 [--steps 1] [--mlx-lm 0.5b] [--fresh]
+    .venv/bin/python tools/bench.py --tables 4 --steps 4   # the method family beside mlx_lm.lora (both variants)
 
 Models are built block by block (no fp32 whole model ever exists) in tools/out/models. Results accumulate in
 tools/out/bench.json (one entry per row, re-running a row replaces it) and tools/out/bench.md is rendered from all rows.
@@ -125,11 +126,11 @@ TABLES = {
     "2": [("t2", "0.5b", s, 8, v) for s in (128, 256, 512, 1024) for v in ("mebp", "mesp")],
     "3": [("t3", "0.5b", 256, r, v) for r in (4, 8, 16, 32) for v in ("mebp", "mesp")],
     "5": [("t5", "3b", 256, 8, v) for v in ("mebp", "mesp-store-h", "mesp")],
-    "4": [("t4", "0.5b", 256, 8, v) for v in ("mebp", "mesp", "lcsb", "mezo")],
+    "4": [("t4", "0.5b", 256, 8, v) for v in ("mebp", "mesp", "lcsb", "mezo", "mlx-lm", "mlx-lm-gc")],
 }
 TITLES = {"t1": "Table 1 — model size (seq 256, r 8)", "t2": "Table 2 — sequence length (0.5B, r 8)",
           "t3": "Table 3 — LoRA rank (0.5B, seq 256)", "t5": "Table 5 — store h vs recompute h (seq 256, r 8)",
-          "t4": "The method family per step (0.5B, seq 256, r 8; LCSB 1/4 of the blocks cyclic, MeZO n=1)"}
+          "t4": "The method family per step, beside plain mlx-lm LoRA (0.5B, seq 256, r 8; LCSB 1/4 of the blocks cyclic, MeZO n=1)"}
 LABELS = {"mebp": "MeBP", "mesp": "MeSP", "mesp-store-h": "MeSP, store h", "lcsb": "LCSB (MeSP rule)", "mezo": "MeZO", "mlx-lm": "mlx_lm.lora",
           "mlx-lm-gc": "mlx_lm.lora --grad-checkpoint"}
 RESULTS = OUT / "bench.json"
@@ -139,7 +140,8 @@ def run_row(key, steps: int) -> dict:
     table, size, seq, rank, variant = key
     model, data = ensure_model(f"qwen2.5-{size}"), ensure_data(seq)
     if variant.startswith("mlx-lm"):
-        return bench_mlx_lm(model, data, seq, rank, steps, variant == "mlx-lm-gc")
+        # the peer's steps take minutes on CPU and do not vary (no schedule): one timed step after the warm-up
+        return bench_mlx_lm(model, data, seq, rank, 1, variant == "mlx-lm-gc")
     method = "mesp" if variant == "mesp-store-h" else variant
     r = bench_ours(model, data, method, seq, rank, steps, True, "mmap", store_h=variant == "mesp-store-h")
     mx.clear_cache()
@@ -181,7 +183,9 @@ def family_phases(rows: list) -> list[str]:
     lines = ["Seconds per phase (mean over the timed steps):", "",
              "| run | forward | loss | backward | update |", "|---|---|---|---|---|"]
     for k, r in rows:
-        p = r.get("phase_s", {})
+        p = r.get("phase_s")
+        if not p:  # the peer's rows: mlx-lm reports no phases
+            continue
         lines.append(f"| {LABELS[k[4]]} | " + " | ".join(f"{p.get(ph, 0.0):.2f}" for ph in
                                                           ("forward", "loss", "backward", "update")) + " |")
     by = {k[4]: r for k, r in rows}
@@ -218,6 +222,8 @@ def main():
                "mlx": report.mlx_version, "mlx_lm": report.mlx_lm_version}
     saved = json.loads(RESULTS.read_text()) if RESULTS.is_file() and not args.fresh else {"rows": {}}
     keys = [] if args.only == "mlx-lm" else [k for t in args.tables.split(",") if t for k in TABLES[t.strip()]]
+    if args.only == "ours":
+        keys = [k for k in keys if not k[4].startswith("mlx-lm")]
     if args.sizes:
         keys = [k for k in keys if k[1] in args.sizes.split(",")]
     if args.only != "ours":
