@@ -69,6 +69,46 @@ def test_the_top_group_gets_the_exact_gradient(tiny_models):
         assert (max(errs) <= 1e-5) == exact
 
 
+class _IdentityPath(nn.Module):
+    """REFERENCE §1's definition of a skipped block: out = h + stop_gradient(block(h) - h)."""
+
+    def __init__(self, block):
+        super().__init__()
+        self.block = block
+        self.use_sliding = getattr(block, "use_sliding", False)  # Llama's model asks its layers
+
+    def __call__(self, h, mask=None, cache=None):
+        return h + mx.stop_gradient(self.block(h, mask, cache) - h)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_lower_groups_get_autodiff_of_the_identity_path_model(tiny_models, family):
+    """Below the top group the gradient is not the full one, but it is exactly autodiff's gradient of the model whose
+    skipped blocks are h + stop_gradient(block(h) - h): the identity path and nothing else."""
+    model, _ = _prepared(tiny_models[family])
+    batch = _batch(384)
+    n = len(model.layers)
+    for step in range(3):
+        lcsb = LCSB(fraction=1 / 3)
+        selected = lcsb.selected_blocks(step, list(range(n)))
+        stats, grads = BlockEngine(ModelParts(model), lcsb, None).step(batch, step, apply_update=False)
+        layers = model.model.layers
+        originals = list(layers)
+        for i in range(n):
+            if i not in selected:
+                layers[i] = _IdentityPath(layers[i])
+        try:
+            loss, ref = nn.value_and_grad(model, masked_ce)(model, batch)
+        finally:
+            layers[:] = originals
+        ref = flat(ref)
+        assert set(grads) == selected
+        assert abs(stats.loss - loss.item()) <= 1e-5 * abs(loss.item())
+        for i in selected:
+            errs = [max_rel_err(v, ref[f"model.layers.{i}.{k}"]) for k, v in flat(grads[i]).items()]
+            assert max(errs) <= 1e-5, (step, i, max(errs))
+
+
 def test_momentum_mode_steps_the_skipped_blocks_optimizers(tiny_models):
     model, _ = _prepared(tiny_models["qwen2"])
     batch = _batch(384)
