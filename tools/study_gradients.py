@@ -155,12 +155,17 @@ def plot(result: dict, path: Path) -> None:
 
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
     for name, r in result["curves"].items():
-        a1.plot(range(1, len(r["loss"]) + 1), r["loss"], label=name)
+        line, = a1.plot(range(1, len(r["loss"]) + 1), r["loss"], label=name, alpha=0.5 if r.get("heldout") else 1)
         a2.plot(r["seconds"], r["loss"], label=name)
+        if r.get("heldout"):
+            steps = sorted(int(k) for k in r["heldout"])
+            a1.plot(steps, [r["heldout"][str(k)] for k in steps], marker="o", color=line.get_color(), lw=2,
+                    label=f"{name} held-out")
     a1.set_xlabel("step")
     a2.set_xlabel("seconds (this CPU)")
     for a in (a1, a2):
-        a.set_ylabel("loss")
+        a.set_ylabel("loss (log scale)")
+        a.set_yscale("log")
         a.grid(alpha=0.3)
         a.legend()
     c = result["cosines"]
