@@ -203,8 +203,6 @@ def family_phases(rows: list) -> list[str]:
         lines.append("")
     return lines
 
-    return "\n".join(lines)
-
 
 def main():
     ap = argparse.ArgumentParser()

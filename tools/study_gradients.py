@@ -12,9 +12,9 @@ start (A, B += 0.02 N(0, 1)). The curves start where `mesp-mlx train` starts (--
 pretrained one) unless --init perturbed, the earlier studies' start, which mostly measures how fast the noise is undone.
 
     .venv/bin/python tools/study_gradients.py [--steps 40] [--seq 128]
-    # the LCSB paper's setting (r 16, AdamW 1e-4, wd 0.01), held-out loss every 50 steps:
-    .venv/bin/python tools/study_gradients.py --steps 300 --rank 16 --optimizer adamw --lr 1e-4 --weight-decay 0.01 \
-        --eval-every 50 --methods mesp,lcsb,lcsb:cyclic:momentum --skip-cosines --name study_paper
+    # the LCSB paper's setting (r 16, AdamW 1e-4, wd 0.01), held-out loss every 50 steps (README's table):
+    .venv/bin/python tools/study_gradients.py --steps 500 --rank 16 --optimizer adamw --lr 1e-4 --weight-decay 0.01 \
+        --eval-every 50 --methods mesp,lcsb,lcsb:cyclic:momentum,lcsb:importance --name study_paper
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from mesp_mlx.corpora import shakespeare_passages, write_text_jsonl  # noqa: E40
 from mesp_mlx.data import BatchIterator, load_splits  # noqa: E402
 from mesp_mlx.engine import Batch, BlockEngine  # noqa: E402
 from mesp_mlx.methods import method_for  # noqa: E402
-from mesp_mlx.train import make_optimizer, prepare_model  # noqa: E402
+from mesp_mlx.train import evaluate, make_optimizer, prepare_model  # noqa: E402
 
 OUT = ROOT / "tools" / "out" / "study"
 
@@ -101,17 +101,6 @@ def cosines(args) -> dict:
     return out
 
 
-def heldout_loss(engine: BlockEngine, batches: list) -> float:
-    """Token-weighted mean loss over the held-out passages (the streamed forward, no gradient)."""
-    from mesp_mlx.engine.loop import _PeakMeter
-
-    total = count = 0
-    for tokens, lengths in batches:
-        loss, ntoks = engine.forward_loss(Batch.from_mlx_lm(tokens, lengths), 0, _PeakMeter())
-        total, count = total + loss * ntoks, count + ntoks
-    return total / count
-
-
 def curves(args) -> dict:
     runs = {"mesp": {}, "mebp": {}, "lcsb": {}, "mezo": {"lr": args.mezo_lr, "zo_eps": args.zo_eps}}
     out = {}
@@ -124,11 +113,12 @@ def curves(args) -> dict:
         if skipped:
             extra["lcsb_skipped"] = skipped
         cfg, prep, batches, engine = setup(args, method, init=args.init, **extra)
-        valid = []
-        if args.eval_every:
-            held_out = BatchIterator(load_splits(cfg.data, prep.tokenizer)["valid"], 1, cfg.max_seq_length)
-            valid = [next(held_out) for _ in held_out.batches]  # one epoch: every held-out passage once
-        evals = {0: heldout_loss(engine, valid)} if valid else {}
+        valid = load_splits(cfg.data, prep.tokenizer)["valid"] if args.eval_every else None
+
+        def heldout_loss() -> float:  # every held-out passage once, as train's evaluation does with --val-batches -1
+            return evaluate(engine, prep.model, valid, 1, cfg.max_seq_length, -1)[0]
+
+        evals = {0: heldout_loss()} if valid is not None else {}
         losses, seconds, t = [], [], 0.0
         for step in range(args.steps):
             tokens, lengths = next(batches)
@@ -136,14 +126,14 @@ def curves(args) -> dict:
             t += stats.step_s
             losses.append(stats.loss)
             seconds.append(t)
-            if valid and ((step + 1) % args.eval_every == 0 or step + 1 == args.steps):
-                evals[step + 1] = heldout_loss(engine, valid)
+            if valid is not None and ((step + 1) % args.eval_every == 0 or step + 1 == args.steps):
+                evals[step + 1] = heldout_loss()
                 print(f"  {name} step {step + 1}: train {np.mean(losses[-args.eval_every:]):.4f} "
                       f"held-out {evals[step + 1]:.4f}", flush=True)
         out[name] = {"loss": losses, "seconds": seconds, "s_per_step": t / args.steps,
                      "heldout": {str(k): v for k, v in evals.items()}}
         print(f"{name}: loss {losses[0]:.3f} -> {np.mean(losses[-5:]):.3f} (mean of last 5), {t / args.steps:.2f} s/step"
-              + (f", held-out {evals[args.steps]:.4f}" if valid else ""), flush=True)
+              + (f", held-out {evals[args.steps]:.4f}" if valid is not None else ""), flush=True)
     return out
 
 
