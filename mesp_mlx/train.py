@@ -286,9 +286,15 @@ def train(cfg: TrainConfig, log=print) -> TrainResult:
         if splits.get("test") is None or not len(splits["test"]):
             log(f"[mesp-mlx] WARNING: --test: {cfg.data} has no test.jsonl; nothing to evaluate")
         else:
-            test_loss, ntoks = evaluate(engine, prep.model, splits["test"], cfg.batch_size, cfg.max_seq_length,
-                                        cfg.test_batches)
-            log(f"[mesp-mlx] test loss {test_loss:.4f} | test ppl {math.exp(min(test_loss, 50)):.2f} | {ntoks} tokens")
+            try:  # the governor's per-block check still applies (the engine keeps its hook)
+                test_loss, ntoks = evaluate(engine, prep.model, splits["test"], cfg.batch_size, cfg.max_seq_length,
+                                            cfg.test_batches)
+                log(f"[mesp-mlx] test loss {test_loss:.4f} | test ppl {math.exp(min(test_loss, 50)):.2f} | "
+                    f"{ntoks} tokens")
+            except BudgetExceeded as e:
+                log(f"[mesp-mlx] ERROR: --test: {e}; the test evaluation stopped as the device would stop the app "
+                    f"(the trained adapters are saved in {adapter_file})")
+                status = "over_budget"
     if cfg.plot:
         png = plot_metrics(metrics.records, adapter_path / "metrics.png", f"{cfg.method} on {prep.path.name}")
         blocks = plot_block_memory(metrics.records[-1], adapter_path / "memory_blocks.png", budget_mb)

@@ -206,3 +206,22 @@ def test_validation_and_test_loss_match_mlx_lm_evaluate(tiny_models, tmp_path, c
     assert "no test.jsonl" in capsys.readouterr().out
     assert main(["train", "--model", str(tiny_models["qwen2"]), "--data", str(data), "--iters", "2", "--adapter-path",
                  str(tmp_path / "c"), "--val-batches", "0"]) == 2
+
+
+def test_test_evaluation_over_budget_stops_cleanly(tiny_models, tmp_path, monkeypatch, capsys):
+    """A --test evaluation that the governor stops ends the run with exit 4 and a message, the adapters saved."""
+    import mesp_mlx.train as train_module
+    from mesp_mlx.governor import BudgetExceeded
+
+    def over(*args, **kwargs):
+        raise BudgetExceeded("forward", 1, 900 * 2**20, 512)
+
+    data = write_data(tmp_path / "data")
+    (data / "test.jsonl").write_text(json.dumps(CHAT[2]) + "\n")
+    monkeypatch.setattr(train_module, "evaluate", over)
+    out = tmp_path / "a"
+    rc = main(["train", "--model", str(tiny_models["qwen2"]), "--data", str(data), "--iters", "2", "--adapter-path",
+               str(out), "--steps-per-eval", "0", "--test", "--no-plot"])
+    assert rc == 4
+    assert (out / "adapters.safetensors").is_file()
+    assert "--test: MLX peak 900.0 MB in the forward of block 1" in capsys.readouterr().out
