@@ -8,7 +8,11 @@ import sys
 from .methods import METHODS
 
 
-EXIT_STATUS = {"done": 0, "interrupted": 130, "nonfinite": 3, "over_budget": 4}  # how a training run ended
+# How a run ended -> exit status. 2: bad input (settings, data, model; nothing written); 5: `plan` says it does not
+# fit; 74: a write failed (disk full, read-only; the previous complete state is kept); 75: the output folder is in use
+# by another run; 128 + n: stopped by signal n after saving (SIGHUP 129, Ctrl-C 130, SIGTERM 143).
+EXIT_STATUS = {"done": 0, "nonfinite": 3, "over_budget": 4, "hangup": 129, "interrupted": 130, "terminated": 143}
+IO_ERROR, FOLDER_IN_USE = 74, 75
 
 
 def _train_parser(sub, name="train", help="LoRA fine-tune within a memory budget (block-wise engine)"):
@@ -274,6 +278,8 @@ def main(argv=None) -> int:
     from .convert import ConvertError
     from .data import DataError
     from .fuse import FuseError
+    from .io import WriteError
+    from .lock import FolderLocked
     from .state import ResumeError
     from .lora import LoRAConfigError
     from .models import ModelLoadError, UnsupportedModel
@@ -282,10 +288,16 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
+    except WriteError as e:  # first: it is an OSError too
+        print(f"mesp-mlx: error: {e}", file=sys.stderr)
+        return IO_ERROR
     except (ConfigError, DataError, LoRAConfigError, ModelLoadError, UnsupportedModel, GGUFImportError, ConvertError,
             FuseError, ResumeError, FileNotFoundError, PermissionError) as e:
         print(f"mesp-mlx: error: {e}", file=sys.stderr)
         return 2
+    except FolderLocked as e:
+        print(f"mesp-mlx: error: {e}", file=sys.stderr)
+        return FOLDER_IN_USE
     except KeyboardInterrupt:
         print("mesp-mlx: interrupted", file=sys.stderr)
         return 130

@@ -52,18 +52,36 @@ def _check_record(rec, fmt: str, keys: dict, where: str) -> None:
                 raise DataError(f"{where}: message {j} content must be a string")
 
 
+def _decode_line(raw: bytes, where: str) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{where}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1}); save the file "
+                        "as UTF-8") from None
+
+
 def iter_jsonl(path: str | Path):
-    """(where, record) for each non-blank line of a jsonl file, where = "file:line"; a line that is not a JSON object
-    is refused with its file:line."""
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    """(where, record) for each non-blank line of a jsonl file, where = "file:line"; a line that is not UTF-8 or not a
+    JSON object is refused with its file:line and the reason. Lines end at "\\n" (a "\\r" before it is dropped); a
+    UTF-8 byte-order mark at the start is skipped."""
+    try:
+        f = open(path, "rb")
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
+    with f:
+        for lineno, raw in enumerate(f, 1):
             where = f"{path}:{lineno}"
+            if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]
+            line = _decode_line(raw, where)
             if not line.strip():
                 continue
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
+            except RecursionError:
+                raise DataError(f"{where}: JSON nested too deeply") from None
             if not isinstance(rec, dict):
                 raise DataError(f"{where}: each line must be a JSON object, got {type(rec).__name__}")
             yield where, rec

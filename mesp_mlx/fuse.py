@@ -13,8 +13,6 @@ is far below the grid step, d' is mostly the shift of the requantization grid an
 from __future__ import annotations
 
 import math
-import shutil
-import tempfile
 from pathlib import Path
 
 import mlx.core as mx
@@ -22,6 +20,7 @@ import mlx.nn as nn
 from mlx.utils import tree_unflatten
 from mlx_lm.tuner.lora import LoRALinear
 
+from .io import atomic_folder
 from .models.compute import dequantized_weight
 
 
@@ -86,15 +85,9 @@ def fuse(model: str | None, adapter_path: str, save_path: str, dequantize: bool 
         lm = dequantize_model(lm)
         config.pop("quantization", None)
         config.pop("quantization_config", None)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        save(tmp, str(folder), lm, tokenizer, config, donate_model=False)
-        if out.exists():
-            out.rmdir()
-        tmp.rename(out)  # the folder appears complete or not at all
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    # the folder appears complete or not at all, with the permissions a plain write gives
+    atomic_folder(out, lambda tmp: save(tmp, str(folder), lm, tokenizer, config, donate_model=False),
+                  "the fused model")
     low = [l for l in layers if l["kept"] < warn_below]
     kept_values = [l["kept"] for l in layers]
     log(f"[mesp-mlx] fused {len(layers)} LoRA linears into {out} "

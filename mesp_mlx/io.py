@@ -1,11 +1,56 @@
-"""Atomic writes: a reader (or a crash) never sees a half-written file. Write to a temp file, fsync, rename."""
+"""Writing files safely: atomic (temp file, fsync, rename), with the permissions a plain write would give, and an I/O
+error turned into one line that names the path and what was being written (exit status 74, sysexits' EX_IOERR).
+
+A reader (or a crash, or a kill at any moment) sees the previous complete file or the new complete file, never a part.
+"""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
+import shutil
 import tempfile
 from pathlib import Path
+
+IO_ERROR_EXIT = 74  # sysexits.h EX_IOERR: a write failed (disk full, read-only, permission)
+TEMP_PREFIX = "."  # temp files are ".<name>.<random><suffix>" beside their target
+
+
+class WriteError(OSError):
+    """A write that failed; the previous complete file (if any) is left as it was."""
+
+    def __init__(self, path, what: str, reason: str, kept: bool = True):
+        tail = "; the previous complete file is kept" if kept else ""
+        super().__init__(f"cannot write {what} to {path}: {reason}{tail}")
+        self.path, self.what = Path(path), what
+
+    def __str__(self) -> str:
+        return self.args[0]
+
+
+def _reason(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.errno is not None:
+        name = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
+                errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
+                errno.EPERM: "operation not permitted", errno.EFBIG: "file too large"}.get(e.errno)
+        return name or (e.strerror or str(e))
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+def plain_file_mode() -> int:
+    """The mode open(path, "w") would give a new file: 0o666 less the process umask (mkstemp's is always 0o600)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def plain_dir_mode() -> int:
+    """The mode mkdir would give a new folder (mkdtemp's is always 0o700)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o777 & ~mask
 
 
 def _fsync_dir(path: Path) -> None:
@@ -21,39 +66,107 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: str | os.PathLike, write_fn, suffix: str = "") -> None:
-    """Call write_fn(tmp_path) to produce the file, then fsync it and rename it over `path`."""
+def _remove_quietly(path) -> None:
+    try:
+        os.remove(path)
+    except OSError:
+        pass
+
+
+def atomic_write(path: str | os.PathLike, write_fn, suffix: str = "", what: str | None = None) -> None:
+    """Call write_fn(tmp_path) to produce the file, then fsync it and rename it over `path`.
+
+    An OSError, or MLX's RuntimeError from a failed save (write_fn only writes), becomes a WriteError naming `path` and
+    `what`; the temp file is removed and `path` keeps its previous content."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix or path.suffix, dir=path.parent)
-    os.close(fd)
+    what = what or path.name
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{path.name}.", suffix=suffix or path.suffix, dir=path.parent)
+        os.close(fd)
+    except OSError as e:
+        raise WriteError(path, what, _reason(e)) from None
     try:
         write_fn(tmp)
+        os.chmod(tmp, plain_file_mode())
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
+    except (OSError, RuntimeError) as e:
+        _remove_quietly(tmp)
+        raise WriteError(path, what, _reason(e)) from None
     except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        _remove_quietly(tmp)
         raise
+    _fsync_dir(path.parent)
 
 
-def atomic_write_json(path: str | os.PathLike, obj) -> None:
+def atomic_write_text(path: str | os.PathLike, text: str, what: str | None = None) -> None:
     def write(tmp):
-        with open(tmp, "w") as f:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+
+    atomic_write(path, write, what=what)
+
+
+def atomic_write_json(path: str | os.PathLike, obj, what: str | None = None) -> None:
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
             json.dump(obj, f, indent=4)
 
-    atomic_write(path, write)
+    atomic_write(path, write, what=what)
 
 
-def write_jsonl(path: str | os.PathLike, records) -> None:
+def write_jsonl(path: str | os.PathLike, records, what: str | None = None) -> None:
     """One JSON object per line, written atomically."""
     def write(tmp):
         with open(tmp, "w", encoding="utf-8") as f:
             f.writelines(json.dumps(r) + "\n" for r in records)
 
-    atomic_write(path, write)
+    atomic_write(path, write, what=what)
+
+
+def atomic_folder(out: Path, fill_fn, what: str) -> None:
+    """Build a whole folder in a temp folder beside `out` with fill_fn(tmp_folder), then rename it to `out`: the folder
+    appears complete or not at all. `out` must not exist (or be an empty folder)."""
+    out = Path(out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{out.name}.", dir=out.parent))
+        os.chmod(tmp, plain_dir_mode())
+    except OSError as e:
+        raise WriteError(out, what, _reason(e)) from None
+    try:
+        fill_fn(tmp)
+        for f in tmp.rglob("*"):
+            os.chmod(f, plain_dir_mode() if f.is_dir() else plain_file_mode())
+        if out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        os.replace(tmp, out)
+    except (OSError, RuntimeError) as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise WriteError(out, what, _reason(e)) from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _fsync_dir(out.parent)
+
+
+def remove_stale_temp_files(folder: str | os.PathLike) -> list[str]:
+    """Temp files that a killed atomic write left in `folder` (call only while holding the folder's lock)."""
+    removed = []
+    folder = Path(folder)
+    if not folder.is_dir():
+        return removed
+    for p in folder.iterdir():
+        if _TEMP_NAME.match(p.name) and p.is_file():
+            _remove_quietly(p)
+            removed.append(p.name)
+    return removed
+
+
+# ".<target>.<mkstemp's 8 random characters><suffix>" for the files a run writes
+_TEMP_NAME = re.compile(r"^\.[^/]+\.(safetensors|json|jsonl|png)\.[a-z0-9_]{8}(\.[a-z]+)?$")
 
 
 def check_writable(folder: str | os.PathLike) -> None:
@@ -66,3 +179,13 @@ def check_writable(folder: str | os.PathLike) -> None:
         os.remove(tmp)
     except OSError as e:
         raise PermissionError(f"cannot write to {folder}: {e.strerror}") from e
+
+
+def check_free_space(folder: str | os.PathLike, needed_bytes: int, what: str) -> None:
+    """Refuse to start when `folder`'s file system has less room than one save of `what` needs (x2: the temp file and
+    the previous complete file exist side by side until the rename)."""
+    free = shutil.disk_usage(folder).free
+    if free < 2 * needed_bytes:
+        raise WriteError(folder, what, f"{free / 2**20:.1f} MB free, a save needs {2 * needed_bytes / 2**20:.1f} MB "
+                                       "(the new file beside the previous one); free some space or choose another "
+                                       "--adapter-path", kept=False)

@@ -74,14 +74,15 @@ def save_adapters(model: nn.Module, adapter_file: str | Path) -> None:
     """Write the trainable parameters atomically (mlx-lm's `adapters.safetensors` layout)."""
     weights = adapter_weights(model)
     mx.eval(weights)
-    atomic_write(adapter_file, lambda tmp: mx.save_safetensors(tmp, weights), suffix=".safetensors")
+    atomic_write(adapter_file, lambda tmp: mx.save_safetensors(tmp, weights), suffix=".safetensors",
+                 what="the adapters")
 
 
 def write_adapter_config(adapter_path: str | Path, num_layers: int, lora_parameters: dict, extra: dict | None = None):
     params = {**DEFAULT_LORA, **(lora_parameters or {})}
     params["keys"] = normalize_keys(params["keys"])
     config = {**(extra or {}), "fine_tune_type": "lora", "num_layers": num_layers, "lora_parameters": params}
-    atomic_write_json(Path(adapter_path) / "adapter_config.json", config)
+    atomic_write_json(Path(adapter_path) / "adapter_config.json", config, what="the adapter config")
 
 
 def load_adapter_weights(model: nn.Module, adapter_file: str | Path) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .io import atomic_write
+from .io import WriteError, atomic_write
 
 
 class MetricsLog:
@@ -20,21 +20,24 @@ class MetricsLog:
         if keep_until is not None and self.path.exists():
             self.records = [r for r in self.read(self.path) if r["step"] <= keep_until]
         lines = "".join(json.dumps(r) + "\n" for r in self.records)
-        atomic_write(self.path, lambda tmp: Path(tmp).write_text(lines))
+        atomic_write(self.path, lambda tmp: Path(tmp).write_text(lines, encoding="utf-8"), what="the metrics")
 
     def log(self, record: dict) -> None:
         missing = [k for k in self.REQUIRED if k not in record]
         if missing:
             raise KeyError(f"metrics record lacks {missing}")
         self.records.append(record)
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-            f.flush()
+        try:  # an append: a kill or a full disk can cut only this last line, which read() then drops
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+                f.flush()
+        except OSError as e:
+            raise WriteError(self.path, "the metrics", e.strerror or str(e)) from None
 
     @staticmethod
     def read(path: str | Path) -> list[dict]:
         records = []
-        with open(path) as f:
+        with open(path, encoding="utf-8", errors="replace") as f:
             for line in f:
                 try:
                     records.append(json.loads(line))
@@ -68,7 +71,7 @@ def plot_metrics(records: list[dict], out_png: str | Path, title: str = "") -> P
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    atomic_write(out_png, lambda tmp: fig.savefig(tmp, dpi=100, format="png"), suffix=".png")
+    atomic_write(out_png, lambda tmp: fig.savefig(tmp, dpi=100, format="png"), suffix=".png", what="a plot")
     plt.close(fig)
     return Path(out_png)
 
@@ -105,6 +108,6 @@ def plot_block_memory(record: dict, out_png: str | Path, budget_mb: float | None
     ax.legend(fontsize=8)
     ax.set_title(title or f"memory per block, step {record['step']}")
     fig.tight_layout()
-    atomic_write(out_png, lambda tmp: fig.savefig(tmp, dpi=100, format="png"), suffix=".png")
+    atomic_write(out_png, lambda tmp: fig.savefig(tmp, dpi=100, format="png"), suffix=".png", what="a plot")
     plt.close(fig)
     return Path(out_png)

@@ -46,7 +46,7 @@ def save_state(path: Path, model, optimizers: list, step: int, data_position: di
     meta = {"format": FORMAT, "step": str(step), "data": json.dumps(data_position),
             "method": json.dumps(method_state), "settings": json.dumps(settings, sort_keys=True, default=str)}
     atomic_write(path / STATE_FILE, lambda tmp: mx.save_safetensors(tmp, tensors, metadata=meta),
-                 suffix=".safetensors")
+                 suffix=".safetensors", what="the training state")
 
 
 def load_state(path: Path, model, optimizers: list, settings: dict) -> dict:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import signal
 import sys
 import threading
@@ -18,7 +19,8 @@ from .config import ConfigError, TrainConfig
 from .data import BatchIterator, load_splits
 from .engine import Batch, BlockEngine, NonFiniteError, WeightStreamer
 from .governor import BudgetExceeded, Governor, resolve_budget
-from .io import check_writable
+from .io import check_free_space, check_writable, remove_stale_temp_files
+from .lock import FolderLock
 from .mesp_lora import to_mesp_lora
 from .lora import apply_lora, cast_lora, load_adapter_weights, save_adapters, write_adapter_config
 from .methods import method_for
@@ -158,6 +160,57 @@ def train(cfg: TrainConfig, log=print) -> TrainResult:
     cfg.validate()
     adapter_path = Path(cfg.adapter_path)
     check_writable(adapter_path)
+    lock = FolderLock(adapter_path, log).acquire()  # one run per adapter folder (refused: FolderLocked, exit 2)
+    stop = StopSignals(log)
+    try:
+        removed = remove_stale_temp_files(adapter_path)
+        if removed:
+            log(f"[mesp-mlx] note: removed {len(removed)} temp file(s) that an interrupted save left in {adapter_path}")
+        return _train(cfg, adapter_path, stop, log)
+    finally:
+        stop.restore()
+        lock.release()
+
+
+class StopSignals:
+    """SIGINT (Ctrl-C), SIGTERM (kill, logout, service managers, `timeout`, a phone's OS) and SIGHUP (the terminal went
+    away): the first one lets the current step finish, then the run saves its adapters and state and ends with status
+    130 / 143 / 129 (128 + the signal's number); a second one stops at once (SIGINT: KeyboardInterrupt; SIGTERM and
+    SIGHUP: the signal's default action), leaving the last saved state."""
+
+    STATUS = {signal.SIGINT: "interrupted", signal.SIGTERM: "terminated", signal.SIGHUP: "hangup"}
+    NAMES = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM", signal.SIGHUP: "SIGHUP"}
+
+    def __init__(self, log=print):
+        self.log = log
+        self.received: int | None = None
+        self.old = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.STATUS:
+                self.old[sig] = signal.signal(sig, self._handle)
+
+    @property
+    def status(self) -> str | None:
+        return self.STATUS.get(self.received) if self.received is not None else None
+
+    def _handle(self, signum, frame):
+        if self.received is not None:  # the second signal: stop now
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        self.received = signum
+        self.log(f"\n[mesp-mlx] {self.NAMES[signum]}: finishing this step, then saving (a second one stops without "
+                 "saving)")
+
+    def restore(self) -> None:
+        for sig, handler in self.old.items():
+            signal.signal(sig, handler)
+        self.old = {}
+
+
+def _train(cfg: TrainConfig, adapter_path: Path, stop: StopSignals, log) -> TrainResult:
     budget_mb, budget_text = resolve_budget(cfg.device_profile, cfg.budget_mb)
     if budget_mb is not None and not cfg.skip_plan:
         check_plan(cfg, budget_mb, budget_text, log)
@@ -206,20 +259,15 @@ def train(cfg: TrainConfig, log=print) -> TrainResult:
             f"{ntoks} tokens | {seconds:.1f} s")
         return {"val_loss": loss, "val_tokens": ntoks, "val_s": seconds}
 
+    saved_at = {"step": first_step - 1}
+
     def save(step: int) -> None:
         save_adapters(prep.model, adapter_file)
         save_state(adapter_path, prep.model, optimizers, step, batches.state(), method.state_dict(), settings)
+        saved_at["step"] = step
 
-    interrupted = {"flag": False}
-
-    def on_sigint(signum, frame):
-        interrupted["flag"] = True
-        signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C stops at once
-        log("\n[mesp-mlx] Ctrl-C: finishing this step, then saving (Ctrl-C again to stop without saving)")
-
-    old_handler = signal.signal(signal.SIGINT, on_sigint) if threading.current_thread() is threading.main_thread() \
-        else None
     status = "done"
+    check_free_space(adapter_path, _state_bytes(prep.model), "the training state")
 
     def over_budget(step: int, error: BudgetExceeded) -> str:
         log(f"[mesp-mlx] ERROR: step {step}: {error}; stopped as the device would stop the app. The last saved "
@@ -234,6 +282,15 @@ def train(cfg: TrainConfig, log=print) -> TrainResult:
             except BudgetExceeded as e:
                 status = over_budget(0, e)
         for step in range(first_step, cfg.iters + 1) if status == "done" else ():
+            if stop.received is not None:  # a signal came during the last step (or before this run's first one)
+                if step > first_step:
+                    if saved_at["step"] != step - 1:
+                        save(step - 1)
+                    log(f"[mesp-mlx] interrupted after step {step - 1}: state saved; continue with --resume")
+                else:
+                    log(f"[mesp-mlx] stopped before step {step}: nothing new since the saved state")
+                status = stop.status
+                break
             tokens, lengths = next(batches)
             try:
                 stats, _ = engine.step(Batch.from_mlx_lm(tokens, lengths), step)
@@ -262,17 +319,10 @@ def train(cfg: TrainConfig, log=print) -> TrainResult:
                 progress.update(step, f"loss {stats.loss:.4f} | {record['tokens_per_s']:.0f} tok/s | "
                                       f"{stats.step_s:.2f} s | peak {stats.peak_mb:.1f} MB | "
                                       f"active {stats.active_mb:.1f} MB")
-            if interrupted["flag"]:
-                save(step)
-                log(f"[mesp-mlx] interrupted after step {step}: state saved; continue with --resume")
-                status = "interrupted"
-                break
             if cfg.save_every and step % cfg.save_every == 0 and step != cfg.iters:
                 save(step)
                 save_adapters(prep.model, adapter_path / f"{step:07d}_adapters.safetensors")
     finally:
-        if old_handler is not None:
-            signal.signal(signal.SIGINT, old_handler)
         if governor is not None:
             governor.close()
     if governor is not None and metrics.records:
@@ -281,6 +331,8 @@ def train(cfg: TrainConfig, log=print) -> TrainResult:
         return TrainResult(adapter_path, metrics.records, answers_before, [], status)
     save(cfg.iters)
     log(f"[mesp-mlx] saved adapters to {adapter_file}")
+    if stop.received is not None:  # a signal during the last step: the run is complete and saved, stop here
+        return TrainResult(adapter_path, metrics.records, answers_before, [], stop.status)
     test_loss = None
     if cfg.test:
         if splits.get("test") is None or not len(splits["test"]):
@@ -330,6 +382,13 @@ def _emulation_report(records: list, budget_mb: float, budget_text: str, log) ->
     log(f"[mesp-mlx] memory: budget {budget_mb:.0f} MB ({budget_text}) | MLX peak {peak:.1f} MB | headroom "
         f"{budget_mb - peak:.1f} MB | phases " + ", ".join(f"{k} {v:.1f}" for k, v in phases.items() if v) +
         f" | process max RSS {rss_mb:.0f} MB (Python, libraries and file pages included)")
+
+
+def _state_bytes(model) -> int:
+    """A generous size of one state save: the adapters twice (adapters file + state) and up to two optimizer moments."""
+    from mlx.utils import tree_flatten
+
+    return 4 * sum(v.nbytes for _, v in tree_flatten(model.trainable_parameters())) + 2**20
 
 
 def _config_record(cfg: TrainConfig, prep: Prepared) -> dict:

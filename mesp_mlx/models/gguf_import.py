@@ -11,11 +11,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
+
+from ..io import atomic_folder
 
 SUPPORTED_ARCHS = ("llama",)
 
@@ -192,17 +193,13 @@ def import_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike) -> Pat
         config["quantization"] = quantization
         config["quantization_config"] = quantization
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".import-", dir=out_dir.parent))
-    try:
+    def fill(tmp: Path) -> None:
         mx.save_safetensors(str(tmp / "model.safetensors"), out_weights, metadata={"format": "mlx"})
         with open(tmp / "config.json", "w") as f:
             json.dump(config, f, indent=2)
         build_tokenizer_files(meta, tmp)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    if out_dir.exists():  # a stale import of this file is replaced
+        shutil.rmtree(out_dir)
+    atomic_folder(out_dir, fill, "the imported model")
     return out_dir
