@@ -30,13 +30,21 @@ class WriteError(OSError):
         return self.args[0]
 
 
-def _reason(e: BaseException) -> str:
+def _reason(e: BaseException, folder: Path | None = None) -> str:
     if isinstance(e, OSError) and e.errno is not None:
         name = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
                 errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
                 errno.EPERM: "operation not permitted", errno.EFBIG: "file too large"}.get(e.errno)
         return name or (e.strerror or str(e))
-    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    # MLX's save errors carry no errno ("[write] Unable to write N bytes to file."): say what the disk says
+    text = str(e).strip().splitlines()[0].rstrip(".") if str(e).strip() else type(e).__name__
+    try:
+        free = shutil.disk_usage(folder).free if folder is not None else None
+    except OSError:
+        free = None
+    if free is not None and free < 2**20:
+        return f"no space left on the device ({free // 1024} KB free; {text})"
+    return f"the write failed ({text})"
 
 
 def plain_file_mode() -> int:
@@ -94,7 +102,7 @@ def atomic_write(path: str | os.PathLike, write_fn, suffix: str = "", what: str 
         os.replace(tmp, path)
     except (OSError, RuntimeError) as e:
         _remove_quietly(tmp)
-        raise WriteError(path, what, _reason(e)) from None
+        raise WriteError(path, what, _reason(e, path.parent)) from None
     except BaseException:
         _remove_quietly(tmp)
         raise
@@ -145,7 +153,7 @@ def atomic_folder(out: Path, fill_fn, what: str) -> None:
         os.replace(tmp, out)
     except (OSError, RuntimeError) as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise WriteError(out, what, _reason(e)) from None
+        raise WriteError(out, what, _reason(e, out.parent)) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -230,6 +230,7 @@ def _train(cfg: TrainConfig, adapter_path: Path, stop: StopSignals, log) -> Trai
     governor = Governor(budget_mb) if budget_mb is not None else None
     engine = BlockEngine(prep.parts, method, optimizers, cfg.checkpoint_storage, cfg.checkpoint_dir,
                          prep.streamer, cfg.vocab_chunk, cfg.clear_cache, cfg.seed, on_block_done=governor)
+    check_free_space(adapter_path, _state_bytes(prep.model), "the training state")  # before anything is written
     adapter_file = adapter_path / "adapters.safetensors"
     settings = shared_settings(cfg)
     first_step = 1
@@ -267,7 +268,6 @@ def _train(cfg: TrainConfig, adapter_path: Path, stop: StopSignals, log) -> Trai
         saved_at["step"] = step
 
     status = "done"
-    check_free_space(adapter_path, _state_bytes(prep.model), "the training state")
 
     def over_budget(step: int, error: BudgetExceeded) -> str:
         log(f"[mesp-mlx] ERROR: step {step}: {error}; stopped as the device would stop the app. The last saved "

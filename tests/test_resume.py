@@ -78,14 +78,15 @@ def test_sigkill_then_resume_equals_uninterrupted(run_setup, tmp_path, kill_afte
     _assert_same(out, ref_adapters, ref_records)
 
 
-def test_ctrl_c_saves_exits_cleanly_and_resumes(run_setup, tmp_path):
+@pytest.mark.parametrize("signum,status", [(signal.SIGINT, 130), (signal.SIGTERM, 143), (signal.SIGHUP, 129)])
+def test_ctrl_c_sigterm_sighup_save_exit_cleanly_and_resume(run_setup, tmp_path, signum, status):
     model, data, ref_adapters, ref_records = run_setup
     out = tmp_path / "int"
     proc = _spawn(_args(model, data, out))
     _wait_for_steps(proc, out / "metrics.jsonl", 3)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signum)
     text = proc.communicate(timeout=120)[0]
-    assert proc.returncode == 130, text
+    assert proc.returncode == status, text
     assert "state saved; continue with --resume" in text
     saved_step = len(MetricsLog.read(out / "metrics.jsonl"))
     assert 3 <= saved_step < ITERS
