@@ -17,6 +17,7 @@ import mlx.core as mx
 import numpy as np
 
 from ..io import atomic_folder
+from .gguf_header import GGUFHeaderError, check_gguf
 
 SUPPORTED_ARCHS = ("llama",)
 
@@ -132,6 +133,12 @@ def import_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike) -> Pat
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
     if not gguf_path.is_file():
         raise GGUFImportError(f"GGUF file not found: {gguf_path}")
+    try:
+        check_gguf(gguf_path)  # MLX's reader trusts the file; a damaged one is refused here instead of crashing
+    except GGUFHeaderError as e:
+        raise GGUFImportError(f"cannot read {gguf_path}: {e}") from None
+    except OSError as e:
+        raise GGUFImportError(f"cannot read {gguf_path}: {e.strerror or e}") from None
     try:
         weights, meta = mx.load(str(gguf_path), return_metadata=True)
     except Exception as e:  # MLX raises for quant types it cannot read (e.g. Q4_K)
