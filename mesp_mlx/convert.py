@@ -21,7 +21,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from .io import atomic_write, atomic_write_json
+from .io import atomic_folder, atomic_write, atomic_write_json
 
 PEFT_WEIGHTS, PEFT_CONFIG = "adapter_model.safetensors", "adapter_config.json"
 MLX_WEIGHTS, MLX_CONFIG = "adapters.safetensors", "adapter_config.json"
@@ -49,9 +49,29 @@ def _read_json(path: Path) -> dict:
     if not path.is_file():
         raise ConvertError(f"{path} is missing")
     try:
-        return json.loads(path.read_text())
+        cfg = json.loads(path.read_bytes().decode("utf-8-sig"))
+    except UnicodeDecodeError as e:
+        raise ConvertError(f"{path}: not UTF-8 text (byte at offset {e.start})") from None
     except json.JSONDecodeError as e:
         raise ConvertError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
+    except RecursionError:
+        raise ConvertError(f"{path}: JSON nested too deeply") from None
+    if not isinstance(cfg, dict):
+        raise ConvertError(f"{path}: the top level must be a JSON object")
+    return cfg
+
+
+def _read_tensors(path: Path) -> dict:
+    """Every tensor of a safetensors file, read now (MLX checks the header lazily): a damaged file is refused here."""
+    try:
+        tensors = mx.load(str(path))
+        if not isinstance(tensors, dict):
+            raise ValueError("not a safetensors file of named tensors")
+        mx.eval(list(tensors.values()))
+    except Exception as e:  # noqa: BLE001 - MLX raises RuntimeError / ValueError / UnicodeDecodeError for bad bytes
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConvertError(f"{path}: not a readable safetensors file ({first})") from None
+    return tensors
 
 
 def _pattern_value(patterns: dict, module: str, default):
@@ -80,7 +100,7 @@ def read_peft(src: Path) -> tuple[dict, dict, dict]:
         raise ConvertError(f"{src / PEFT_CONFIG}: DoRA adapters are not converted (magnitude vectors differ)")
     if cfg.get("fan_in_fan_out"):
         raise ConvertError(f"{src / PEFT_CONFIG}: fan_in_fan_out (Conv1D models such as GPT-2) is not supported")
-    weights = mx.load(str(src / PEFT_WEIGHTS))
+    weights = _read_tensors(src / PEFT_WEIGHTS)
     pairs: dict = {}
     for key, value in weights.items():
         m = _PEFT_KEY.match(key)
@@ -116,7 +136,7 @@ def read_mlx(src: Path) -> tuple[dict, dict, dict]:
         raise ConvertError(f"{src / MLX_CONFIG}: fine_tune_type {kind!r}: only LoRA adapters convert to PEFT")
     params = cfg.get("lora_parameters", {})
     scale = float(params.get("scale", 20.0))
-    weights = mx.load(str(src / MLX_WEIGHTS))
+    weights = _read_tensors(src / MLX_WEIGHTS)
     pairs: dict = {}
     for key, value in weights.items():
         module, _, leaf = key.rpartition(".")
@@ -163,7 +183,20 @@ def check_fits(modules: dict, shapes: dict, source: str) -> None:
 # --- writing ----------------------------------------------------------------------------------------------------------
 def _save(path: Path, tensors: dict) -> None:
     atomic_write(path, lambda tmp: mx.save_safetensors(tmp, tensors, metadata={"format": "mlx"}),
-                 suffix=".safetensors")
+                 suffix=".safetensors", what="the converted adapter")
+
+
+def _write_adapter(out: Path, weights_name: str, tensors: dict, config_name: str, config: dict) -> None:
+    """A new folder appears whole or not at all; in an existing folder each file is replaced atomically."""
+    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+        def fill(folder: Path) -> None:
+            mx.save_safetensors(str(folder / weights_name), tensors, metadata={"format": "mlx"})
+            (folder / config_name).write_text(json.dumps(config, indent=4), encoding="utf-8")
+
+        atomic_folder(out, fill, "the converted adapter")
+        return
+    _save(out / weights_name, tensors)
+    atomic_write_json(out / config_name, config, what="the converted adapter's config")
 
 
 def _num_layers(modules: dict, n_blocks: int | None) -> int:
@@ -190,9 +223,7 @@ def to_mlx(modules: dict, scales: dict, out: Path, n_blocks: int | None, dropout
     keys = sorted({_split_layer(m, "")[1] for m in modules})
     config = {"fine_tune_type": "lora", "num_layers": _num_layers(modules, n_blocks),
               "lora_parameters": {"rank": rank, "scale": scale, "dropout": dropout, "keys": keys}, **extra}
-    out.mkdir(parents=True, exist_ok=True)
-    _save(out / MLX_WEIGHTS, tensors)
-    atomic_write_json(out / MLX_CONFIG, config)
+    _write_adapter(out, MLX_WEIGHTS, tensors, MLX_CONFIG, config)
     return {"rank": rank, "scale": scale, "padded": padded, "scale_folded": folded, "num_layers": config["num_layers"]}
 
 
@@ -210,9 +241,7 @@ def to_peft(modules: dict, scales: dict, out: Path, dropout: float, base_model: 
               "lora_alpha": scale * rank, "target_modules": targets, "layers_to_transform": layers,
               "lora_dropout": dropout, "bias": "none", "use_rslora": False, "use_dora": False,
               "fan_in_fan_out": False, "rank_pattern": {}, "alpha_pattern": {}, "inference_mode": True}
-    out.mkdir(parents=True, exist_ok=True)
-    _save(out / PEFT_WEIGHTS, tensors)
-    atomic_write_json(out / PEFT_CONFIG, config)
+    _write_adapter(out, PEFT_WEIGHTS, tensors, PEFT_CONFIG, config)
     return {"rank": rank, "lora_alpha": config["lora_alpha"], "target_modules": targets}
 
 
@@ -223,7 +252,24 @@ def convert(src: str, out: str, to: str, source_format: str | None = None, model
     fmt = source_format or detect_format(src_p)
     if fmt == to:
         raise ConvertError(f"{src} is already a {fmt} adapter")
+    from .models.load import ModelLoadError
+
+    try:
+        return _convert(src_p, out_p, to, fmt, model, dtype)
+    except (ConvertError, ModelLoadError):
+        raise
+    except (TypeError, ValueError, AttributeError, KeyError, IndexError, ZeroDivisionError, re.error) as e:
+        # a config whose values have the wrong types (a rank that is a word, a pattern that is not a mapping, ...)
+        raise ConvertError(f"{src}: malformed adapter config ({type(e).__name__}: {e})") from None
+
+
+def _convert(src_p: Path, out_p: Path, to: str, fmt: str, model: str | None, dtype: str | None) -> dict:
     modules, scales, cfg = read_peft(src_p) if fmt == "peft" else read_mlx(src_p)
+    for module, (a, b) in modules.items():
+        if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[0] or a.shape[1] == 0:
+            raise ConvertError(f"{src_p}: {module}: A {tuple(a.shape)} and B {tuple(b.shape)} are not a rank-r pair")
+    if not all(isinstance(s, (int, float)) and math.isfinite(s) for s in scales.values()):
+        raise ConvertError(f"{src_p}: the LoRA scale (lora_alpha / r, or lora_parameters.scale) is not a finite number")
     base = model or (cfg.get("base_model_name_or_path") if fmt == "peft" else cfg.get("model"))
     n_blocks = None
     if model or (base and (Path(base) / "config.json").is_file()):

@@ -64,3 +64,17 @@ def masked_ce(model, batch):
 
 def flat(tree) -> dict:
     return dict(tree_flatten(tree))
+
+
+# Property-based tests (tests/test_properties.py): a bounded, reproducible profile for the default suite; the long one
+# runs from tools/fuzz.py (HYPOTHESIS_PROFILE=long).
+try:
+    from hypothesis import HealthCheck, settings
+
+    settings.register_profile("default", max_examples=40, deadline=None, derandomize=True,
+                              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    settings.register_profile("long", max_examples=int(os.environ.get("MESP_MLX_FUZZ_EXAMPLES", 2000)), deadline=None,
+                              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
+except ImportError:  # hypothesis is in the test extras; without it only test_properties.py is skipped
+    pass

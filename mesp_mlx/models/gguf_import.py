@@ -130,7 +130,22 @@ def build_tokenizer_files(meta: dict, out: Path) -> None:
 
 def import_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
     """Convert `gguf_path` into an mlx-lm model folder at `out_dir` (written atomically: temp folder, then rename)."""
-    gguf_path, out_dir = Path(gguf_path), Path(out_dir)
+    try:
+        return _import_gguf(Path(gguf_path), Path(out_dir))
+    except GGUFImportError:
+        raise
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError, OverflowError) as e:
+        # well-formed GGUF whose metadata and tensors do not make a consistent model (shapes, head counts, tokens)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise GGUFImportError(f"{gguf_path}: not a consistent {SUPPORTED_ARCHS} model ({type(e).__name__}: "
+                              f"{first})") from None
+    except Exception as e:  # noqa: BLE001 - the tokenizers library raises its own exception type for bad vocabularies
+        if type(e).__module__.split(".")[0] != "tokenizers" and "tokenizers" not in type(e).__name__.lower():
+            raise
+        raise GGUFImportError(f"{gguf_path}: its tokenizer cannot be built ({e})") from None
+
+
+def _import_gguf(gguf_path: Path, out_dir: Path) -> Path:
     if not gguf_path.is_file():
         raise GGUFImportError(f"GGUF file not found: {gguf_path}")
     try:
