@@ -196,3 +196,4 @@ def test_the_gguf_reader_imports_or_refuses_and_never_crashes(data):
             assert "\n" not in str(e)
             assert not out.exists()
         assert not _temp_files(Path(d))
+

@@ -243,3 +243,44 @@ def test_random_sigkills_then_resume_end_bit_identical_to_the_uninterrupted_run(
     records, ref_records = MetricsLog.read(out / "metrics.jsonl"), MetricsLog.read(ref / "metrics.jsonl")
     assert [r["step"] for r in records] == list(range(1, CHAOS_ITERS + 1))
     assert [r["loss"] for r in records] == [r["loss"] for r in ref_records]
+
+
+# --- every writer: one line, exit 74, nothing half-written ------------------------------------------------------------
+def _fail_renames(monkeypatch):
+    """The commit point of every atomic write (file or folder) fails as on a full disk."""
+    import errno
+
+    def full(src, dst):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", full)
+
+
+def test_convert_and_make_data_on_a_full_disk_end_in_one_line_and_exit_74(tiny_models, tmp_path, capsys, monkeypatch):
+    from test_convert import _mlx_adapter
+
+    src = _mlx_adapter(tiny_models["qwen2"], tmp_path / "mlx")
+    _fail_renames(monkeypatch)
+    out = tmp_path / "peft"
+    assert main(["convert", str(src), str(out), "--to", "peft"]) == 74
+    err = capsys.readouterr().err.splitlines()
+    assert err == [f"mesp-mlx: error: cannot write the converted adapter to {out}: no space left on the device; the "
+                   "previous complete file is kept"]
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    data = tmp_path / "data"
+    assert main(["make-data", "--out", str(data)]) == 74
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("mesp-mlx: error: cannot write ") and "no space left" in err[0]
+    assert not data.exists() or not [p for p in data.iterdir()]
+
+
+def test_folders_written_whole_get_the_permissions_of_a_plain_mkdir(tmp_path):
+    from mesp_mlx.io import atomic_folder, plain_dir_mode
+
+    old = os.umask(0o022)
+    try:
+        atomic_folder(tmp_path / "model", lambda d: (d / "config.json").write_text("{}"), "a model")
+        assert stat.S_IMODE((tmp_path / "model").stat().st_mode) == plain_dir_mode() == 0o755
+        assert stat.S_IMODE((tmp_path / "model" / "config.json").stat().st_mode) == 0o644
+    finally:
+        os.umask(old)
