@@ -10,7 +10,7 @@ from .methods import METHODS
 
 # How a run ended -> exit status. 2: bad input (settings, data, model; nothing written); 5: `plan` says it does not
 # fit; 74: a write failed (disk full, read-only; the previous complete state is kept); 75: the output folder is in use
-# by another run; 128 + n: stopped by signal n after saving (SIGHUP 129, Ctrl-C 130, SIGTERM 143).
+# by another run; 76: a distributed run lost another rank (the last saved state is kept); 128 + n: stopped by signal n after saving (SIGHUP 129, Ctrl-C 130, SIGTERM 143).
 EXIT_STATUS = {"done": 0, "nonfinite": 3, "over_budget": 4, "hangup": 129, "interrupted": 130, "terminated": 143}
 IO_ERROR, FOLDER_IN_USE = 74, 75
 
@@ -278,6 +278,7 @@ def main(argv=None) -> int:
     from .convert import ConvertError
     from .data import DataError
     from .fuse import FuseError
+    from .distributed import PEER_LOST_EXIT, PeerLost
     from .io import WriteError
     from .lock import FolderLocked
     from .state import ResumeError
@@ -298,6 +299,9 @@ def main(argv=None) -> int:
     except FolderLocked as e:
         print(f"mesp-mlx: error: {e}", file=sys.stderr)
         return FOLDER_IN_USE
+    except PeerLost as e:
+        print(f"mesp-mlx: error: {e}", file=sys.stderr)
+        return PEER_LOST_EXIT
     except KeyboardInterrupt:
         print("mesp-mlx: interrupted", file=sys.stderr)
         return 130

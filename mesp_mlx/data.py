@@ -155,9 +155,14 @@ class BatchIterator:
     """mlx-lm's batching (length-sorted batches, padded to a multiple of 32 + 1, shuffled per epoch with `seed`),
     with truncation to max_seq_length announced once, and a position that can be saved and restored."""
 
-    def __init__(self, dataset, batch_size: int, max_seq_length: int, seed: int = 0):
+    def __init__(self, dataset, batch_size: int, max_seq_length: int, seed: int = 0, rank: int = 0, world: int = 1,
+                 even: bool = True):
         if len(dataset) < batch_size:
             raise DataError(f"the training set has {len(dataset)} examples, fewer than --batch-size {batch_size}")
+        if batch_size < world or (even and batch_size % world):
+            raise DataError(f"--batch-size {batch_size} is not divisible by the {world} ranks of this run")
+        # distributed: rank r takes rows r, r + world, ... of every global batch (mlx-lm's strided split)
+        self.rank, self.world = rank, world
         self.dataset, self.batch_size, self.max_seq_length = dataset, batch_size, max_seq_length
         order = sorted(range(len(dataset)), key=lambda i: len(dataset[i][0]))
         self.batches = [order[i:i + batch_size] for i in range(0, len(order) - batch_size + 1, batch_size)]
@@ -183,7 +188,7 @@ class BatchIterator:
         if self.index >= len(self.batches):
             self.epoch, self.index = self.epoch + 1, 0
             self._perm = self._permutation(self.epoch)
-        items = [self.dataset[j] for j in self.batches[self._perm[self.index]]]
+        items = [self.dataset[j] for j in self.batches[self._perm[self.index]][self.rank::self.world]]
         self.index += 1
         tokens = [t for t, _ in items]
         offsets = [o for _, o in items]

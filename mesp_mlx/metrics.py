@@ -11,12 +11,15 @@ from .io import WriteError, atomic_write
 class MetricsLog:
     REQUIRED = ("step", "loss", "tokens", "step_s", "peak_mb", "active_mb")
 
-    def __init__(self, path: str | Path, keep_until: int | None = None):
+    def __init__(self, path: str | Path | None, keep_until: int | None = None):
         """A new log, or (keep_until=S, for a resumed run) the existing one cut back to its steps <= S: a run killed
-        after its last save logged steps that the resumed run does again (and a kill may have cut the last line)."""
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        after its last save logged steps that the resumed run does again (and a kill may have cut the last line).
+        path None: records kept in memory only (a distributed run's ranks other than 0)."""
         self.records: list[dict] = []
+        self.path = Path(path) if path is not None else None
+        if self.path is None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         if keep_until is not None and self.path.exists():
             self.records = [r for r in self.read(self.path) if r["step"] <= keep_until]
         lines = "".join(json.dumps(r) + "\n" for r in self.records)
@@ -27,6 +30,8 @@ class MetricsLog:
         if missing:
             raise KeyError(f"metrics record lacks {missing}")
         self.records.append(record)
+        if self.path is None:
+            return
         try:  # an append: a kill or a full disk can cut only this last line, which read() then drops
             with open(self.path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")

@@ -49,17 +49,26 @@ def save_state(path: Path, model, optimizers: list, step: int, data_position: di
                  suffix=".safetensors", what="the training state")
 
 
-def load_state(path: Path, model, optimizers: list, settings: dict) -> dict:
-    """Restore adapters and optimizer states in place; return {step, data, method}. Refuses another run's state."""
+def read_state(path: Path) -> tuple[dict, dict]:
+    """(tensors, metadata) of the saved state in `path`; ResumeError when there is none or it is unreadable."""
     file = path / STATE_FILE
     if not file.is_file():
         raise ResumeError(f"--resume: {file} does not exist (nothing to resume in {path})")
     try:
         tensors, meta = mx.load(str(file), return_metadata=True)
+        mx.eval(list(tensors.values()))
     except Exception as e:  # noqa: BLE001 - any unreadable file is the same error to the user
         raise ResumeError(f"--resume: {file} is unreadable ({e})") from None
     if meta.get("format") != FORMAT:
         raise ResumeError(f"--resume: {file} is not a mesp_mlx training state")
+    return tensors, meta
+
+
+def load_state(path: Path, model, optimizers: list, settings: dict, state: tuple[dict, dict] | None = None) -> dict:
+    """Restore adapters and optimizer states in place; return {step, data, method}. Refuses another run's state.
+    `state` is (tensors, metadata) already read (a distributed run's ranks get rank 0's); else the file is read."""
+    tensors, meta = state if state is not None else read_state(path)
+    file = path / STATE_FILE
     saved = json.loads(meta["settings"])
     now = json.loads(json.dumps(settings, sort_keys=True, default=str))
     changed = [k for k in SHARED if saved.get(k) != now.get(k)]

@@ -16,7 +16,7 @@ import mlx.optimizers as optim
 
 from . import backend
 from .config import ConfigError, TrainConfig
-from .data import BatchIterator, load_splits
+from .data import BatchIterator, DataError, load_splits
 from .engine import Batch, BlockEngine, NonFiniteError, WeightStreamer
 from .governor import BudgetExceeded, Governor, resolve_budget
 from .io import check_free_space, check_writable, remove_stale_temp_files
@@ -25,6 +25,7 @@ from .mesp_lora import to_mesp_lora
 from .lora import apply_lora, cast_lora, load_adapter_weights, save_adapters, write_adapter_config
 from .methods import method_for
 from .metrics import MetricsLog, block_peaks, plot_block_memory, plot_metrics
+from .distributed import Ranks
 from .state import STATE_FILE, load_state, save_state, shared_settings
 from .models import ModelParts, cast_float_params, load_model, set_compute_path
 
@@ -110,11 +111,13 @@ def _show_answers(prep: Prepared, cfg: TrainConfig, label: str, log) -> list[str
 
 
 class Progress:
-    def __init__(self, total: int, stream=None):
-        self.total, self.stream = total, stream or sys.stdout
+    def __init__(self, total: int, stream=None, silent: bool = False):
+        self.total, self.stream, self.silent = total, stream or sys.stdout, silent
         self.tty = self.stream.isatty()
 
     def update(self, step: int, text: str) -> None:
+        if self.silent:
+            return
         width = 24
         done = int(width * step / self.total)
         line = f"[{'#' * done}{'.' * (width - done)}] {step}/{self.total} {text}"
@@ -140,7 +143,9 @@ def evaluate(engine: BlockEngine, model, dataset, batch_size: int, max_seq_lengt
     """Mean loss per counted target token over `num_batches` batches of `dataset` (-1: all of it), as mlx-lm's
     evaluate, on the streamed forward without gradients (so no more memory than a training step's forward). The same
     batches every call (a fixed order), dropout off."""
-    batches = BatchIterator(dataset, min(batch_size, len(dataset)), max_seq_length, seed=0)
+    ranks = engine.ranks  # distributed: each rank takes its rows of every batch (uneven shares are exact too)
+    batches = BatchIterator(dataset, min(batch_size, len(dataset)), max_seq_length, seed=0, rank=ranks.rank,
+                            world=ranks.size, even=False)
     batches.warned = True  # truncation was announced for the training set already
     n = len(batches.batches) if num_batches == -1 else min(num_batches, len(batches.batches))
     was_training = model.training
@@ -158,18 +163,31 @@ def evaluate(engine: BlockEngine, model, dataset, batch_size: int, max_seq_lengt
 
 def train(cfg: TrainConfig, log=print) -> TrainResult:
     cfg.validate()
+    ranks = Ranks.from_environment()  # size 1 unless started by mlx.launch (distributed.py)
+    if cfg.batch_size % ranks.size:
+        raise ConfigError(f"--batch-size {cfg.batch_size} (the global batch) is not divisible by the {ranks.size} "
+                          "ranks of this run")
+    if not ranks.is_writer:  # rank 0 alone writes and reports
+        log = _silent
     adapter_path = Path(cfg.adapter_path)
-    check_writable(adapter_path)
-    lock = FolderLock(adapter_path, log).acquire()  # one run per adapter folder (refused: FolderLocked, exit 2)
+    lock = None
+    if ranks.is_writer:
+        check_writable(adapter_path)
+        lock = FolderLock(adapter_path, log).acquire()  # one run per adapter folder (refused: FolderLocked, exit 75)
     stop = StopSignals(log)
     try:
-        removed = remove_stale_temp_files(adapter_path)
+        removed = remove_stale_temp_files(adapter_path) if ranks.is_writer else []
         if removed:
             log(f"[mesp-mlx] note: removed {len(removed)} temp file(s) that an interrupted save left in {adapter_path}")
-        return _train(cfg, adapter_path, stop, log)
+        return _train(cfg, adapter_path, stop, log, ranks)
     finally:
         stop.restore()
-        lock.release()
+        if lock is not None:
+            lock.release()
+
+
+def _silent(*args, **kwargs) -> None:
+    pass
 
 
 class StopSignals:
@@ -210,42 +228,52 @@ class StopSignals:
         self.old = {}
 
 
-def _train(cfg: TrainConfig, adapter_path: Path, stop: StopSignals, log) -> TrainResult:
+def _train(cfg: TrainConfig, adapter_path: Path, stop: StopSignals, log, ranks: Ranks) -> TrainResult:
+    writer = ranks.is_writer
     budget_mb, budget_text = resolve_budget(cfg.device_profile, cfg.budget_mb)
     if budget_mb is not None and not cfg.skip_plan:
         check_plan(cfg, budget_mb, budget_text, log)
     mx.random.seed(cfg.seed)
     prep = prepare_model(cfg)
     splits = load_splits(cfg.data, prep.tokenizer, cfg.mask_prompt)
-    batches = BatchIterator(splits["train"], cfg.batch_size, cfg.max_seq_length, cfg.seed)
-    log(f"[mesp-mlx] model {prep.path} | {len(prep.parts.layers)} blocks | method {cfg.method} | compute "
+    for name in ("valid", "test") if ranks.size > 1 else ():
+        if splits.get(name) is not None and 0 < len(splits[name]) < ranks.size:
+            raise DataError(f"{cfg.data}/{name}.jsonl: {len(splits[name])} examples cannot be split over "
+                            f"{ranks.size} ranks (each rank evaluates its share)")
+    batches = BatchIterator(splits["train"], cfg.batch_size, cfg.max_seq_length, cfg.seed, ranks.rank, ranks.size)
+    log(f"[mesp-mlx] model {prep.path} | {len(prep.parts.layers)} blocks | method {cfg.method} | ranks {ranks.size} | "
+        f"compute "
         f"{prep.compute_path} | LoRA params {prep.n_trainable / 1e6:.3f} M | stream weights {cfg.stream_weights} | "
         f"checkpoints {cfg.checkpoint_storage} | BLAS {backend.blas_in_use().split(',')[0] or 'n/a'}")
 
-    answers_before = _show_answers(prep, cfg, "before", log) if cfg.demo_prompts else []
+    answers_before = _show_answers(prep, cfg, "before", log) if cfg.demo_prompts and writer else []
     prep.model.train()
 
     method = method_for(cfg)
     optimizers = [make_optimizer(cfg) for _ in prep.parts.layers]
     governor = Governor(budget_mb) if budget_mb is not None else None
     engine = BlockEngine(prep.parts, method, optimizers, cfg.checkpoint_storage, cfg.checkpoint_dir,
-                         prep.streamer, cfg.vocab_chunk, cfg.clear_cache, cfg.seed, on_block_done=governor)
-    check_free_space(adapter_path, _state_bytes(prep.model), "the training state")  # before anything is written
+                         prep.streamer, cfg.vocab_chunk, cfg.clear_cache, cfg.seed, on_block_done=governor,
+                         ranks=ranks)
+    if writer:
+        check_free_space(adapter_path, _state_bytes(prep.model), "the training state")  # before anything is written
     adapter_file = adapter_path / "adapters.safetensors"
     settings = shared_settings(cfg)
     first_step = 1
     if cfg.resume:
-        restored = load_state(adapter_path, prep.model, optimizers, settings)
+        restored = load_state(adapter_path, prep.model, optimizers, settings, _shared_state(adapter_path, ranks))
         batches.restore(restored["data"])
         method.load_state_dict(restored["method"])
         first_step = restored["step"] + 1
         log(f"[mesp-mlx] resuming {adapter_path} after step {restored['step']}")
-    elif (adapter_path / STATE_FILE).exists():
+    elif writer and (adapter_path / STATE_FILE).exists():
         log(f"[mesp-mlx] note: starting a new run over the one saved in {adapter_path} (--resume continues it)")
-    write_adapter_config(adapter_path, cfg.num_layers if cfg.num_layers != -1 else len(prep.parts.layers),
-                         cfg.lora_parameters, extra=_config_record(cfg, prep))
-    metrics = MetricsLog(adapter_path / "metrics.jsonl", keep_until=first_step - 1 if cfg.resume else None)
-    progress = Progress(cfg.iters)
+    if writer:
+        write_adapter_config(adapter_path, cfg.num_layers if cfg.num_layers != -1 else len(prep.parts.layers),
+                             cfg.lora_parameters, extra=_config_record(cfg, prep))
+    metrics = MetricsLog(adapter_path / "metrics.jsonl" if writer else None,
+                         keep_until=first_step - 1 if cfg.resume else None)
+    progress = Progress(cfg.iters, silent=not writer)
     valid = splits["valid"] if cfg.steps_per_eval and splits.get("valid") is not None and len(splits["valid"]) else None
 
     def held_out(step: int) -> dict:
@@ -263,8 +291,9 @@ def _train(cfg: TrainConfig, adapter_path: Path, stop: StopSignals, log) -> Trai
     saved_at = {"step": first_step - 1}
 
     def save(step: int) -> None:
-        save_adapters(prep.model, adapter_file)
-        save_state(adapter_path, prep.model, optimizers, step, batches.state(), method.state_dict(), settings)
+        if writer:  # every rank holds the same adapters and optimizer states: rank 0 saves them
+            save_adapters(prep.model, adapter_file)
+            save_state(adapter_path, prep.model, optimizers, step, batches.state(), method.state_dict(), settings)
         saved_at["step"] = step
 
     status = "done"
@@ -282,16 +311,18 @@ def _train(cfg: TrainConfig, adapter_path: Path, stop: StopSignals, log) -> Trai
             except BudgetExceeded as e:
                 status = over_budget(0, e)
         for step in range(first_step, cfg.iters + 1) if status == "done" else ():
-            if stop.received is not None:  # a signal came during the last step (or before this run's first one)
+            if ranks.any(stop.received is not None):  # a signal came during the last step (or before the first);
+                # distributed: a signal that reached any rank stops every rank after the same step
                 if step > first_step:
                     if saved_at["step"] != step - 1:
                         save(step - 1)
                     log(f"[mesp-mlx] interrupted after step {step - 1}: state saved; continue with --resume")
                 else:
                     log(f"[mesp-mlx] stopped before step {step}: nothing new since the saved state")
-                status = stop.status
+                status = stop.status or "terminated"
                 break
             tokens, lengths = next(batches)
+            ranks.reset_counters()
             try:
                 stats, _ = engine.step(Batch.from_mlx_lm(tokens, lengths), step)
                 due = valid is not None and (step % cfg.steps_per_eval == 0 or step == cfg.iters)
@@ -311,7 +342,9 @@ def _train(cfg: TrainConfig, adapter_path: Path, stop: StopSignals, log) -> Trai
                       "tokens_per_s": stats.ntoks / stats.step_s, "peak_mb": stats.peak_mb,
                       "active_mb": stats.active_mb, "phase_peak_mb": stats.phase_peak_mb, "phase_s": stats.phase_s,
                       "block_peak_mb": block_peaks(stats.block_peak_mb, len(prep.parts.layers)),
-                      "seq_len": int(tokens.shape[1] - 1), **evaluation}
+                      "seq_len": int(tokens.shape[1] - 1), "world_size": ranks.size, **evaluation}
+            if ranks.size > 1:  # what this rank sent to all_sum this step, and the seconds it spent there
+                record.update({"comm_mb": ranks.bytes_sent / 2**20, "comm_s": ranks.seconds})
             if step == 1 and at_start:
                 record["val_loss_at_start"] = at_start["val_loss"]
             metrics.log(record)
@@ -321,7 +354,8 @@ def _train(cfg: TrainConfig, adapter_path: Path, stop: StopSignals, log) -> Trai
                                       f"active {stats.active_mb:.1f} MB")
             if cfg.save_every and step % cfg.save_every == 0 and step != cfg.iters:
                 save(step)
-                save_adapters(prep.model, adapter_path / f"{step:07d}_adapters.safetensors")
+                if writer:
+                    save_adapters(prep.model, adapter_path / f"{step:07d}_adapters.safetensors")
     finally:
         if governor is not None:
             governor.close()
@@ -347,11 +381,11 @@ def _train(cfg: TrainConfig, adapter_path: Path, stop: StopSignals, log) -> Trai
                 log(f"[mesp-mlx] ERROR: --test: {e}; the test evaluation stopped as the device would stop the app "
                     f"(the trained adapters are saved in {adapter_file})")
                 status = "over_budget"
-    if cfg.plot:
+    if cfg.plot and writer:
         png = plot_metrics(metrics.records, adapter_path / "metrics.png", f"{cfg.method} on {prep.path.name}")
         blocks = plot_block_memory(metrics.records[-1], adapter_path / "memory_blocks.png", budget_mb)
         log(f"[mesp-mlx] plots: {png}, {blocks}")
-    answers_after = _show_answers(prep, cfg, "after", log) if cfg.demo_prompts else []
+    answers_after = _show_answers(prep, cfg, "after", log) if cfg.demo_prompts and writer else []
     return TrainResult(adapter_path, metrics.records, answers_before, answers_after, status, test_loss)
 
 
@@ -382,6 +416,24 @@ def _emulation_report(records: list, budget_mb: float, budget_text: str, log) ->
     log(f"[mesp-mlx] memory: budget {budget_mb:.0f} MB ({budget_text}) | MLX peak {peak:.1f} MB | headroom "
         f"{budget_mb - peak:.1f} MB | phases " + ", ".join(f"{k} {v:.1f}" for k, v in phases.items() if v) +
         f" | process max RSS {rss_mb:.0f} MB (Python, libraries and file pages included)")
+
+
+def _shared_state(adapter_path: Path, ranks: Ranks):
+    """The saved state for --resume: read by rank 0 and sent to the others (the folder may exist on rank 0 only)."""
+    from .state import ResumeError, read_state
+
+    if ranks.size == 1:
+        return None
+    tensors, meta, error = {}, {}, None
+    if ranks.is_writer:
+        try:
+            tensors, meta = read_state(adapter_path)
+        except ResumeError as e:
+            error = str(e)
+    shared = ranks.broadcast_json({"error": error, "meta": meta})
+    if shared["error"]:
+        raise ResumeError(shared["error"])
+    return ranks.broadcast_arrays(tensors), shared["meta"]
 
 
 def _state_bytes(model) -> int:

@@ -21,6 +21,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
+from ..distributed import Ranks
 from .checkpoints import make_checkpoints
 from .loss import chunked_cross_entropy
 
@@ -104,6 +105,7 @@ class BlockEngine:
         clear_cache: str = "block",
         seed: int = 0,
         on_block_done: Callable | None = None,
+        ranks=None,
     ):
         self.parts = parts
         self.method = method
@@ -116,6 +118,7 @@ class BlockEngine:
         self.clear_cache = clear_cache
         self.seed = seed
         self.on_block_done = on_block_done  # governor hook: (phase, block index, peak bytes, active bytes)
+        self.ranks = ranks if ranks is not None else Ranks()  # data parallelism (distributed.py); size 1: no-ops
         layers = parts.layers
         trainable = [i for i, l in enumerate(layers) if tree_flatten(l.trainable_parameters())]
         # blocks below the lowest trainable one need no backward at all: nothing there to learn
@@ -173,12 +176,20 @@ class BlockEngine:
             self._after_block(meter, "forward", i)
         normed = self.parts.final_norm(h)
         loss, _, ntoks = chunked_cross_entropy(self.parts, normed, batch.targets, batch.mask, self.vocab_chunk,
-                                               need_grad=False)
-        if not math.isfinite(loss.item()):
+                                               need_grad=False, precise=True)
+        value, ntoks, _ = self._global_loss(loss, ntoks)
+        if not math.isfinite(value):
             raise NonFiniteError(step, "the loss")
         del h, normed
         self._after_loss(meter)
-        return loss.item(), ntoks
+        return value, ntoks
+
+    def _global_loss(self, loss: float, ntoks: int) -> tuple[float, int, float]:
+        """(mean loss over every rank's tokens, their count, this rank's share T_r / T of the gradient)."""
+        if self.ranks.size == 1:
+            return loss, ntoks, 1.0
+        weighted, total = self.ranks.sum_scalars([loss * ntoks, float(ntoks)])
+        return weighted / max(total, 1.0), int(round(total)), ntoks / max(total, 1.0)
 
     def loss_of(self, batch: Batch) -> tuple[float, int]:
         """(mean loss, counted tokens) of `batch` on the streamed forward, no gradient: inference's memory (held-out
@@ -214,10 +225,14 @@ class BlockEngine:
         # loss and its gradient at the last boundary
         h_last = self.checkpoints.get(n)
         normed = self.parts.final_norm(h_last)
-        loss, g_normed, ntoks = chunked_cross_entropy(self.parts, normed, batch.targets, batch.mask, self.vocab_chunk)
+        loss, g_normed, ntoks = chunked_cross_entropy(self.parts, normed, batch.targets, batch.mask, self.vocab_chunk,
+                                                      precise=True)
         _, (g,) = mx.vjp(self.parts.final_norm, [h_last], [g_normed])
-        mx.eval(loss, g)
-        if not math.isfinite(loss.item()):
+        mx.eval(g)
+        loss_value, ntoks, share = self._global_loss(loss, ntoks)
+        if share != 1.0:  # this rank's part of the global mean's gradient (distributed.py)
+            g = g * share
+        if not math.isfinite(loss_value):
             raise NonFiniteError(step, "the loss")
         del normed, g_normed, h_last, h
         self.checkpoints.drop(n)
@@ -243,6 +258,7 @@ class BlockEngine:
             h_in = self.checkpoints.get(i)
             self._block_key(step, i)
             g, block_grads = self.method.block_backward(layers[i], h_in, g, masks[i])
+            block_grads = self.ranks.sum_tree(block_grads)  # the global batch's gradient: Σ over ranks
             norm2 = _squared_norm(block_grads)  # NaN / inf anywhere make it non-finite: one reduction for both
             mx.eval(g, block_grads, norm2)
             if not math.isfinite(norm2.item()):  # nothing of this block (or any below) is updated
@@ -266,5 +282,5 @@ class BlockEngine:
             mx.clear_cache()
         meter.mark("update")
 
-        stats = self._stats(loss.item(), ntoks, start, meter, done)
+        stats = self._stats(loss_value, ntoks, start, meter, done)
         return stats, grads

@@ -27,9 +27,11 @@ def auto_vocab_chunk(n_tokens: int, vocab: int, hidden: int, budget_elems: int =
 
 
 def chunked_cross_entropy(parts, x: mx.array, targets: mx.array, mask: mx.array, vocab_chunk: int | None = None,
-                          need_grad: bool = True):
+                          need_grad: bool = True, precise: bool = False):
     """Return (loss, dL/dx, ntoks) for x [B, T, d], targets [B, T], mask [B, T] (1 = counted); dL/dx is None when
-    need_grad is False (forward-only methods skip pass 2).
+    need_grad is False (forward-only methods skip pass 2). precise: the loss as a Python float, the per-token losses
+    summed in float64 (a mean that does not depend on how the tokens are split: MeZO divides loss differences by 2 eps,
+    and a distributed run adds the ranks' sums).
 
     `parts` supplies head_chunk(a, b, dtype) (the head's vocabulary rows a:b as frozen_matmul operands) and
     head_rows_at(ids, dtype).
@@ -67,8 +69,13 @@ def chunked_cross_entropy(parts, x: mx.array, targets: mx.array, mask: mx.array,
         target_logit = target_logit + mx.where(in_chunk, picked, 0.0)
         mx.eval(run_max, run_sum, target_logit, *([acc] if need_grad else []))
     lse = run_max + mx.log(run_sum)
-    loss = (lse - target_logit).sum() / n
-    mx.eval(loss)
+    if precise:
+        per_token = lse - target_logit
+        mx.eval(per_token)
+        loss = float(np.array(per_token).astype(np.float64).sum()) / n
+    else:
+        loss = (lse - target_logit).sum() / n
+        mx.eval(loss)
     if not need_grad:
         return loss, None, n
     gx = (acc / run_sum[:, None] - parts.head_rows_at(ts, mx.float32)) / n

@@ -1,0 +1,136 @@
+"""Data-parallel training over mx.distributed (ring backend, 2 ranks on localhost): the same adapter as one process
+running the whole batch, a dead rank ends the others with a clear error, a distributed run resumes.
+
+Every launch is bounded by a timeout (mlx#4475: intermittent ring hangs on CPU streams)."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import mlx.core as mx
+import pytest
+
+from mesp_mlx.cli import main
+from mesp_mlx.metrics import MetricsLog
+from test_train_cli import CHAT, write_data
+
+pytestmark = pytest.mark.skipif(not mx.distributed.is_available(), reason="this MLX build has no distributed backend")
+TIMEOUT = 180
+
+
+def _free_ports(n):
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def launch(args, tmp_path, world=2):
+    """Start `mesp-mlx <args>` on `world` ranks of a ring on localhost (what mlx.launch -n world does)."""
+    hostfile = tmp_path / f"hosts-{time.monotonic_ns()}.json"
+    hostfile.write_text(json.dumps([[f"127.0.0.1:{p}"] for p in _free_ports(world)]))
+    procs = []
+    for rank in range(world):
+        env = {**os.environ, "MLX_RANK": str(rank), "MLX_HOSTFILE": str(hostfile), "PYTHONUNBUFFERED": "1"}
+        procs.append(subprocess.Popen([sys.executable, "-m", "mesp_mlx.cli", *args], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    return procs
+
+
+def finish(procs, timeout=TIMEOUT):
+    results = []
+    try:
+        for p in procs:
+            out, err = p.communicate(timeout=timeout)
+            results.append((p.returncode, out, err))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    return results
+
+
+def _args(model, data, out, method, iters, *extra):
+    # SGD: the adapter is then a plain function of the gradients, so it shows their exactness. (Adam's m / sqrt(v)
+    # turns the float rounding of a near-zero gradient element into a full +-lr step in either process alike.)
+    return ["train", "--model", str(model), "--data", str(data), "--adapter-path", str(out), "--method", method,
+            "--iters", str(iters), "--batch-size", "4", "--optimizer", "sgd", "--learning-rate", "0.5",
+            "--steps-per-eval", "2", "--val-batches", "-1", "--no-plot", "--seed", "3", *extra]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    folder = write_data(tmp_path_factory.mktemp("dist") / "data", records=CHAT * 3)
+    (folder / "valid.jsonl").write_text("\n".join(json.dumps(r) for r in CHAT[:3]) + "\n")
+    return folder
+
+
+def _max_rel(a: dict, b: dict) -> float:
+    assert set(a) == set(b)
+    return max((mx.abs(a[k] - b[k]).max() / (mx.abs(b[k]).max() + 1e-30)).item() for k in a)
+
+
+# MeZO divides loss differences by 2 eps: exact only because the engine sums per-token losses in float64 (loss.py)
+METHOD_ARGS = {"mesp": [], "mebp": [], "lcsb": ["--lcsb-fraction", "0.5"],
+               "mezo": ["--zo-eps", "1e-3", "--learning-rate", "1e-3"]}
+
+
+@pytest.mark.parametrize("method", list(METHOD_ARGS))
+def test_two_ranks_end_with_the_adapter_of_one_process_with_the_whole_batch(tiny_models, tmp_path, data, method):
+    model = tiny_models["qwen2"]
+    one = tmp_path / "one"
+    assert main(_args(model, data, one, method, 4, *METHOD_ARGS[method])) == 0
+    two = tmp_path / "two"
+    results = finish(launch(_args(model, data, two, method, 4, *METHOD_ARGS[method]), tmp_path))
+    assert [r[0] for r in results] == [0, 0], results
+    ref, got = mx.load(str(one / "adapters.safetensors")), mx.load(str(two / "adapters.safetensors"))
+    assert _max_rel(got, ref) <= 1e-5
+    r1, r2 = MetricsLog.read(one / "metrics.jsonl"), MetricsLog.read(two / "metrics.jsonl")
+    assert [r["tokens"] for r in r2] == [r["tokens"] for r in r1]  # the global token count
+    assert all(abs(a["loss"] - b["loss"]) <= 1e-5 * abs(b["loss"]) for a, b in zip(r2, r1))
+    assert all(abs(a["val_loss"] - b["val_loss"]) <= 1e-5 * b["val_loss"] for a, b in zip(r2, r1) if "val_loss" in b)
+    assert all(r["world_size"] == 2 and r["comm_mb"] > 0 for r in r2)
+    assert not (tmp_path / "two" / "rank1").exists() and results[1][1] == ""  # rank 1 writes and prints nothing
+
+
+def test_a_distributed_run_resumes_to_the_adapter_of_an_uninterrupted_one(tiny_models, tmp_path, data):
+    model = tiny_models["qwen2"]
+    ref = tmp_path / "ref"
+    assert main(_args(model, data, ref, "mesp", 6)) == 0
+    out = tmp_path / "two"
+    assert [r[0] for r in finish(launch(_args(model, data, out, "mesp", 3), tmp_path))] == [0, 0]
+    results = finish(launch(_args(model, data, out, "mesp", 6, "--resume"), tmp_path))
+    assert [r[0] for r in results] == [0, 0], results
+    assert "resuming" in results[0][1]
+    assert _max_rel(mx.load(str(out / "adapters.safetensors")), mx.load(str(ref / "adapters.safetensors"))) <= 1e-5
+    assert [r["step"] for r in MetricsLog.read(out / "metrics.jsonl")] == list(range(1, 7))
+
+
+def test_a_rank_that_dies_ends_the_others_with_a_clear_error(tiny_models, tmp_path, data):
+    out = tmp_path / "dies"
+    procs = launch(_args(tiny_models["qwen2"], data, out, "mesp", 100000, "--save-every", "2"), tmp_path)
+    start = time.time()
+    while not ((out / "metrics.jsonl").exists() and len(MetricsLog.read(out / "metrics.jsonl")) >= 3):
+        assert time.time() - start < TIMEOUT and procs[0].poll() is None, finish(procs, 5)
+        time.sleep(0.05)
+    procs[1].send_signal(signal.SIGKILL)
+    (code0, _, err0), (code1, _, _) = finish(procs, timeout=60)
+    assert code1 == -signal.SIGKILL
+    assert code0 == 76, err0
+    assert "lost the connection to another rank" in err0 and "Traceback" not in err0
+    assert (out / "training_state.safetensors").exists()  # the last saved state is kept for --resume
+
+
+def test_a_batch_that_does_not_split_over_the_ranks_is_refused(tiny_models, tmp_path, data):
+    args = _args(tiny_models["qwen2"], data, tmp_path / "odd", "mesp", 2)
+    args[args.index("--batch-size") + 1] = "3"
+    results = finish(launch(args, tmp_path))
+    assert [r[0] for r in results] == [2, 2]
+    assert "not divisible by the 2 ranks" in results[0][2]
