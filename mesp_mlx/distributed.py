@@ -44,10 +44,15 @@ class Ranks:
         self.timeout_s = timeout_s
         self.bytes_sent = 0  # payload handed to all_sum (per rank), and the seconds spent in collectives
         self.seconds = 0.0
+        self._deadline: float | None = None  # when the running collective counts as hung
+        self._watchdog: threading.Thread | None = None
 
     @classmethod
-    def from_environment(cls, timeout_s: float = 600.0) -> "Ranks":
-        """The world of this process: size 1 unless started by mlx.launch (or MLX_RANK / MLX_HOSTFILE / MPI)."""
+    def from_environment(cls, timeout_s: float | None = None) -> "Ranks":
+        """The world of this process: size 1 unless started by mlx.launch (or MLX_RANK / MLX_HOSTFILE / MPI).
+        A collective that waits longer than MESP_MLX_COLLECTIVE_TIMEOUT seconds (600) ends the process."""
+        if timeout_s is None:
+            timeout_s = float(os.environ.get("MESP_MLX_COLLECTIVE_TIMEOUT", 600))
         if not mx.distributed.is_available():
             return cls(None, timeout_s)
         launched = any(k in os.environ for k in ("MLX_RANK", "MLX_HOSTFILE", "OMPI_COMM_WORLD_RANK", "PMI_RANK",
@@ -66,17 +71,22 @@ class Ranks:
         self.bytes_sent, self.seconds = 0, 0.0
 
     # --- collectives --------------------------------------------------------------------------------------------------
-    def _all_sum(self, x: mx.array) -> mx.array:
-        done = threading.Event()
-
-        def watchdog():
-            if not done.wait(self.timeout_s):
+    def _watch(self) -> None:
+        """One daemon thread per process: ends the process when a collective has waited past its deadline."""
+        while True:
+            time.sleep(min(1.0, self.timeout_s / 4))
+            deadline = self._deadline
+            if deadline is not None and time.monotonic() > deadline:
                 print(f"mesp-mlx: error: rank {self.rank}: no answer from the other ranks for {self.timeout_s:.0f} s "
                       "(a rank hung or the network is down); exiting", file=sys.stderr, flush=True)
                 os._exit(PEER_LOST_EXIT)
 
-        threading.Thread(target=watchdog, daemon=True).start()
+    def _all_sum(self, x: mx.array) -> mx.array:
+        if self._watchdog is None:
+            self._watchdog = threading.Thread(target=self._watch, daemon=True)
+            self._watchdog.start()
         start = time.perf_counter()
+        self._deadline = time.monotonic() + self.timeout_s
         try:
             out = mx.distributed.all_sum(x, group=self.group, stream=mx.cpu)
             mx.eval(out)
@@ -84,7 +94,7 @@ class Ranks:
             raise PeerLost(f"rank {self.rank}: lost the connection to another rank ({e}); the last saved state is "
                            "kept, --resume continues it once every rank runs again") from None
         finally:
-            done.set()
+            self._deadline = None
         self.seconds += time.perf_counter() - start
         self.bytes_sent += x.nbytes
         return out

@@ -231,8 +231,10 @@ class StopSignals:
 def _train(cfg: TrainConfig, adapter_path: Path, stop: StopSignals, log, ranks: Ranks) -> TrainResult:
     writer = ranks.is_writer
     budget_mb, budget_text = resolve_budget(cfg.device_profile, cfg.budget_mb)
-    if budget_mb is not None and not cfg.skip_plan:
-        check_plan(cfg, budget_mb, budget_text, log)
+    if budget_mb is not None and not cfg.skip_plan:  # the budget is each rank's: it holds batch / ranks rows
+        import dataclasses
+
+        check_plan(dataclasses.replace(cfg, batch_size=cfg.batch_size // ranks.size), budget_mb, budget_text, log)
     mx.random.seed(cfg.seed)
     prep = prepare_model(cfg)
     splits = load_splits(cfg.data, prep.tokenizer, cfg.mask_prompt)

@@ -134,3 +134,42 @@ def test_a_batch_that_does_not_split_over_the_ranks_is_refused(tiny_models, tmp_
     results = finish(launch(args, tmp_path))
     assert [r[0] for r in results] == [2, 2]
     assert "not divisible by the 2 ranks" in results[0][2]
+
+
+def test_sigterm_to_one_rank_stops_every_rank_after_the_same_step_and_rank_0_saves(tiny_models, tmp_path, data):
+    model = tiny_models["qwen2"]
+    ref = tmp_path / "ref"
+    assert main(_args(model, data, ref, "mesp", 12)) == 0
+    out = tmp_path / "two"
+    procs = launch(_args(model, data, out, "mesp", 12, "--save-every", "100"), tmp_path)
+    start = time.time()
+    while not ((out / "metrics.jsonl").exists() and len(MetricsLog.read(out / "metrics.jsonl")) >= 2):
+        assert time.time() - start < TIMEOUT and procs[0].poll() is None, finish(procs, 5)
+        time.sleep(0.02)
+    procs[1].send_signal(signal.SIGTERM)  # the other rank never sees a signal
+    results = finish(procs)
+    assert [r[0] for r in results] == [143, 143], results
+    saved = len(MetricsLog.read(out / "metrics.jsonl"))
+    assert 2 <= saved < 12 and "state saved" in results[0][1]
+    results = finish(launch(_args(model, data, out, "mesp", 12, "--save-every", "100", "--resume"), tmp_path))
+    assert [r[0] for r in results] == [0, 0], results
+    assert _max_rel(mx.load(str(out / "adapters.safetensors")), mx.load(str(ref / "adapters.safetensors"))) <= 1e-5
+
+
+def test_a_rank_that_hangs_ends_the_others_after_the_collective_timeout(tiny_models, tmp_path, data, monkeypatch):
+    monkeypatch.setenv("MESP_MLX_COLLECTIVE_TIMEOUT", "3")
+    out = tmp_path / "hangs"
+    procs = launch(_args(tiny_models["qwen2"], data, out, "mesp", 100000), tmp_path)
+    try:
+        start = time.time()
+        while not ((out / "metrics.jsonl").exists() and len(MetricsLog.read(out / "metrics.jsonl")) >= 2):
+            assert time.time() - start < TIMEOUT and procs[0].poll() is None, finish(procs, 5)
+            time.sleep(0.02)
+        procs[1].send_signal(signal.SIGSTOP)  # alive, connected, silent: what a hung ring looks like
+        stopped = time.time()
+        code0 = procs[0].wait(timeout=60)
+        assert code0 == 76 and time.time() - stopped < 30
+        assert "no answer from the other ranks for 3 s" in procs[0].stderr.read()
+    finally:
+        procs[1].send_signal(signal.SIGKILL)
+        finish(procs, 10)
