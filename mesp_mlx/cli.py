@@ -8,6 +8,17 @@ import sys
 from .methods import METHODS
 
 
+class _ArgumentError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line (`mesp-mlx: error: ...`, exit 2) instead of usage text."""
+
+    def error(self, message):
+        raise _ArgumentError(f"{self.prog}: {message}")
+
+
 EXIT_STATUS = {"done": 0, "interrupted": 130, "nonfinite": 3, "over_budget": 4}  # how a training run ended
 
 
@@ -31,7 +42,12 @@ def _train_parser(sub, name="train", help="LoRA fine-tune within a memory budget
     p.add_argument("--iters", type=int)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--learning-rate", type=float)
-    p.add_argument("--optimizer", choices=["sgd", "adamw", "adam"])
+    p.add_argument("--optimizer", choices=["adam", "adamw", "sgd", "adafactor", "muon"],
+                   help="mlx-lm's optimizers (adam, its default); arguments from the YAML's optimizer_config")
+    p.add_argument("--grad-accumulation-steps", type=int,
+                   help="micro-batches whose gradients are averaged per optimizer step (1); --iters counts micro-batches")
+    p.add_argument("--fine-tune-type", choices=["lora", "dora", "full"],
+                   help="lora (default) or dora adapters in mlx-lm's format (full is refused: the base stays 4-bit)")
     p.add_argument("--seed", type=int)
     p.add_argument("--max-seq-length", type=int)
     p.add_argument("--mask-prompt", action="store_true", default=None, help="loss on completions only")
@@ -219,7 +235,7 @@ def cmd_fuse(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mesp-mlx", description=__doc__)
+    parser = _Parser(prog="mesp-mlx", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub).set_defaults(func=cmd_train)
     _train_parser(sub, "plan", "predict a run's peak memory by component, and the settings that fit its budget"
@@ -279,7 +295,11 @@ def main(argv=None) -> int:
     from .models import ModelLoadError, UnsupportedModel
     from .models.gguf_import import GGUFImportError
 
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except _ArgumentError as e:
+        print(f"mesp-mlx: error: {e}", file=sys.stderr)
+        return 2
     try:
         return args.func(args)
     except (ConfigError, DataError, LoRAConfigError, ModelLoadError, UnsupportedModel, GGUFImportError, ConvertError,
