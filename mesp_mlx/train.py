@@ -118,14 +118,14 @@ class TrainResult:
     test_loss: float | None = None
 
 
-def evaluate(engine: BlockEngine, model, dataset, batch_size: int, max_seq_length: int, num_batches: int
-             ) -> tuple[float, int]:
+def evaluate(engine: BlockEngine, model, dataset, batch_size: int, max_seq_length: int, num_batches: int,
+             rng=None) -> tuple[float, int]:
     """Mean loss per counted target token over `num_batches` batches of `dataset` (-1: all of it), as mlx-lm's
-    evaluate, on the streamed forward without gradients (so no more memory than a training step's forward). The same
-    batches every call (a fixed order), dropout off."""
-    batches = BatchIterator(dataset, min(batch_size, len(dataset)), max_seq_length, seed=0)
+    evaluate, on the streamed forward without gradients (so no more memory than a training step's forward), dropout
+    off. The batches' order is drawn from `rng` (training's stream: mlx-lm's order) or, without one, is fixed."""
+    batches = BatchIterator(dataset, min(batch_size, len(dataset)), max_seq_length, seed=0, rng=rng)
     batches.warned = True  # truncation was announced for the training set already
-    n = len(batches.batches) if num_batches == -1 else min(num_batches, len(batches.batches))
+    n = batches.n_batches if num_batches == -1 else min(num_batches, batches.n_batches)
     was_training = model.training
     model.eval()
     total = count = 0
@@ -149,6 +149,7 @@ def train(cfg: TrainConfig, log=print) -> TrainResult:
     mx.random.seed(cfg.seed)
     prep = prepare_model(cfg)
     splits = load_splits(cfg.data, prep.tokenizer, cfg.mask_prompt)
+    # one numpy stream for the training and validation batches' order, as mlx_lm.lora's np.random.seed(seed)
     batches = BatchIterator(splits["train"], cfg.batch_size, cfg.max_seq_length, cfg.seed)
     log(f"[mesp-mlx] model {prep.path} | {len(prep.parts.layers)} blocks | method {cfg.method} | compute "
         f"{prep.compute_path} | LoRA params {prep.n_trainable / 1e6:.3f} M | stream weights {cfg.stream_weights} | "
@@ -187,7 +188,8 @@ def train(cfg: TrainConfig, log=print) -> TrainResult:
     def held_out(step: int) -> dict:
         start = time.perf_counter()
         try:
-            loss, ntoks = evaluate(engine, prep.model, valid, cfg.batch_size, cfg.max_seq_length, cfg.val_batches)
+            loss, ntoks = evaluate(engine, prep.model, valid, cfg.batch_size, cfg.max_seq_length, cfg.val_batches,
+                                   batches.rng)
         except NonFiniteError:
             log(f"[mesp-mlx] WARNING: step {step}: the validation loss is NaN or inf")
             return {"val_loss": None}
@@ -218,14 +220,17 @@ def train(cfg: TrainConfig, log=print) -> TrainResult:
         return "over_budget"
 
     at_start = {}
+    first_batch = None
     try:
         if valid is not None and first_step == 1:
+            first_batch = next(batches)  # mlx-lm draws the first training batch before its first evaluation
             try:
                 at_start = held_out(0)
             except BudgetExceeded as e:
                 status = over_budget(0, e)
         for step in range(first_step, cfg.iters + 1) if status == "done" else ():
-            tokens, lengths = next(batches)
+            tokens, lengths = first_batch if first_batch is not None else next(batches)
+            first_batch = None
             try:
                 stats, _ = engine.step(Batch.from_mlx_lm(tokens, lengths), step)
                 due = valid is not None and (step % cfg.steps_per_eval == 0 or step == cfg.iters)
