@@ -42,7 +42,7 @@ def _mlx_lm_losses(stdout: str) -> dict:
     return {int(m.group(1)): float(m.group(2)) for m in re.finditer(r"^\s*(\d+)\s+(\d+\.\d+) [▼▲]", plain, re.M)}
 
 
-@pytest.mark.parametrize("optimizer,fine_tune_type,lr", [("adam", "lora", 1e-4)])
+@pytest.mark.parametrize("optimizer,fine_tune_type,lr", [("adam", "lora", 1e-4), ("sgd", "dora", 5e-2)])
 def test_same_yaml_same_adapter_as_mlx_lm_lora(tiny_models, tmp_path, optimizer, fine_tune_type, lr):
     model = str(tiny_models["qwen2"])
     data = write_data(tmp_path / "data", records=CHAT + [FOURTH])
