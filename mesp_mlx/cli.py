@@ -8,9 +8,21 @@ import sys
 from .methods import METHODS
 
 
+class _ArgumentError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line (`mesp-mlx: error: ...`, exit 2) instead of usage text."""
+
+    def error(self, message):
+        raise _ArgumentError(f"{self.prog}: {message}")
+
+
 # How a run ended -> exit status. 2: bad input (settings, data, model; nothing written); 5: `plan` says it does not
 # fit; 74: a write failed (disk full, read-only; the previous complete state is kept); 75: the output folder is in use
-# by another run; 76: a distributed run lost another rank (the last saved state is kept); 128 + n: stopped by signal n after saving (SIGHUP 129, Ctrl-C 130, SIGTERM 143).
+# by another run; 76: a distributed run lost another rank (the last saved state is kept); 128 + n: stopped by signal
+# n after saving (SIGHUP 129, Ctrl-C 130, SIGTERM 143).
 EXIT_STATUS = {"done": 0, "nonfinite": 3, "over_budget": 4, "hangup": 129, "interrupted": 130, "terminated": 143}
 IO_ERROR, FOLDER_IN_USE = 74, 75
 
@@ -35,7 +47,12 @@ def _train_parser(sub, name="train", help="LoRA fine-tune within a memory budget
     p.add_argument("--iters", type=int)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--learning-rate", type=float)
-    p.add_argument("--optimizer", choices=["sgd", "adamw", "adam"])
+    p.add_argument("--optimizer", choices=["adam", "adamw", "sgd", "adafactor", "muon"],
+                   help="mlx-lm's optimizers (adam, its default); arguments from the YAML's optimizer_config")
+    p.add_argument("--grad-accumulation-steps", type=int,
+                   help="micro-batches whose gradients are averaged per optimizer step (1); --iters counts micro-batches")
+    p.add_argument("--fine-tune-type", choices=["lora", "dora", "full"],
+                   help="lora (default) or dora adapters in mlx-lm's format (full is refused: the base stays 4-bit)")
     p.add_argument("--seed", type=int)
     p.add_argument("--max-seq-length", type=int)
     p.add_argument("--mask-prompt", action="store_true", default=None, help="loss on completions only")
@@ -223,7 +240,7 @@ def cmd_fuse(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mesp-mlx", description=__doc__)
+    parser = _Parser(prog="mesp-mlx", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub).set_defaults(func=cmd_train)
     _train_parser(sub, "plan", "predict a run's peak memory by component, and the settings that fit its budget"
@@ -286,7 +303,11 @@ def main(argv=None) -> int:
     from .models import ModelLoadError, UnsupportedModel
     from .models.gguf_import import GGUFImportError
 
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except _ArgumentError as e:
+        print(f"mesp-mlx: error: {e}", file=sys.stderr)
+        return 2
     try:
         return args.func(args)
     except WriteError as e:  # first: it is an OSError too

@@ -4,6 +4,7 @@ flags that were given explicitly override it."""
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,8 +32,11 @@ class TrainConfig:
     iters: int = 100
     batch_size: int = 1
     learning_rate: float = 1e-5
-    optimizer: str = "adamw"
+    optimizer: str = "adam"  # mlx-lm's default (adam | adamw | sgd | adafactor | muon)
     optimizer_config: dict = field(default_factory=dict)  # e.g. {"adamw": {"weight_decay": 0.01}}
+    lr_schedule: dict | None = None  # mlx-lm's {name, arguments, warmup, warmup_init}
+    grad_accumulation_steps: int = 1  # micro-batches per optimizer step (iters counts micro-batches, as mlx-lm)
+    fine_tune_type: str = "lora"  # lora | dora (full is refused: the base stays frozen 4-bit)
     seed: int = 0
     max_seq_length: int = 2048
     mask_prompt: bool = False
@@ -72,43 +76,55 @@ class TrainConfig:
         return {f.name for f in dataclasses.fields(cls)}
 
     def validate(self) -> None:
+        """Every setting's type and range (naming the YAML file and key, or the flag, that gave it), then the
+        settings that depend on each other. Raises ConfigError before anything runs."""
         from .governor import BudgetError, resolve_budget
+        from .settings_check import check_settings
 
+        check_settings(self, getattr(self, "_sources", {}))
         try:
             resolve_budget(self.device_profile, self.budget_mb)
         except BudgetError as e:
             raise ConfigError(str(e)) from None
-        if self.on_nonfinite not in ("stop", "skip"):
-            raise ConfigError(f"--on-nonfinite must be stop or skip, not {self.on_nonfinite!r}")
-        if not 0 < self.lcsb_fraction <= 1:
-            raise ConfigError(f"--lcsb-fraction must be in (0, 1], not {self.lcsb_fraction}")
-        if self.lcsb_schedule not in ("cyclic", "random", "importance"):
-            raise ConfigError(f"--lcsb-schedule must be cyclic, random or importance, not {self.lcsb_schedule!r}")
-        if self.lcsb_skipped not in ("freeze", "momentum"):
-            raise ConfigError(f"--lcsb-skipped must be freeze or momentum, not {self.lcsb_skipped!r}")
-        if self.zo_eps <= 0 or self.zo_samples < 1:
-            raise ConfigError("--zo-eps must be > 0 and --zo-samples >= 1")
-        if self.method not in METHODS:
-            raise ConfigError(f"--method {self.method!r}: available: {', '.join(METHODS)}")
-        if self.optimizer not in ("sgd", "adamw", "adam"):
-            raise ConfigError(f"--optimizer {self.optimizer!r}: sgd, adamw or adam")
-        if self.steps_per_eval < 0 or self.val_batches == 0 or self.val_batches < -1 or self.test_batches == 0 \
-                or self.test_batches < -1:
-            raise ConfigError("--steps-per-eval must be >= 0 (0: never) and --val-batches / --test-batches >= 1 or -1 "
-                              "(all)")
-        if self.iters < 1 or self.batch_size < 1 or self.max_seq_length < 2:
-            raise ConfigError("--iters and --batch-size must be >= 1 and --max-seq-length >= 2")
-        if self.checkpoint_storage not in ("memory", "mmap"):
-            raise ConfigError(f"--checkpoint-storage {self.checkpoint_storage!r}: memory or mmap")
+        where = getattr(self, "_sources", {})
+
+        def name(key):
+            return where.get(key) or f"--{key.replace('_', '-')}"
+
+        if self.method == "mezo":  # MeZO's update is its own SGD step; what it cannot honour is refused by name
+            if self.grad_accumulation_steps != 1:
+                raise ConfigError(f"{name('grad_accumulation_steps')}: MeZO (forward-only) has no gradient to "
+                                  "accumulate; use a larger --batch-size or --zo-samples")
+            if "optimizer" in where and self.optimizer != "sgd" or "optimizer_config" in where:
+                raise ConfigError(f"{name('optimizer' if 'optimizer' in where else 'optimizer_config')}: MeZO "
+                                  "steps with its own SGD update (--zo-weight-decay); only optimizer sgd applies")
         if self.data is None:
             raise ConfigError("--data is required (a folder with train.jsonl; mlx-lm's formats)")
 
 
-# mlx-lm YAML keys we accept as they are, and the ones that name the same thing differently
-_ALIASES = {"lora_layers": "num_layers", "grad_checkpoint": None,
-            "fine_tune_type": None, "train": None, "wandb": None,
-            "steps_per_report": "steps_per_report", "report_to": None, "project_name": None,
-            "grad_accumulation_steps": None, "lr_schedule": None}
+# mlx-lm keys with another name here, and the mlx-lm keys that cannot change training here (said once, then dropped)
+_ALIASES = {"lora_layers": "num_layers"}
+_NO_EFFECT = {
+    "grad_checkpoint": "training is always block-checkpointed here",
+    "report_to": "nothing leaves the machine (metrics.jsonl and the plots are the report)",
+    "wandb": "nothing leaves the machine (metrics.jsonl and the plots are the report)",
+    "project_name": "nothing leaves the machine (metrics.jsonl and the plots are the report)",
+    "train": "`mesp-mlx train` always trains",
+    "clear_cache_threshold": "the engine returns MLX's cache after every block (--clear-cache)",
+    "trust_remote_code": "no remote code is run here",
+}
+
+
+class _Loader(yaml.SafeLoader):
+    """mlx-lm's YAML loader: 1e-5 (no dot) is a float, as in mlx_lm.lora's yaml_loader."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+    |\.[0-9_]+(?:[eE][-+][0-9]+)?|[-+]?[0-9][0-9_]*(?::[0-5]?[0-9])+\.[0-9_]*|[-+]?\.(?:inf|Inf|INF)
+    |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."))
 
 
 def load_yaml(path: str | Path) -> dict:
@@ -122,7 +138,7 @@ def load_yaml(path: str | Path) -> dict:
     except OSError as e:
         raise ConfigError(f"{path}: cannot read ({e.strerror or e})") from None
     try:
-        raw = yaml.safe_load(text) or {}
+        raw = yaml.load(text, _Loader) or {}
     except RecursionError:
         raise ConfigError(f"{path}: YAML nested too deeply") from None
     except yaml.YAMLError as e:
@@ -135,12 +151,10 @@ def load_yaml(path: str | Path) -> dict:
     out = {}
     known = TrainConfig.keys()
     for k, v in raw.items():
-        k2 = k.replace("-", "_")
-        if k2 in _ALIASES:
-            if _ALIASES[k2] is None:
-                print(f"[mesp-mlx] note: {path}: key {k!r} (mlx-lm) has no effect here")
-                continue
-            k2 = _ALIASES[k2]
+        k2 = _ALIASES.get(str(k).replace("-", "_"), str(k).replace("-", "_"))
+        if k2 in _NO_EFFECT:
+            print(f"[mesp-mlx] note: {path}: key {k!r} (mlx-lm) has no effect here: {_NO_EFFECT[k2]}")
+            continue
         if k2 not in known:
             raise ConfigError(f"{path}: unknown key {k!r}")
         out[k2] = v
@@ -149,12 +163,14 @@ def load_yaml(path: str | Path) -> dict:
 
 
 def build_config(yaml_path: str | None, overrides: dict) -> TrainConfig:
+    """YAML values, then the flags given; each value remembers where it came from (for the one-line errors)."""
     values = load_yaml(yaml_path) if yaml_path else {}
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    if "lora_parameters" in values:
+    sources = {k: f"{yaml_path}: key {k!r}" for k in values}
+    given = {k: v for k, v in overrides.items() if v is not None}
+    sources.update({k: f"--{k.replace('_', '-')}" for k in given})
+    values.update(given)
+    if isinstance(values.get("lora_parameters"), dict):
         values["lora_parameters"] = {**TrainConfig().lora_parameters, **values["lora_parameters"]}
-    for k in ("learning_rate",):
-        if k in values:
-            values[k] = float(values[k])
     cfg = TrainConfig(**values)
+    cfg._sources = sources
     return cfg

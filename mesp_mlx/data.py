@@ -152,56 +152,91 @@ def load_splits(data_dir: str | Path, tokenizer, mask_prompt: bool = False, feat
 
 
 class BatchIterator:
-    """mlx-lm's batching (length-sorted batches, padded to a multiple of 32 + 1, shuffled per epoch with `seed`),
-    with truncation to max_seq_length announced once, and a position that can be saved and restored."""
+    """mlx-lm's batches in mlx-lm's order: `mlx_lm.tuner.trainer.iterate_batches` itself (length-sorted batches,
+    padded to a multiple of 32 + 1, visited in `np.random.permutation` order per epoch), its permutations drawn from
+    `rng`, a RandomState that stands for mlx-lm's global numpy stream (`np.random.seed(seed)` at start). Training and
+    validation share that stream as they do in mlx_lm.lora, so with the same data, batch size and seed every batch
+    is mlx-lm's. Truncation to max_seq_length is announced once; the position (the stream's state at the start of
+    the epoch and now, and the batches drawn in the epoch) can be saved and restored exactly."""
 
-    def __init__(self, dataset, batch_size: int, max_seq_length: int, seed: int = 0, rank: int = 0, world: int = 1,
-                 even: bool = True):
+    def __init__(self, dataset, batch_size: int, max_seq_length: int, seed: int = 0, rng=None, rank: int = 0,
+                 world: int = 1, even: bool = True):
         if len(dataset) < batch_size:
             raise DataError(f"the training set has {len(dataset)} examples, fewer than --batch-size {batch_size}")
         if batch_size < world or (even and batch_size % world):
             raise DataError(f"--batch-size {batch_size} is not divisible by the {world} ranks of this run")
-        # distributed: rank r takes rows r, r + world, ... of every global batch (mlx-lm's strided split)
+        # distributed: rank r takes rows r, r + world, ... of every global batch (mlx-lm's strided split; uneven
+        # shares, allowed for evaluation, are exact too: the engine weights each rank's loss by its tokens)
         self.rank, self.world = rank, world
         self.dataset, self.batch_size, self.max_seq_length = dataset, batch_size, max_seq_length
-        order = sorted(range(len(dataset)), key=lambda i: len(dataset[i][0]))
-        self.batches = [order[i:i + batch_size] for i in range(0, len(order) - batch_size + 1, batch_size)]
-        self.seed = seed
+        self.n_batches = len(range(0, len(dataset) - batch_size + 1, batch_size))
+        self.rng = rng if rng is not None else np.random.RandomState(seed)
         self.epoch, self.index = 0, 0
-        self._perm = self._permutation(0)
+        self._gen, self._epoch_state = None, None
         self.warned = False
 
-    def _permutation(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng(self.seed + epoch).permutation(len(self.batches))
+    def _draw(self):
+        """next() of mlx-lm's generator with its global numpy stream swapped for ours (and its warning held)."""
+        import contextlib
+        import io
+
+        outer = np.random.get_state()
+        np.random.set_state(self.rng.get_state())
+        printed = io.StringIO()
+        try:
+            with contextlib.redirect_stdout(printed):
+                batch = next(self._gen)
+        finally:
+            self.rng.set_state(np.random.get_state())
+            np.random.set_state(outer)
+        if "WARNING" in printed.getvalue() and not self.warned:
+            print(f"[mesp-mlx] WARNING: a sequence longer than --max-seq-length {self.max_seq_length} is truncated "
+                  "(pre-split long examples to keep their ends)")
+            self.warned = True
+        return batch
+
+    def _new_epoch(self) -> None:
+        from mlx_lm.tuner.trainer import iterate_batches
+
+        if self._gen is not None:
+            self.epoch += 1
+        self._epoch_state = self.rng.get_state()
+        self._gen = iterate_batches(self.dataset, self.batch_size, self.max_seq_length, loop=False)
+        self.index = 0
 
     def state(self) -> dict:
-        return {"epoch": self.epoch, "index": self.index}
+        return {"epoch": self.epoch, "index": self.index, "rng": _rng_json(self.rng.get_state()),
+                "epoch_rng": None if self._epoch_state is None else _rng_json(self._epoch_state)}
 
     def restore(self, state: dict) -> None:
-        self.epoch, self.index = int(state["epoch"]), int(state["index"])
-        self._perm = self._permutation(self.epoch)
+        """Replay the epoch's draws from its starting stream state, then continue from the saved stream state."""
+        if state.get("epoch_rng") is not None:
+            self.rng.set_state(_rng_state(state["epoch_rng"]))
+            self._new_epoch()
+            for _ in range(int(state["index"])):
+                self._draw()
+            self.index = int(state["index"])
+        self.epoch = int(state["epoch"])
+        self.rng.set_state(_rng_state(state["rng"]))
 
     def __iter__(self):
         return self
 
     def __next__(self):
-        if self.index >= len(self.batches):
-            self.epoch, self.index = self.epoch + 1, 0
-            self._perm = self._permutation(self.epoch)
-        items = [self.dataset[j] for j in self.batches[self._perm[self.index]][self.rank::self.world]]
+        if self._gen is None or self.index >= self.n_batches:
+            self._new_epoch()
+        tokens, lengths = self._draw()
         self.index += 1
-        tokens = [t for t, _ in items]
-        offsets = [o for _, o in items]
-        lengths = [len(t) for t in tokens]
-        if max(lengths) > self.max_seq_length and not self.warned:
-            print(f"[mesp-mlx] WARNING: a sequence of {max(lengths)} tokens is truncated to --max-seq-length "
-                  f"{self.max_seq_length} (pre-split long examples to keep their ends)")
-            self.warned = True
-        pad_to = 32
-        width = min(1 + pad_to * ((max(lengths) + pad_to - 1) // pad_to), self.max_seq_length)
-        arr = np.zeros((len(items), width), np.int32)
-        for j, t in enumerate(tokens):
-            n = min(len(t), self.max_seq_length)
-            arr[j, :n] = t[:n]
-            lengths[j] = n
-        return mx.array(arr), mx.array(list(zip(offsets, lengths)))
+        if self.world > 1:  # this rank's rows of the global batch (the padding stays the global batch's)
+            tokens, lengths = tokens[self.rank::self.world], lengths[self.rank::self.world]
+        return tokens, lengths
+
+
+def _rng_json(state) -> list:
+    name, keys, pos, has_gauss, gauss = state
+    return [name, [int(k) for k in keys], int(pos), int(has_gauss), float(gauss)]
+
+
+def _rng_state(saved: list):
+    name, keys, pos, has_gauss, gauss = saved
+    return name, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss

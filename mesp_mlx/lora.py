@@ -32,8 +32,9 @@ def normalize_keys(keys) -> list[str]:
     return [SHORT_KEYS.get(k, k) for k in keys]
 
 
-def apply_lora(model: nn.Module, num_layers: int, lora_parameters: dict) -> int:
-    """Freeze the base, wrap the chosen linears of the last `num_layers` blocks (-1: all). Returns #trainable params."""
+def apply_lora(model: nn.Module, num_layers: int, lora_parameters: dict, dora: bool = False) -> int:
+    """Freeze the base, wrap the chosen linears of the last `num_layers` blocks (-1: all) with mlx-lm's LoRALinear
+    (or DoRALinear: dora=True). Returns #trainable params."""
     from mlx_lm.tuner.utils import linear_to_lora_layers
 
     params = {**DEFAULT_LORA, **(lora_parameters or {})}
@@ -57,7 +58,7 @@ def apply_lora(model: nn.Module, num_layers: int, lora_parameters: dict) -> int:
         if int(params["rank"]) > min(d_in, d_out):
             raise LoRAConfigError(f"LoRA rank {params['rank']} exceeds {k}'s dimensions ({d_in} -> {d_out})")
     model.freeze()
-    linear_to_lora_layers(model, num_layers, params)
+    linear_to_lora_layers(model, num_layers, params, use_dora=dora)
     return sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
 
 
@@ -78,10 +79,11 @@ def save_adapters(model: nn.Module, adapter_file: str | Path) -> None:
                  what="the adapters")
 
 
-def write_adapter_config(adapter_path: str | Path, num_layers: int, lora_parameters: dict, extra: dict | None = None):
+def write_adapter_config(adapter_path: str | Path, num_layers: int, lora_parameters: dict, extra: dict | None = None,
+                         fine_tune_type: str = "lora"):
     params = {**DEFAULT_LORA, **(lora_parameters or {})}
     params["keys"] = normalize_keys(params["keys"])
-    config = {**(extra or {}), "fine_tune_type": "lora", "num_layers": num_layers, "lora_parameters": params}
+    config = {**(extra or {}), "fine_tune_type": fine_tune_type, "num_layers": num_layers, "lora_parameters": params}
     atomic_write_json(Path(adapter_path) / "adapter_config.json", config, what="the adapter config")
 
 

@@ -118,13 +118,21 @@ class MeSPLoRALinear(LoRALinear):
 
 
 def to_mesp_lora(model: nn.Module) -> int:
-    """Switch every mlx-lm LoRALinear in `model` to MeSP's backward in place (same parameters). Returns the count."""
+    """Switch every mlx-lm LoRALinear (and DoRALinear) in `model` to MeSP's backward in place (same parameters).
+    Returns the count."""
+    from mlx_lm.tuner.dora import DoRALinear
+
+    from .mesp_dora import MeSPDoRALinear
+
     count = 0
 
     def visit(_, module):
         nonlocal count
         if type(module) is LoRALinear:
             module.__class__ = MeSPLoRALinear
+            count += 1
+        elif type(module) is DoRALinear:
+            module.__class__ = MeSPDoRALinear
             count += 1
 
     model.apply_to_modules(visit)

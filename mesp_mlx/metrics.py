@@ -67,6 +67,11 @@ def plot_metrics(records: list[dict], out_png: str | Path, title: str = "") -> P
         ax1.legend()
     ax1.set_ylabel("loss")
     ax1.grid(alpha=0.3)
+    lrs = [(r["step"], r["learning_rate"]) for r in records if r.get("learning_rate") is not None]
+    if lrs:  # the learning rate of every step, on its own axis
+        ax_lr = ax1.twinx()
+        ax_lr.plot(*zip(*lrs), color="gray", ls="--", lw=1)
+        ax_lr.set_ylabel("learning rate (dashed)")
     ax2.plot(steps, [r["peak_mb"] for r in records], marker="o", ms=3, label="MLX peak (step)")
     ax2.plot(steps, [r["active_mb"] for r in records], marker=".", ms=3, label="MLX active (end of step)")
     ax2.set_ylabel("MB")

@@ -3,7 +3,8 @@
 The step's MLX peak is predicted by component:
     resident  what is in MLX memory before the step: LoRA weights, and the frozen weights unless streamed (measured
               after loading, exactly as the run loads them)
-    optimizer state: AdamW/Adam 2x the trainable parameters, SGD with momentum 1x, plain SGD 0 (arithmetic)
+    optimizer state: AdamW/Adam 2x the trainable parameters, SGD with momentum / Muon 1x, plain SGD 0 (arithmetic),
+                     + 1x for the accumulation buffers when grad_accumulation_steps > 1
     checkpoints  the block-boundary activations: (blocks + 1) x B x T x d x 4 bytes in memory; two in flight when mmap'd
     working set  the largest of: one block's forward, one block's backward (the method's rule), one vocabulary chunk of
               the loss — each probed once on this model at these shapes (random activations; the block's weights are
@@ -84,8 +85,13 @@ def predict(cfg) -> PlanResult:
     mx.clear_cache()
     resident = (mx.get_active_memory() - before) / MB
     trainable = sum(v.nbytes for _, v in tree_flatten(prep.model.trainable_parameters())) / MB
-    momentum = (cfg.optimizer_config or {}).get("sgd", {}).get("momentum", 0) if cfg.optimizer == "sgd" else None
-    optimizer = 2 * trainable if cfg.optimizer in ("adamw", "adam") else (trainable if momentum else 0.0)
+    own = (cfg.optimizer_config or {}).get(cfg.optimizer) or {}
+    # Adam/AdamW: m and v; Muon and SGD with momentum: one buffer; Adafactor: row + column factors (~0); plain SGD: 0
+    moments = {"adam": 2, "adamw": 2, "muon": 1, "sgd": 1 if own.get("momentum", 0) else 0,
+               "adafactor": 1 if own.get("beta_1") is not None else 0}[cfg.optimizer]
+    optimizer = moments * trainable
+    # gradient accumulation: one LoRA-sized buffer per block, i.e. the trainable size in all
+    optimizer += trainable if getattr(cfg, "grad_accumulation_steps", 1) > 1 else 0.0
 
     B, T = cfg.batch_size, cfg.max_seq_length - 1
     d = parts.inner.norm.weight.shape[0]

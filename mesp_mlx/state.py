@@ -3,6 +3,8 @@
     <adapter_path>/training_state.safetensors
         tensors : adapter.<name>   every trainable tensor (full precision, bit-exact)
                   opt.<block>.<path> every optimizer state tensor of every block's optimizer (AdamW m, v, step, ...)
+                  acc.<block>.<path> the gradient summed so far in an unfinished accumulation window (so a run can be
+                                     saved and resumed mid-accumulation, bit-exactly)
         metadata: step, data position, method state, and the settings a resumed run must share
 
 Randomness needs no saved generator: the engine draws every random number of step s, block i from a key derived from
@@ -25,7 +27,8 @@ STATE_FILE = "training_state.safetensors"
 FORMAT = "mesp_mlx-training-state-1"
 # settings that must not change between a run and its resumption (iters may grow; reporting settings may change)
 SHARED = ("model", "data", "method", "num_layers", "lora_parameters", "batch_size", "max_seq_length", "mask_prompt",
-          "optimizer", "optimizer_config", "learning_rate", "seed", "dtype", "compute_path", "quantize_bits",
+          "optimizer", "optimizer_config", "learning_rate", "lr_schedule", "grad_accumulation_steps",
+          "fine_tune_type", "seed", "dtype", "compute_path", "quantize_bits",
           "quantize_group_size", "store_h", "lcsb_fraction", "lcsb_schedule", "lcsb_skipped", "zo_eps", "zo_samples",
           "zo_weight_decay")
 
@@ -39,10 +42,12 @@ def shared_settings(cfg) -> dict:
 
 
 def save_state(path: Path, model, optimizers: list, step: int, data_position: dict, method_state: dict,
-               settings: dict) -> None:
+               settings: dict, accum: dict | None = None) -> None:
     tensors = {f"adapter.{k}": v for k, v in tree_flatten(model.trainable_parameters())}
     for i, opt in enumerate(optimizers):
         tensors.update({f"opt.{i}.{k}": v for k, v in tree_flatten(opt.state)})
+    for i, tree in (accum or {}).items():
+        tensors.update({f"acc.{i}.{k}": v for k, v in tree_flatten(tree)})
     meta = {"format": FORMAT, "step": str(step), "data": json.dumps(data_position),
             "method": json.dumps(method_state), "settings": json.dumps(settings, sort_keys=True, default=str)}
     atomic_write(path / STATE_FILE, lambda tmp: mx.save_safetensors(tmp, tensors, metadata=meta),
@@ -85,5 +90,12 @@ def load_state(path: Path, model, optimizers: list, settings: dict, state: tuple
         flat = [(k[len(prefix):], v) for k, v in tensors.items() if k.startswith(prefix)]
         if flat:
             opt.state = tree_unflatten(flat)
-    mx.eval(model.trainable_parameters(), [opt.state for opt in optimizers])
-    return {"step": int(meta["step"]), "data": json.loads(meta["data"]), "method": json.loads(meta["method"])}
+    accum: dict = {}
+    for k, v in tensors.items():
+        if k.startswith("acc."):
+            block, name = k[len("acc."):].split(".", 1)
+            accum.setdefault(int(block), []).append((name, v))
+    accum = {i: tree_unflatten(flat) for i, flat in accum.items()}
+    mx.eval(model.trainable_parameters(), [opt.state for opt in optimizers], accum)
+    return {"step": int(meta["step"]), "data": json.loads(meta["data"]), "method": json.loads(meta["method"]),
+            "accum": accum}

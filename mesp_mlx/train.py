@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
-import mlx.optimizers as optim
 
 from . import backend
 from .config import ConfigError, TrainConfig
@@ -24,6 +23,7 @@ from .lock import FolderLock
 from .mesp_lora import to_mesp_lora
 from .lora import apply_lora, cast_lora, load_adapter_weights, save_adapters, write_adapter_config
 from .methods import method_for
+from .optimizers import LearningRate, make_optimizer
 from .metrics import MetricsLog, block_peaks, plot_block_memory, plot_metrics
 from .distributed import Ranks
 from .state import STATE_FILE, load_state, save_state, shared_settings
@@ -56,7 +56,7 @@ def prepare_model(cfg: TrainConfig) -> Prepared:
     if cfg.stream_weights:
         streamer = WeightStreamer(loaded.path, model, model.layers)
         streamer.release_all()
-    n_trainable = apply_lora(model, cfg.num_layers, cfg.lora_parameters)
+    n_trainable = apply_lora(model, cfg.num_layers, cfg.lora_parameters, dora=cfg.fine_tune_type == "dora")
     cast_lora(model, mx.float32)
     if cfg.method == "mesp":
         to_mesp_lora(model)  # blocks the hand rule cannot take still get MeSP's LoRA VJPs under the fallback
@@ -68,21 +68,6 @@ def prepare_model(cfg: TrainConfig) -> Prepared:
         mx.eval(model.trainable_parameters())
     parts = ModelParts(model, path, streamer)
     return Prepared(model, loaded.tokenizer, loaded.config, loaded.path, parts, path, streamer, n_trainable)
-
-
-class SGD(optim.SGD):
-    """mlx's SGD, except that plain SGD (momentum 0) keeps no state: mlx allocates a momentum buffer the size of the
-    parameters even when it never reads it (17.6 MB for r=8 LoRA on Qwen2.5-0.5B, 70 MB at r=32)."""
-
-    def init_single(self, parameter, state):
-        if self.momentum > 0:
-            super().init_single(parameter, state)
-
-
-def make_optimizer(cfg: TrainConfig):
-    extra = dict(cfg.optimizer_config.get(cfg.optimizer, {})) if cfg.optimizer_config else {}
-    cls = {"sgd": SGD, "adamw": optim.AdamW, "adam": optim.Adam}[cfg.optimizer]
-    return cls(learning_rate=cfg.learning_rate, **extra)
 
 
 def answer(model, tokenizer, prompt: str, max_tokens: int) -> str:
@@ -138,16 +123,17 @@ class TrainResult:
     test_loss: float | None = None
 
 
-def evaluate(engine: BlockEngine, model, dataset, batch_size: int, max_seq_length: int, num_batches: int
-             ) -> tuple[float, int]:
+def evaluate(engine: BlockEngine, model, dataset, batch_size: int, max_seq_length: int, num_batches: int,
+             rng=None) -> tuple[float, int]:
     """Mean loss per counted target token over `num_batches` batches of `dataset` (-1: all of it), as mlx-lm's
-    evaluate, on the streamed forward without gradients (so no more memory than a training step's forward). The same
-    batches every call (a fixed order), dropout off."""
-    ranks = engine.ranks  # distributed: each rank takes its rows of every batch (uneven shares are exact too)
-    batches = BatchIterator(dataset, min(batch_size, len(dataset)), max_seq_length, seed=0, rank=ranks.rank,
+    evaluate, on the streamed forward without gradients (so no more memory than a training step's forward), dropout
+    off. The batches' order is drawn from `rng` (training's stream: mlx-lm's order) or, without one, is fixed.
+    Distributed: each rank takes its rows of every batch (uneven shares are exact too) and the losses are summed."""
+    ranks = engine.ranks
+    batches = BatchIterator(dataset, min(batch_size, len(dataset)), max_seq_length, seed=0, rng=rng, rank=ranks.rank,
                             world=ranks.size, even=False)
     batches.warned = True  # truncation was announced for the training set already
-    n = len(batches.batches) if num_batches == -1 else min(num_batches, len(batches.batches))
+    n = batches.n_batches if num_batches == -1 else min(num_batches, batches.n_batches)
     was_training = model.training
     model.eval()
     total = count = 0
@@ -242,7 +228,9 @@ def _train(cfg: TrainConfig, adapter_path: Path, stop: StopSignals, log, ranks: 
         if splits.get(name) is not None and 0 < len(splits[name]) < ranks.size:
             raise DataError(f"{cfg.data}/{name}.jsonl: {len(splits[name])} examples cannot be split over "
                             f"{ranks.size} ranks (each rank evaluates its share)")
-    batches = BatchIterator(splits["train"], cfg.batch_size, cfg.max_seq_length, cfg.seed, ranks.rank, ranks.size)
+    # one numpy stream for the training and validation batches' order, as mlx_lm.lora's np.random.seed(seed)
+    batches = BatchIterator(splits["train"], cfg.batch_size, cfg.max_seq_length, cfg.seed, rank=ranks.rank,
+                            world=ranks.size)
     log(f"[mesp-mlx] model {prep.path} | {len(prep.parts.layers)} blocks | method {cfg.method} | ranks {ranks.size} | "
         f"compute "
         f"{prep.compute_path} | LoRA params {prep.n_trainable / 1e6:.3f} M | stream weights {cfg.stream_weights} | "
@@ -253,10 +241,13 @@ def _train(cfg: TrainConfig, adapter_path: Path, stop: StopSignals, log, ranks: 
 
     method = method_for(cfg)
     optimizers = [make_optimizer(cfg) for _ in prep.parts.layers]
+    lr = LearningRate(cfg.learning_rate, cfg.lr_schedule, cfg.grad_accumulation_steps)
+    if cfg.method == "mezo":
+        method.learning_rate = lr  # MeZO's own SGD update follows the schedule too
     governor = Governor(budget_mb) if budget_mb is not None else None
     engine = BlockEngine(prep.parts, method, optimizers, cfg.checkpoint_storage, cfg.checkpoint_dir,
                          prep.streamer, cfg.vocab_chunk, cfg.clear_cache, cfg.seed, on_block_done=governor,
-                         ranks=ranks)
+                         accumulation=cfg.grad_accumulation_steps, learning_rate=lr, ranks=ranks)
     if writer:
         check_free_space(adapter_path, _state_bytes(prep.model), "the training state")  # before anything is written
     adapter_file = adapter_path / "adapters.safetensors"
@@ -266,13 +257,14 @@ def _train(cfg: TrainConfig, adapter_path: Path, stop: StopSignals, log, ranks: 
         restored = load_state(adapter_path, prep.model, optimizers, settings, _shared_state(adapter_path, ranks))
         batches.restore(restored["data"])
         method.load_state_dict(restored["method"])
+        engine.accum = restored["accum"]
         first_step = restored["step"] + 1
         log(f"[mesp-mlx] resuming {adapter_path} after step {restored['step']}")
     elif writer and (adapter_path / STATE_FILE).exists():
         log(f"[mesp-mlx] note: starting a new run over the one saved in {adapter_path} (--resume continues it)")
     if writer:
         write_adapter_config(adapter_path, cfg.num_layers if cfg.num_layers != -1 else len(prep.parts.layers),
-                             cfg.lora_parameters, extra=_config_record(cfg, prep))
+                             cfg.lora_parameters, extra=_config_record(cfg, prep), fine_tune_type=cfg.fine_tune_type)
     metrics = MetricsLog(adapter_path / "metrics.jsonl" if writer else None,
                          keep_until=first_step - 1 if cfg.resume else None)
     progress = Progress(cfg.iters, silent=not writer)
@@ -281,7 +273,8 @@ def _train(cfg: TrainConfig, adapter_path: Path, stop: StopSignals, log, ranks: 
     def held_out(step: int) -> dict:
         start = time.perf_counter()
         try:
-            loss, ntoks = evaluate(engine, prep.model, valid, cfg.batch_size, cfg.max_seq_length, cfg.val_batches)
+            loss, ntoks = evaluate(engine, prep.model, valid, cfg.batch_size, cfg.max_seq_length, cfg.val_batches,
+                                   batches.rng)
         except NonFiniteError:
             log(f"[mesp-mlx] WARNING: step {step}: the validation loss is NaN or inf")
             return {"val_loss": None}
@@ -295,7 +288,8 @@ def _train(cfg: TrainConfig, adapter_path: Path, stop: StopSignals, log, ranks: 
     def save(step: int) -> None:
         if writer:  # every rank holds the same adapters and optimizer states: rank 0 saves them
             save_adapters(prep.model, adapter_file)
-            save_state(adapter_path, prep.model, optimizers, step, batches.state(), method.state_dict(), settings)
+            save_state(adapter_path, prep.model, optimizers, step, batches.state(), method.state_dict(), settings,
+                       engine.accum)
         saved_at["step"] = step
 
     status = "done"
@@ -306,8 +300,10 @@ def _train(cfg: TrainConfig, adapter_path: Path, stop: StopSignals, log, ranks: 
         return "over_budget"
 
     at_start = {}
+    first_batch = None
     try:
         if valid is not None and first_step == 1:
+            first_batch = next(batches)  # mlx-lm draws the first training batch before its first evaluation
             try:
                 at_start = held_out(0)
             except BudgetExceeded as e:
@@ -323,7 +319,8 @@ def _train(cfg: TrainConfig, adapter_path: Path, stop: StopSignals, log, ranks: 
                     log(f"[mesp-mlx] stopped before step {step}: nothing new since the saved state")
                 status = stop.status or "terminated"
                 break
-            tokens, lengths = next(batches)
+            tokens, lengths = first_batch if first_batch is not None else next(batches)
+            first_batch = None
             ranks.reset_counters()
             try:
                 stats, _ = engine.step(Batch.from_mlx_lm(tokens, lengths), step)
@@ -340,7 +337,8 @@ def _train(cfg: TrainConfig, adapter_path: Path, stop: StopSignals, log, ranks: 
                     break
                 log(f"[mesp-mlx] WARNING: {e}; step skipped (blocks above it were already updated this step)")
                 continue
-            record = {"step": step, "loss": stats.loss, "tokens": stats.ntoks, "step_s": stats.step_s,
+            record = {"step": step, "loss": stats.loss, "learning_rate": lr.of_step(step), "tokens": stats.ntoks,
+                      "step_s": stats.step_s,
                       "tokens_per_s": stats.ntoks / stats.step_s, "peak_mb": stats.peak_mb,
                       "active_mb": stats.active_mb, "phase_peak_mb": stats.phase_peak_mb, "phase_s": stats.phase_s,
                       "block_peak_mb": block_peaks(stats.block_peak_mb, len(prep.parts.layers)),

@@ -79,16 +79,17 @@ def _max_rel(a: dict, b: dict) -> float:
 
 # MeZO divides loss differences by 2 eps: exact only because the engine sums per-token losses in float64 (loss.py)
 METHOD_ARGS = {"mesp": [], "mebp": [], "lcsb": ["--lcsb-fraction", "0.5"],
-               "mezo": ["--zo-eps", "1e-3", "--learning-rate", "1e-3"]}
+               "mezo": ["--zo-eps", "1e-3", "--learning-rate", "1e-3"],
+               "mesp-accumulated": ["--grad-accumulation-steps", "2"]}
 
 
 @pytest.mark.parametrize("method", list(METHOD_ARGS))
 def test_two_ranks_end_with_the_adapter_of_one_process_with_the_whole_batch(tiny_models, tmp_path, data, method):
-    model = tiny_models["qwen2"]
+    model, extra, method = tiny_models["qwen2"], METHOD_ARGS[method], method.split("-")[0]
     one = tmp_path / "one"
-    assert main(_args(model, data, one, method, 4, *METHOD_ARGS[method])) == 0
+    assert main(_args(model, data, one, method, 4, *extra)) == 0
     two = tmp_path / "two"
-    results = finish(launch(_args(model, data, two, method, 4, *METHOD_ARGS[method]), tmp_path))
+    results = finish(launch(_args(model, data, two, method, 4, *extra), tmp_path))
     assert [r[0] for r in results] == [0, 0], results
     ref, got = mx.load(str(one / "adapters.safetensors")), mx.load(str(two / "adapters.safetensors"))
     assert _max_rel(got, ref) <= 1e-5

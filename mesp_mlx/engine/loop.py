@@ -5,6 +5,10 @@
     backward: blocks in reverse; the method says which blocks get a backward and how (autodiff, hand rule, skip);
               each block's LoRA is stepped by its own optimizer as soon as its gradient exists, then the block's
               tensors are dropped (and, when streaming, its frozen weights released)
+    accumulate (grad_accumulation_steps N > 1, mlx-lm's semantics): each block's gradient is added into one
+              LoRA-sized buffer per block; on every N-th micro-batch (step % N == 0) the block's optimizer steps with
+              buffer / N and the buffer is freed. Steps count micro-batches. After each update the block's new
+              parameters are checked: a NaN/inf parameter raises before anything is saved (the update is undone).
 
 Memory is measured per phase and per block: MLX's peak is reset before each and read after, so the step peak is the
 max over them and each block's own peak is known (the governor and the metrics use both).
@@ -19,7 +23,7 @@ from typing import Callable
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten, tree_unflatten
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from ..distributed import Ranks
 from .checkpoints import make_checkpoints
@@ -105,6 +109,8 @@ class BlockEngine:
         clear_cache: str = "block",
         seed: int = 0,
         on_block_done: Callable | None = None,
+        accumulation: int = 1,
+        learning_rate=None,
         ranks=None,
     ):
         self.parts = parts
@@ -119,6 +125,9 @@ class BlockEngine:
         self.seed = seed
         self.on_block_done = on_block_done  # governor hook: (phase, block index, peak bytes, active bytes)
         self.ranks = ranks if ranks is not None else Ranks()  # data parallelism (distributed.py); size 1: no-ops
+        self.accumulation = accumulation
+        self.learning_rate = learning_rate  # optimizers.LearningRate (a schedule) or None (the optimizers' own)
+        self.accum: dict[int, dict] = {}  # block -> summed LoRA gradient of this accumulation window
         layers = parts.layers
         trainable = [i for i, l in enumerate(layers) if tree_flatten(l.trainable_parameters())]
         # blocks below the lowest trainable one need no backward at all: nothing there to learn
@@ -155,6 +164,38 @@ class BlockEngine:
             block_peak_mb={k: v / MB for k, v in meter.blocks.items()},
             blocks_backpropagated=done,
         )
+
+    def _update(self, i: int, block_grads, step: int, boundary: bool, step_skipped: bool) -> None:
+        """Accumulate block i's gradient and, on an accumulation boundary, step its optimizer with the mean."""
+        layer, opt = self.parts.layers[i], self.optimizers[i]
+        if self.accumulation > 1:
+            if block_grads is not None:  # mlx-lm: grad = grad + prev_grad
+                acc = self.accum.get(i)
+                self.accum[i] = block_grads if acc is None else tree_map(lambda x, y: x + y, block_grads, acc)
+                mx.eval(self.accum[i])
+            if not boundary:
+                return
+            acc = self.accum.pop(i, None)
+            block_grads = None if acc is None else tree_map(lambda x: x / self.accumulation, acc)
+        if block_grads is None:
+            if not step_skipped:
+                return
+            # LCSB momentum: the optimizer steps with a zero gradient (AdamW momentum, weight decay act)
+            block_grads = tree_unflatten([(k, mx.zeros_like(v)) for k, v in tree_flatten(layer.trainable_parameters())])
+        lr = self.learning_rate.at_update(step // self.accumulation) if self.learning_rate is not None else None
+        if lr is not None:
+            opt.learning_rate = lr
+        # the update mutates the optimizer's state dicts in place: keep copies of the trees (arrays are immutable)
+        before, state_before = layer.trainable_parameters(), tree_map(lambda x: x, opt.state)
+        opt.update(layer, block_grads)
+        finite = mx.array(True)
+        for _, v in tree_flatten(layer.trainable_parameters()):
+            finite = mx.logical_and(finite, mx.isfinite(v).all())
+        mx.eval(layer.trainable_parameters(), opt.state, finite)
+        if not finite.item():  # undo, so what is saved next is never a NaN adapter
+            layer.update(before)
+            opt.state = state_before
+            raise NonFiniteError(step, f"the LoRA parameters of block {i} after its update")
 
     # --- the step ---------------------------------------------------------------------------------------------------
     def forward_loss(self, batch: Batch, step: int, meter: "_PeakMeter", before_block: Callable | None = None,
@@ -242,41 +283,38 @@ class BlockEngine:
         trainable = list(range(self.lowest_trainable, n))
         selected = self.method.selected_blocks(step, trainable)
         step_skipped = apply_update and getattr(self.method, "skipped", "freeze") == "momentum"
-        lowest = self.lowest_trainable if selected is None or step_skipped else min(selected, default=n)
+        boundary = step % self.accumulation == 0
+        reach_all = selected is None or step_skipped or (apply_update and boundary and self.accum)
+        lowest = self.lowest_trainable if reach_all else min(selected, default=n)
         grads = {}
         done = 0
         for i in range(n - 1, lowest - 1, -1):
+            block_grads = None
             if selected is not None and i not in selected:
                 # identity path: dL/dh_i = dL/dh_{i+1} through the residual (LCSB); no recompute, no weights
                 self.checkpoints.drop(i)
-                if step_skipped:  # the optimizer steps with a zero gradient (AdamW momentum, weight decay act)
-                    zeros = tree_unflatten([(k, mx.zeros_like(v)) for k, v in
-                                            tree_flatten(layers[i].trainable_parameters())])
-                    self.optimizers[i].update(layers[i], zeros)
-                    mx.eval(layers[i].trainable_parameters(), self.optimizers[i].state)
-                continue
-            h_in = self.checkpoints.get(i)
-            self._block_key(step, i)
-            g, block_grads = self.method.block_backward(layers[i], h_in, g, masks[i])
-            block_grads = self.ranks.sum_tree(block_grads)  # the global batch's gradient: Σ over ranks
-            norm2 = _squared_norm(block_grads)  # NaN / inf anywhere make it non-finite: one reduction for both
-            mx.eval(g, block_grads, norm2)
-            if not math.isfinite(norm2.item()):  # nothing of this block (or any below) is updated
-                raise NonFiniteError(step, f"the LoRA gradient of block {i}")
-            self.method.observe(step, i, math.sqrt(norm2.item()))
-            if apply_update:
-                opt = self.optimizers[i]
-                opt.update(layers[i], block_grads)
-                mx.eval(g, layers[i].trainable_parameters(), opt.state)
             else:
-                mx.eval(g, block_grads)
+                h_in = self.checkpoints.get(i)
+                self._block_key(step, i)
+                g, block_grads = self.method.block_backward(layers[i], h_in, g, masks[i])
+                block_grads = self.ranks.sum_tree(block_grads)  # the global batch's gradient: Σ over ranks
+                norm2 = _squared_norm(block_grads)  # NaN / inf anywhere make it non-finite: one reduction for both
+                mx.eval(g, block_grads, norm2)
+                if not math.isfinite(norm2.item()):  # nothing of this block (or any below) is updated
+                    raise NonFiniteError(step, f"the LoRA gradient of block {i}")
+                self.method.observe(step, i, math.sqrt(norm2.item()))
+                del h_in
+                self.checkpoints.drop(i)
+                done += 1
+            if apply_update:
+                self._update(i, block_grads, step, boundary, step_skipped)
+            elif block_grads is not None:
                 grads[i] = block_grads
-            del h_in, block_grads
-            self.checkpoints.drop(i)
-            if self.streamer is not None:
-                self.streamer.release(i)
-            done += 1
-            self._after_block(meter, "backward", i)
+            if block_grads is not None:
+                del block_grads
+                if self.streamer is not None:
+                    self.streamer.release(i)
+                self._after_block(meter, "backward", i)
         self.checkpoints.clear()
         if self.clear_cache == "step":
             mx.clear_cache()

@@ -23,9 +23,11 @@ import warnings
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
+from mlx_lm.tuner.dora import DoRALinear
 from mlx_lm.tuner.lora import LoRALinear
 
 from ..models.compute import DequantLinear, set_compute_path
+from ..mesp_dora import DoRAProj
 from ..mesp_lora import dropout_active, frozen_input_grad, lean_matmul, lora_branch_grads
 from .base import Method
 from .mebp import MeBP
@@ -51,8 +53,8 @@ def unsupported_reason(block: nn.Module) -> str | None:
     if any(type(n) is not nn.RMSNorm for n in norms):
         return "a norm other than RMSNorm"
     lora = {f"{part}.{p}" for part, projs in (("self_attn", ATTN_PROJ), ("mlp", MLP_PROJ)) for p in projs
-            if isinstance(getattr(getattr(block, part), p), LoRALinear)}
-    allowed = {f"{m}.{t}" for m in lora for t in ("lora_a", "lora_b")}
+            if isinstance(getattr(getattr(block, part), p), (LoRALinear, DoRALinear))}
+    allowed = {f"{m}.{t}" for m in lora for t in ("lora_a", "lora_b", "m")}
     extra = [k for k, _ in tree_flatten(block.trainable_parameters()) if k not in allowed]
     if extra:
         return f"trainable tensors other than LoRA A/B: {', '.join(extra[:3])}"
@@ -93,6 +95,11 @@ class _Proj:
         if self.mask is not None:
             g_xd = g_xd * self.mask
         return frozen_input_grad(layer.linear, g, lean=True) + g_xd
+
+
+def _proj(layer: nn.Module, x: mx.array, store_h: bool, output: bool = True):
+    """A projection's forward context: DoRA's (mesp_dora) or LoRA's / a frozen linear's."""
+    return DoRAProj(layer, x, store_h, output) if isinstance(layer, DoRALinear) else _Proj(layer, x, store_h, output)
 
 
 class MeSP(Method):
@@ -146,7 +153,7 @@ class MeSP(Method):
         attn, mlp = block.self_attn, block.mlp
         B, L, _ = x.shape
         n1 = block.input_layernorm(x)
-        qp, kp, vp = (_Proj(getattr(attn, p), n1, self.store_h) for p in ("q_proj", "k_proj", "v_proj"))
+        qp, kp, vp = (_proj(getattr(attn, p), n1, self.store_h) for p in ("q_proj", "k_proj", "v_proj"))
         q = qp.y.reshape(B, L, attn.n_heads, -1)
         k = kp.y.reshape(B, L, attn.n_kv_heads, -1)
         if hasattr(attn, "q_norm"):
@@ -156,12 +163,12 @@ class MeSP(Method):
         v = vp.y.reshape(B, L, attn.n_kv_heads, -1).transpose(0, 2, 1, 3)
         o = attention_forward(q, k, v, attn.scale, mask)
         o = o.transpose(0, 2, 1, 3).reshape(B, L, -1)
-        op = _Proj(attn.o_proj, o, self.store_h)
+        op = _proj(attn.o_proj, o, self.store_h)
         h = x + op.y
         n2 = block.post_attention_layernorm(h)
-        gp, up = _Proj(mlp.gate_proj, n2, self.store_h), _Proj(mlp.up_proj, n2, self.store_h)
+        gp, up = _proj(mlp.gate_proj, n2, self.store_h), _proj(mlp.up_proj, n2, self.store_h)
         a = nn.silu(gp.y) * up.y
-        dp = _Proj(mlp.down_proj, a, self.store_h, output)
+        dp = _proj(mlp.down_proj, a, self.store_h, output)
         return qp, kp, vp, q, k, v, op, h, gp, up, dp, (h + dp.y if output else None)
 
     def block_forward(self, block, h, mask):

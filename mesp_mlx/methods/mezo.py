@@ -30,6 +30,7 @@ class MeZO(Method):
             raise ValueError("--zo-eps must be > 0 and --zo-samples >= 1")
         self.lr, self.eps, self.samples, self.weight_decay, self.seed = learning_rate, eps, samples, weight_decay, seed
         self.inner = MeSP()
+        self.learning_rate = None  # optimizers.LearningRate when an lr_schedule is given (the trainer sets it)
 
     def noise(self, step: int, sample: int, block: int, shapes: list[tuple]) -> list[mx.array]:
         """z for the trainable tensors of one block (in tree_flatten order), from a key of (seed, step, sample, block)."""
@@ -63,6 +64,7 @@ class MeZO(Method):
             if first_loss is None:
                 first_loss = (losses[0] + losses[1]) / 2
         grads = {}
+        lr = self.lr if self.learning_rate is None else self.learning_rate.of_step(step)
         for i, layer in enumerate(layers):  # g = 1/n Σ_k p_k z_k, regenerated block by block
             if not flats[i]:
                 continue
@@ -71,7 +73,7 @@ class MeZO(Method):
             for k, p in enumerate(projected):
                 g = [gj + (p / self.samples) * zj for gj, zj in zip(g, self.noise(step, k, i, shapes))]
             if apply_update:
-                layer.update(tree_unflatten([(name, v - self.lr * (gj.astype(v.dtype) + self.weight_decay * v))
+                layer.update(tree_unflatten([(name, v - lr * (gj.astype(v.dtype) + self.weight_decay * v))
                                              for (name, v), gj in zip(flats[i], g)]))
                 mx.eval(layer.trainable_parameters())
             else:

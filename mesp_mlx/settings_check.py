@@ -1,0 +1,156 @@
+"""Type and range of every training setting, checked before anything runs (one line naming the file and key, or the
+flag, that gave the value)."""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+from .config import ConfigError
+
+INT = {  # name: (lowest allowed, extra allowed values)
+    "iters": (1, ()), "batch_size": (1, ()), "seed": (0, ()), "max_seq_length": (2, ()), "num_layers": (1, (-1,)),
+    "save_every": (0, ()), "steps_per_report": (1, ()), "steps_per_eval": (0, ()), "val_batches": (1, (-1,)),
+    "test_batches": (1, (-1,)), "zo_samples": (1, ()), "quantize_bits": (1, ()), "quantize_group_size": (1, ()),
+    "demo_max_tokens": (1, ()), "grad_accumulation_steps": (1, ()), "vocab_chunk": (1, ()),
+}
+FLOAT = {  # name: (low, low inclusive, high or None)
+    "learning_rate": (0.0, True, None), "lcsb_fraction": (0.0, False, 1.0), "zo_eps": (0.0, False, None),
+    "zo_weight_decay": (0.0, True, None), "budget_mb": (-math.inf, True, None),
+}
+BOOL = ("store_h", "mask_prompt", "resume", "skip_plan", "test", "stream_weights", "plot")
+CHOICES = {
+    "lcsb_schedule": ("cyclic", "random", "importance"), "lcsb_skipped": ("freeze", "momentum"),
+    "on_nonfinite": ("stop", "skip"), "compute_path": ("auto", "fused", "dequant"),
+    "dtype": ("auto", "float32", "float16", "bfloat16", "native"), "checkpoint_storage": ("memory", "mmap"),
+    "clear_cache": ("block", "step", "never"), "fine_tune_type": ("lora", "dora"),
+}
+STRINGS = ("model", "data", "adapter_path", "resume_adapter_file", "checkpoint_dir", "device_profile")
+NULLABLE = ("vocab_chunk", "budget_mb") + STRINGS
+
+
+def _number(v) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+def check_settings(cfg, sources: dict) -> None:
+    from .methods import METHODS
+    from .optimizers import OPTIMIZERS
+
+    def fail(key: str, what: str, value) -> None:
+        where = sources.get(key) or f"--{key.replace('_', '-')}"
+        raise ConfigError(f"{where}: {what}, not {value!r}")
+
+    for key in NULLABLE:
+        if getattr(cfg, key) is None:
+            continue
+        if key in STRINGS and not isinstance(getattr(cfg, key), str):
+            fail(key, "must be a string (a path or a name)", getattr(cfg, key))
+    for key, (low, extra) in INT.items():
+        v = getattr(cfg, key)
+        if v is None and key in NULLABLE:
+            continue
+        if not isinstance(v, numbers.Integral) or isinstance(v, bool):
+            fail(key, "must be an integer", v)
+        if v < low and v not in extra:
+            fail(key, f"must be >= {low}" + (f" (or {', '.join(map(str, extra))})" if extra else ""), v)
+    for key, (low, inclusive, high) in FLOAT.items():
+        v = getattr(cfg, key)
+        if v is None and key in NULLABLE:
+            continue
+        if not _number(v) or not math.isfinite(v):
+            fail(key, "must be a finite number", v)
+        if v < low or (v == low and not inclusive) or (high is not None and v > high):
+            fail(key, f"must be in {'[' if inclusive else '('}{low:g}, {high if high is not None else 'inf'}"
+                      f"{']' if high is not None else ')'}", v)
+    for key in BOOL:
+        if not isinstance(getattr(cfg, key), bool):
+            fail(key, "must be true or false", getattr(cfg, key))
+    for key, choices in {**CHOICES, "method": tuple(METHODS), "optimizer": tuple(OPTIMIZERS)}.items():
+        v = getattr(cfg, key)
+        if key == "fine_tune_type" and v == "full":
+            fail(key, "full fine-tuning is refused here: the base stays frozen 4-bit (use lora or dora)", v)
+        if v not in choices:
+            fail(key, f"must be one of {', '.join(choices)}", v)
+    if not isinstance(cfg.demo_prompts, list) or not all(isinstance(p, str) for p in cfg.demo_prompts):
+        fail("demo_prompts", "must be a list of strings", cfg.demo_prompts)
+    _check_lora(cfg.lora_parameters, fail)
+    _check_optimizer_config(cfg.optimizer_config, fail)
+    _check_schedule(cfg.lr_schedule, fail)
+
+
+def _check_lora(lp, fail) -> None:
+    key = "lora_parameters"
+    if not isinstance(lp, dict):
+        fail(key, "must be a mapping (rank, scale, dropout, keys)", lp)
+    unknown = set(lp) - {"rank", "scale", "dropout", "keys"}
+    if unknown:
+        fail(key, f"unknown entry {sorted(unknown)[0]!r} (rank, scale, dropout, keys)", lp)
+    if not isinstance(lp.get("rank"), numbers.Integral) or isinstance(lp.get("rank"), bool):
+        fail(key, "rank must be an integer", lp.get("rank"))
+    if not _number(lp.get("scale")) or not math.isfinite(lp["scale"]):
+        fail(key, "scale must be a finite number", lp.get("scale"))
+    if not _number(lp.get("dropout")) or not 0 <= lp["dropout"] < 1:
+        fail(key, "dropout must be a number in [0, 1)", lp.get("dropout"))
+    keys = lp.get("keys")
+    if keys is not None and (not isinstance(keys, list) or not keys or not all(isinstance(k, str) for k in keys)):
+        fail(key, "keys must be a non-empty list of module names", keys)
+
+
+def _check_optimizer_config(oc, fail) -> None:
+    from .optimizers import OPTIMIZERS, optimizer_arguments
+
+    key = "optimizer_config"
+    if not isinstance(oc, dict):
+        fail(key, "must be a mapping of optimizer name to its arguments", oc)
+    for name, args in oc.items():
+        if name not in OPTIMIZERS:
+            fail(key, f"unknown optimizer {name!r} ({', '.join(OPTIMIZERS)})", oc)
+        if args is None:
+            continue
+        if not isinstance(args, dict):
+            fail(key, f"{name}: must be a mapping of arguments", args)
+        allowed = optimizer_arguments(name)
+        for arg, v in args.items():
+            if arg not in allowed:
+                fail(key, f"{name} has no argument {arg!r} (it takes {', '.join(allowed)})", arg)
+            values = v if isinstance(v, (list, tuple)) else [v]
+            if not all(isinstance(x, bool) or (_number(x) and math.isfinite(x)) for x in values):
+                fail(key, f"{name}.{arg} must be a finite number, a boolean or a list of numbers", v)
+
+
+def _check_schedule(spec, fail) -> None:
+    import mlx.optimizers as optim
+
+    key = "lr_schedule"
+    if spec is None:
+        return
+    if not isinstance(spec, dict):
+        fail(key, "must be a mapping {name, arguments, warmup, warmup_init}", spec)
+    unknown = set(spec) - {"name", "arguments", "warmup", "warmup_init"}
+    if unknown:
+        fail(key, f"unknown entry {sorted(unknown)[0]!r} (name, arguments, warmup, warmup_init)", spec)
+    names = [n for n in dir(optim.schedulers) if not n.startswith("_") and n not in ("Callable", "List", "mx", "math")
+             and callable(getattr(optim.schedulers, n))]
+    if spec.get("name") not in names:
+        fail(key, f"name must be one of mlx.optimizers' schedules ({', '.join(names)})", spec.get("name"))
+    args = spec.get("arguments")
+    if not isinstance(args, list) or not args or not all(_number(a) and math.isfinite(a) for a in args):
+        fail(key, "arguments must be a non-empty list of finite numbers (the first is the initial learning rate)", args)
+    if args[0] < 0:
+        fail(key, "the initial learning rate (arguments[0]) must be >= 0", args[0])
+    warmup = spec.get("warmup", 0)
+    if not isinstance(warmup, numbers.Integral) or isinstance(warmup, bool) or warmup < 0:
+        fail(key, "warmup must be an integer >= 0", warmup)
+    init = spec.get("warmup_init", 0.0)
+    if not _number(init) or not math.isfinite(init) or init < 0:
+        fail(key, "warmup_init must be a finite number >= 0", init)
+    try:
+        fn = getattr(optim.schedulers, spec["name"])(*args)
+        import mlx.core as mx
+
+        lr = fn(mx.array(0, mx.uint64)).item()
+    except Exception as e:  # noqa: BLE001 - wrong arity or types of a schedule's arguments
+        fail(key, f"{spec['name']}{tuple(args)} cannot be built ({e})", spec)
+    if not math.isfinite(lr):
+        fail(key, "the schedule gives a non-finite learning rate", spec)
