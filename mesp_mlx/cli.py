@@ -86,6 +86,11 @@ def _train_parser(sub, name="train", help="LoRA fine-tune within a memory budget
     p.add_argument("--quantize-bits", type=int, help="bits for quantize-on-load of unquantized models (default 4)")
     p.add_argument("--quantize-group-size", type=int, help="group size for quantize-on-load (default 64)")
     p.add_argument("--no-plot", dest="plot", action="store_false", default=None)
+    # mlx-lm's flags that cannot change training here: accepted, and said so once
+    for flag in ("--grad-checkpoint", "--train", "--trust-remote-code"):
+        p.add_argument(flag, action="store_true", default=None, help="mlx-lm's; no effect here")
+    for flag in ("--report-to", "--project-name", "--clear-cache-threshold"):
+        p.add_argument(flag, help="mlx-lm's; no effect here")
     return p
 
 

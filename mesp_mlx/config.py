@@ -167,6 +167,9 @@ def build_config(yaml_path: str | None, overrides: dict) -> TrainConfig:
     values = load_yaml(yaml_path) if yaml_path else {}
     sources = {k: f"{yaml_path}: key {k!r}" for k in values}
     given = {k: v for k, v in overrides.items() if v is not None}
+    for k in [k for k in given if k in _NO_EFFECT]:
+        print(f"[mesp-mlx] note: --{k.replace('_', '-')} (mlx-lm) has no effect here: {_NO_EFFECT[k]}")
+        del given[k]
     sources.update({k: f"--{k.replace('_', '-')}" for k in given})
     values.update(given)
     if isinstance(values.get("lora_parameters"), dict):

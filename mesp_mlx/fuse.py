@@ -79,6 +79,9 @@ def fuse(model: str | None, adapter_path: str, save_path: str, dequantize: bool 
             if (bits or group_size) and not dequantize and isinstance(module, nn.QuantizedLinear):
                 config.setdefault("quantization", {})[name] = {"group_size": module.group_size, "bits": module.bits}
     if not fused:
+        if any(type(m).__name__ == "DoRALinear" for _, m in lm.named_modules()):
+            raise FuseError(f"{adapter_path}: a DoRA adapter: fold it with `python -m mlx_lm fuse` (this fuse folds "
+                            "LoRA only)")
         raise FuseError(f"{adapter_path}: no LoRA layer to fuse")
     lm.update_modules(tree_unflatten(fused))
     if dequantize:

@@ -54,6 +54,8 @@ def check_settings(cfg, sources: dict) -> None:
             fail(key, "must be an integer", v)
         if v < low and v not in extra:
             fail(key, f"must be >= {low}" + (f" (or {', '.join(map(str, extra))})" if extra else ""), v)
+        if key == "seed" and v >= 2**32:  # numpy's stream (mlx-lm's batch order) takes 32-bit seeds
+            fail(key, "must be < 2**32", v)
     for key, (low, inclusive, high) in FLOAT.items():
         v = getattr(cfg, key)
         if v is None and key in NULLABLE:

@@ -303,7 +303,11 @@ def _train(cfg: TrainConfig, adapter_path: Path, stop: StopSignals, log, ranks: 
     first_batch = None
     try:
         if valid is not None and first_step == 1:
-            first_batch = next(batches)  # mlx-lm draws the first training batch before its first evaluation
+            # mlx-lm draws the first training batch before its first evaluation. Each evaluation draws one permutation
+            # from the shared stream; mlx-lm evaluates before step 1, every steps_per_eval-th and the last step where we
+            # evaluate at the start and after those steps: the same draws in the same order, except that with
+            # --steps-per-eval 1 we draw one more (the start and step 1 both)
+            first_batch = next(batches)
             try:
                 at_start = held_out(0)
             except BudgetExceeded as e:

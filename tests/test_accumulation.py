@@ -82,3 +82,24 @@ def test_accumulation_equals_one_big_batch_with_sgd(tiny_models, tmp_path):
         runs.append(dict(tree_flatten(prep.model.trainable_parameters())))
     for k in runs[0]:
         assert mx.allclose(runs[0][k], runs[1][k], rtol=1e-5, atol=1e-7).item(), k
+
+
+def test_planner_counts_the_accumulation_buffers(tiny_models):
+    from mesp_mlx.config import TrainConfig
+    from mesp_mlx.planner import predict
+
+    one = predict(TrainConfig(model=str(tiny_models["qwen2"]), data="x", optimizer="sgd"))
+    four = predict(TrainConfig(model=str(tiny_models["qwen2"]), data="x", optimizer="sgd", grad_accumulation_steps=4))
+    assert one.components_mb["optimizer"] == 0.0
+    assert four.components_mb["optimizer"] == pytest.approx(four.components_mb["LoRA"])  # one LoRA-sized buffer
+
+
+def test_mezo_follows_the_lr_schedule(tiny_models, tmp_path):
+    data = write_data(tmp_path / "data")
+    yml = tmp_path / "mezo.yaml"
+    yml.write_text("method: mezo\nlr_schedule:\n  name: linear_schedule\n  arguments: [1e-3, 0.0, 4]\n")
+    out = tmp_path / "out"
+    assert main(["train", "-c", str(yml), "--model", str(tiny_models["qwen2"]), "--data", str(data), "--iters", "4",
+                 "--adapter-path", str(out), "--no-plot"]) == 0
+    assert [r["learning_rate"] for r in MetricsLog.read(out / "metrics.jsonl")] == pytest.approx(
+        [1e-3, 7.5e-4, 5e-4, 2.5e-4])

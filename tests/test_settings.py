@@ -97,3 +97,13 @@ def test_a_parameter_that_turns_nan_stops_before_saving(tiny_models, tmp_path, c
     assert rc == 3 and "step 2: NaN or inf in the LoRA parameters of block" in printed, printed
     after = mx.load(str(tmp_path / "big" / "adapters.safetensors"))  # step 1's save: finite
     assert all(mx.isfinite(v).all().item() for v in after.values()) and set(after) == set(saved)
+
+
+def test_mlx_lm_flags_without_effect_are_accepted_with_a_note(tiny_models, tmp_path, capsys):
+    data = write_data(tmp_path / "data")
+    out = tmp_path / "out"
+    assert main(["train", "--model", str(tiny_models["qwen2"]), "--data", str(data), "--iters", "1", "--train",
+                 "--grad-checkpoint", "--adapter-path", str(out), "--no-plot", "--seed", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert "--grad-checkpoint (mlx-lm) has no effect here" in printed and "--train (mlx-lm)" in printed
+    assert main(["train", "--model", str(tiny_models["qwen2"]), "--data", str(data), "--seed", str(2**32)]) == 2

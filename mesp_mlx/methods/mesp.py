@@ -67,7 +67,11 @@ def _frozen_forward(linear: nn.Module, x: mx.array) -> mx.array:
 
 
 class _Proj:
-    """One projection's forward, remembering what its backward needs: its input, the dropout mask, optionally h."""
+    """One projection's forward, remembering what its backward needs: its input, the dropout mask, optionally h.
+    A DoRA projection gets DoRA's context instead (mesp_dora.DoRAProj, the same interface)."""
+
+    def __new__(cls, layer: nn.Module, *args, **kwargs):
+        return DoRAProj(layer, *args, **kwargs) if isinstance(layer, DoRALinear) else super().__new__(cls)
 
     def __init__(self, layer: nn.Module, x: mx.array, store_h: bool, output: bool = True):
         self.layer, self.x = layer, x
@@ -95,11 +99,6 @@ class _Proj:
         if self.mask is not None:
             g_xd = g_xd * self.mask
         return frozen_input_grad(layer.linear, g, lean=True) + g_xd
-
-
-def _proj(layer: nn.Module, x: mx.array, store_h: bool, output: bool = True):
-    """A projection's forward context: DoRA's (mesp_dora) or LoRA's / a frozen linear's."""
-    return DoRAProj(layer, x, store_h, output) if isinstance(layer, DoRALinear) else _Proj(layer, x, store_h, output)
 
 
 class MeSP(Method):
@@ -153,7 +152,7 @@ class MeSP(Method):
         attn, mlp = block.self_attn, block.mlp
         B, L, _ = x.shape
         n1 = block.input_layernorm(x)
-        qp, kp, vp = (_proj(getattr(attn, p), n1, self.store_h) for p in ("q_proj", "k_proj", "v_proj"))
+        qp, kp, vp = (_Proj(getattr(attn, p), n1, self.store_h) for p in ("q_proj", "k_proj", "v_proj"))
         q = qp.y.reshape(B, L, attn.n_heads, -1)
         k = kp.y.reshape(B, L, attn.n_kv_heads, -1)
         if hasattr(attn, "q_norm"):
@@ -163,12 +162,12 @@ class MeSP(Method):
         v = vp.y.reshape(B, L, attn.n_kv_heads, -1).transpose(0, 2, 1, 3)
         o = attention_forward(q, k, v, attn.scale, mask)
         o = o.transpose(0, 2, 1, 3).reshape(B, L, -1)
-        op = _proj(attn.o_proj, o, self.store_h)
+        op = _Proj(attn.o_proj, o, self.store_h)
         h = x + op.y
         n2 = block.post_attention_layernorm(h)
-        gp, up = _proj(mlp.gate_proj, n2, self.store_h), _proj(mlp.up_proj, n2, self.store_h)
+        gp, up = _Proj(mlp.gate_proj, n2, self.store_h), _Proj(mlp.up_proj, n2, self.store_h)
         a = nn.silu(gp.y) * up.y
-        dp = _proj(mlp.down_proj, a, self.store_h, output)
+        dp = _Proj(mlp.down_proj, a, self.store_h, output)
         return qp, kp, vp, q, k, v, op, h, gp, up, dp, (h + dp.y if output else None)
 
     def block_forward(self, block, h, mask):

@@ -138,7 +138,7 @@ def with_adapters(loaded, train_cfg, adapter_file: Path):
     """The inference model with the trained LoRA applied (mlx-lm's layers and file)."""
     from ..lora import apply_lora, cast_lora, load_adapter_weights
 
-    apply_lora(loaded.model, train_cfg.num_layers, train_cfg.lora_parameters)
+    apply_lora(loaded.model, train_cfg.num_layers, train_cfg.lora_parameters, dora=train_cfg.fine_tune_type == "dora")
     cast_lora(loaded.model, mx.float32)
     load_adapter_weights(loaded.model, adapter_file)
     mx.eval(loaded.model.parameters())
