@@ -34,7 +34,7 @@ class TrainConfig:
     optimizer: str = "adamw"
     optimizer_config: dict = field(default_factory=dict)  # e.g. {"adamw": {"weight_decay": 0.01}}
     seed: int = 0
-    max_seq_length: int = 2048
+    max_seq_length: int | None = None  # None: the smaller of 2048 (mlx-lm's default) and the model's context
     mask_prompt: bool = False
     num_layers: int = -1
     lora_parameters: dict = field(default_factory=lambda: {"rank": 8, "scale": 20.0, "dropout": 0.0})
@@ -96,7 +96,7 @@ class TrainConfig:
                 or self.test_batches < -1:
             raise ConfigError("--steps-per-eval must be >= 0 (0: never) and --val-batches / --test-batches >= 1 or -1 "
                               "(all)")
-        if self.iters < 1 or self.batch_size < 1 or self.max_seq_length < 2:
+        if self.iters < 1 or self.batch_size < 1 or (self.max_seq_length is not None and self.max_seq_length < 2):
             raise ConfigError("--iters and --batch-size must be >= 1 and --max-seq-length >= 2")
         if self.checkpoint_storage not in ("memory", "mmap"):
             raise ConfigError(f"--checkpoint-storage {self.checkpoint_storage!r}: memory or mmap")
