@@ -110,8 +110,9 @@ class _Proj:
 class MeSP(Method):
     name = "mesp"
 
-    def __init__(self, store_h: bool = False, verify: bool = True):
+    def __init__(self, store_h: bool = False, verify: bool = True, hand_rules: bool = True):
         self.store_h = store_h  # keep h = xA from the recompute instead of recomputing it (the paper's Table 5)
+        self.hand_rules = hand_rules  # False: every block gets the generic rule (autodiff, MeSP's LoRA VJP inside)
         self.verify = verify  # check the rule's forward against the module once per block class
         self._verified: dict = {}
         self._fallback = MeBP()
@@ -119,7 +120,7 @@ class MeSP(Method):
 
     def _use_hand_rule(self, block, h_in, mask) -> bool:
         cls = type(block)
-        reason = unsupported_reason(block)
+        reason = unsupported_reason(block) if self.hand_rules else "hand rules switched off"
         if reason is None and self.verify and cls not in self._verified:
             self._verified[cls] = self._check_forward(block, h_in, mask)
         reason = reason or self._verified.get(cls)
