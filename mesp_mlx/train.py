@@ -55,7 +55,8 @@ def prepare_model(cfg: TrainConfig) -> Prepared:
     if cfg.stream_weights:
         streamer = WeightStreamer(loaded.path, model, model.layers)
         streamer.release_all()
-    n_trainable = apply_lora(model, cfg.num_layers, family_lora_parameters(model, cfg.lora_parameters))
+    cfg.lora_parameters = family_lora_parameters(model, cfg.lora_parameters)  # the family's keys unless given
+    n_trainable = apply_lora(model, cfg.num_layers, cfg.lora_parameters)
     cast_lora(model, mx.float32)
     if cfg.method == "mesp":
         to_mesp_lora(model)  # blocks the hand rule cannot take still get MeSP's LoRA VJPs under the fallback

@@ -167,3 +167,38 @@ def test_one_sgd_step_matches_mlx_lm_lora(family_models, family, tmp_path):
         assert (mx.linalg.norm(a[k] - b[k]) / mx.linalg.norm(b[k])).item() <= 1e-3, k
         moved = max(moved, (mx.linalg.norm(b[k] - s[k]) / mx.linalg.norm(s[k])).item())
     assert moved > 1e-3
+
+
+@pytest.mark.parametrize("family", ["gemma3_text", "phi3", "starcoder2"])
+def test_plan_train_streamed_resume_convert_fuse(family, family_models, tmp_path, capsys):
+    """The CLI around a family: plan, train (streamed weights, mmap checkpoints, sequences past the window), resume
+    to the same adapter as one run, convert to PEFT and back, fuse. starcoder2 stands for the generic tier."""
+    from mesp_mlx.cli import main
+    from mesp_mlx.models.families.sweep import GENERIC_CONFIG
+    from test_train_cli import write_data
+
+    if family in family_models:
+        model = family_models[family]
+    else:
+        model = write_random_model(tmp_path / family, {**GENERIC_CONFIG, "model_type": family, "num_hidden_layers": 3},
+                                   bits=4, group_size=32)
+    data = write_data(tmp_path / "data")
+    run = ["--model", str(model), "--data", str(data), "--optimizer", "adamw", "--learning-rate", "1e-3",
+           "--max-seq-length", "40", "--stream-weights", "--checkpoint-storage", "mmap", "--no-plot",
+           "--steps-per-eval", "0", "--save-every", "2"]
+    assert main(["plan", *run, "--budget-mb", "4096"]) == 0
+    assert "predicted peak" in capsys.readouterr().out
+    one = tmp_path / "one"
+    assert main(["train", *run, "--iters", "4", "--adapter-path", str(one)]) == 0
+    two = tmp_path / "two"
+    assert main(["train", *run, "--iters", "2", "--adapter-path", str(two)]) == 0
+    assert main(["train", *run, "--iters", "4", "--adapter-path", str(two), "--resume"]) == 0
+    a, b = mx.load(str(one / "adapters.safetensors")), mx.load(str(two / "adapters.safetensors"))
+    assert set(a) == set(b) and all(mx.array_equal(a[k], b[k]).item() for k in a)
+    peft, back = tmp_path / "peft", tmp_path / "back"
+    assert main(["convert", str(one), str(peft), "--to", "peft", "--model", str(model)]) == 0
+    assert main(["convert", str(peft), str(back), "--to", "mlx-lm", "--model", str(model)]) == 0
+    c = mx.load(str(back / "adapters.safetensors"))
+    assert set(c) == set(a) and all(max_rel_err(c[k], a[k]) <= 1e-6 for k in a)
+    assert main(["fuse", "--model", str(model), "--adapter-path", str(one), "--save-path", str(tmp_path / "fused")]) == 0
+    assert (tmp_path / "fused" / "config.json").is_file()

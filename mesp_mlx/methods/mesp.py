@@ -48,7 +48,7 @@ def unsupported_reason(block: nn.Module) -> str | None:
     cls = type(block)
     spec = block_spec(block)
     if spec is None:
-        return f"{cls.__module__}.{cls.__name__} has no hand rule (generic tier)"
+        return "no hand rule for this block class"
     attn, mlp = getattr(block, "self_attn", None), getattr(block, "mlp", None)
     attn_proj, mlp_proj = _projections(spec)
     if attn is None or not all(hasattr(attn, p) for p in attn_proj):

@@ -21,10 +21,10 @@ from .families import UnsupportedFamily as UnsupportedModel  # noqa: E402  (one 
 
 
 class ModelParts:
-    def __init__(self, model: nn.Module, compute_path: str = "dequant", streamer=None):
+    def __init__(self, model: nn.Module, compute_path: str = "dequant", streamer=None, family=None):
         from .families import describe
 
-        self.family = describe(model)
+        self.family = family or describe(model)  # an explicit description: the support-table sweep
         text = self.family.text_model(model)
         inner = getattr(text, "model", None)
         if inner is None or not all(hasattr(inner, a) for a in ("embed_tokens", "layers", "norm")):

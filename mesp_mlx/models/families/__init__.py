@@ -44,8 +44,17 @@ def support_table() -> dict:
         return json.load(f)
 
 
+def _module_name(model_type: str) -> str:
+    """mlx-lm's module for a model_type (mistral -> llama, ...)."""
+    from mlx_lm.utils import MODEL_REMAPPING
+
+    return MODEL_REMAPPING.get(model_type, model_type)
+
+
 def tier(model_type: str) -> tuple[str, str]:
     """(tier, reason) of an mlx-lm model_type."""
+    if model_type not in HAND and model_type not in support_table():
+        model_type = _module_name(model_type)
     if model_type in HAND:
         return "hand", HAND[model_type].notes
     row = support_table().get(model_type)
@@ -60,6 +69,8 @@ def supported_types() -> list[str]:
 
 def family_for(model_type: str) -> Family:
     """The description of a supported model_type; UnsupportedFamily (with the reason) otherwise."""
+    if model_type not in HAND and model_type not in support_table():
+        model_type = _module_name(model_type)
     if model_type in HAND:
         return HAND[model_type]
     t, reason = tier(model_type)
@@ -69,13 +80,8 @@ def family_for(model_type: str) -> Family:
 
 
 def describe(model: nn.Module) -> Family:
-    """The description of a loaded mlx-lm model (by its module's family name)."""
-    name = type(model).__module__.rsplit(".", 1)[-1]
-    model_type = (getattr(getattr(model, "args", None), "model_type", None) or getattr(model, "model_type", None)
-                  or name)
-    if model_type not in HAND and name in HAND:  # e.g. mistral checkpoints load as mlx_lm.models.llama
-        model_type = name
-    return family_for(model_type if model_type in HAND or model_type in support_table() else name)
+    """The description of a loaded mlx-lm model, by the mlx-lm module that defines it (mistral loads as llama)."""
+    return family_for(type(model).__module__.rsplit(".", 1)[-1])
 
 
 def default_lora_keys(family: Family, block: nn.Module) -> list[str]:

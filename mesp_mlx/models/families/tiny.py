@@ -10,6 +10,8 @@ WINDOW = 5
 
 
 def tiny_config(model_type: str) -> dict:
+    if model_type == "gemma3":  # the multimodal folder's config: the text model's config inside
+        return {"model_type": "gemma3", "vocab_size": 384, "text_config": tiny_config("gemma3_text")}
     base = model_config("llama", 64, 3, 128, 4, 2, 384)
     base["model_type"] = model_type
     if model_type == "mistral":  # Llama blocks with per-layer sliding windows (layer_types)
