@@ -202,3 +202,55 @@ def test_plan_train_streamed_resume_convert_fuse(family, family_models, tmp_path
     assert set(c) == set(a) and all(max_rel_err(c[k], a[k]) <= 1e-6 for k in a)
     assert main(["fuse", "--model", str(model), "--adapter-path", str(one), "--save-path", str(tmp_path / "fused")]) == 0
     assert (tmp_path / "fused" / "config.json").is_file()
+
+
+def test_gemma_norm_and_gelu_gate_backward_equal_autodiff():
+    """The pieces Gemma 3 adds: RMSNorm with weight 1 + w, and act(gate) * up with GELU-tanh."""
+    from mlx_lm.models.gemma3_text import RMSNorm
+
+    from mesp_mlx.methods.vjp import gated_backward, rms_norm_backward
+
+    mx.random.seed(7)
+    norm = RMSNorm(48, eps=1e-6)
+    norm.weight = 0.3 * mx.random.normal((48,))
+    x, g = mx.random.normal((2, 5, 48)), mx.random.normal((2, 5, 48))
+    _, (ref,) = mx.vjp(norm, [x], [g])
+    assert max_rel_err(rms_norm_backward(norm, x, g, offset=1.0), ref) <= TOL
+    gate, up, g = (mx.random.normal((3, 7, 40)) * 3 for _ in range(3))
+    _, refs = mx.vjp(lambda a, b: nn.gelu_approx(a) * b, [gate, up], [g])
+    for ours, theirs in zip(gated_backward("gelu_tanh", gate, up, g), refs):
+        assert max_rel_err(ours, theirs) <= TOL
+
+
+def test_gemma3_folder_streams_its_text_model(family_models, tmp_path):
+    """A gemma3 folder (text model under language_model.): streamed weights and the hand rule give mlx-lm's autodiff."""
+    import json
+    import shutil
+
+    src = family_models["gemma3_text"]
+    folder = tmp_path / "gemma3"
+    folder.mkdir()
+    for f in src.iterdir():
+        if f.name.startswith("tokenizer"):
+            shutil.copy(f, folder / f.name)
+    weights = {}
+    for f in src.glob("model*.safetensors"):
+        weights.update({f"language_model.{k}": v for k, v in mx.load(str(f)).items()})
+    mx.save_safetensors(str(folder / "model.safetensors"), weights)
+    config = json.loads((src / "config.json").read_text())
+    quant = {k: config.pop(k) for k in ("quantization", "quantization_config")}
+    (folder / "config.json").write_text(json.dumps({"model_type": "gemma3", "vocab_size": config["vocab_size"],
+                                                    "text_config": config, **quant}))
+    model, _ = _prepared(folder)
+    loss_ref, ref = nn.value_and_grad(model, masked_ce)(model, _batch())
+    model, streamer = _prepared(folder, stream=True)
+    to_mesp_lora(model)
+    parts = ModelParts(model, streamer=streamer)
+    assert parts.family.name == "gemma3" and parts.windows == [WINDOW, None, WINDOW]
+    stats, grads = BlockEngine(parts, MeSP(), None, streamer=streamer).step(_batch(), apply_update=False)
+    assert abs(stats.loss - loss_ref.item()) <= TOL * abs(loss_ref.item())
+    ref = flat(ref)
+    assert len(grads) == 3
+    for i, g in grads.items():
+        for k, v in flat(g).items():
+            assert max_rel_err(v, ref[f"language_model.model.layers.{i}.{k}"]) <= TOL, k
