@@ -17,13 +17,16 @@ from pathlib import Path
 import mlx.nn as nn
 
 from .base import LLAMA_LORA_KEYS, BlockSpec, Family
+from .gemma import GEMMA
 from .gemma3 import GEMMA3, GEMMA3_TEXT
 from .granite import GRANITE
 from .llama import LLAMA, QWEN2, QWEN3, SMOLLM3
 from .olmo2 import OLMO2
 from .phi3 import PHI3
 
-HAND = {t: f for f in (LLAMA, QWEN2, QWEN3, SMOLLM3, GEMMA3_TEXT, GEMMA3, PHI3, OLMO2, GRANITE) for t in f.model_types}
+# described families (a description is not always a hand rule: Gemma 1 is generic with an embedding scale)
+HAND = {t: f for f in (LLAMA, QWEN2, QWEN3, SMOLLM3, GEMMA3_TEXT, GEMMA3, PHI3, OLMO2, GRANITE, GEMMA)
+        for t in f.model_types}
 # the mlx-lm module that defines a block class -> the description of its blocks (smollm3 and mistral use llama's
 # blocks; gemma3 folders use gemma3_text's)
 BY_BLOCK_MODULE = {"llama": LLAMA, "qwen2": QWEN2, "qwen3": QWEN3, "gemma3_text": GEMMA3_TEXT, "phi3": PHI3,
@@ -56,7 +59,7 @@ def tier(model_type: str) -> tuple[str, str]:
     if model_type not in HAND and model_type not in support_table():
         model_type = _module_name(model_type)
     if model_type in HAND:
-        return "hand", HAND[model_type].notes
+        return ("hand" if HAND[model_type].hand_rule else "generic"), HAND[model_type].notes
     row = support_table().get(model_type)
     if row is None:
         return "refused", "not in the support table (docs/model_families.md); no description and not swept"

@@ -50,6 +50,8 @@ def _source_refusal(name: str, module) -> str | None:
         return "mixture-of-experts blocks (SwitchLinear): not handled by the engine's LoRA / streaming"
     if "vision" in src.lower() and name not in HAND:
         return "multimodal wrapper (vision tower); not described (its text model may be)"
+    if "softcap" in src.lower():
+        return "logit soft-capping (tanh): the chunked loss / hand rule have no soft cap"
     return None
 
 
@@ -145,7 +147,7 @@ def check_family(name: str, model=None) -> tuple[str, str]:
     except Exception as e:  # noqa: BLE001
         return "refused", f"the engine cannot walk it ({type(e).__name__}: {str(e)[:80]})"
     if name in HAND:
-        return "hand", family.notes
+        return ("hand" if family.hand_rule else "generic"), family.notes
     spec_note = "MeBP's autodiff rule; under --method mesp the same with MeSP's LoRA VJP inside"
     return "generic", spec_note
 

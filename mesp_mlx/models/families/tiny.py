@@ -24,6 +24,8 @@ def tiny_config(model_type: str) -> dict:
         base.update(head_dim=32, query_pre_attn_scalar=24, sliding_window=WINDOW, sliding_window_pattern=2,
                     rope_theta=1_000_000.0, rope_local_base_freq=10_000.0)
         base.pop("tie_word_embeddings")  # tied: mlx-lm's sanitize drops lm_head when the files have none
+    elif model_type == "gemma":
+        base["head_dim"] = 16
     elif model_type == "phi3":
         base["tie_word_embeddings"] = False  # a separate LM head
     elif model_type == "olmo2":
