@@ -70,6 +70,7 @@ RULES = {"mebp": lambda: MeBP(), "mesp-hand": lambda: MeSP(), "mesp-generic": la
 @pytest.mark.parametrize("family", TINY_FAMILIES)
 def test_engine_equals_mlx_lm_autodiff(family_models, family, rule):
     model, _ = _prepared(family_models[family])
+    assert type(model.layers[0].self_attn.o_proj) is LoRALinear
     loss_ref, ref = nn.value_and_grad(model, masked_ce)(model, _batch())  # mlx-lm's model, mlx-lm's LoRALinear
     ref = flat(ref)
     if rule != "mebp":

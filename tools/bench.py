@@ -1,5 +1,5 @@
-"""MeSP vs MeBP vs `mlx_lm.lora` — memory and step time on random-weight 4-bit Qwen2.5-shaped models, with the MeSP
-paper's figures beside ours (its Tables 1, 2, 3 and 5). Same machine, same BLAS, batch 1, SGD lr 1e-4, LoRA scale 20 on
+"""MeSP vs MeBP vs `mlx_lm.lora` — memory and step time on random-weight 4-bit Qwen2.5- and Gemma3-1B-shaped models, with
+the papers' figures beside ours (MeSP's Tables 1, 2, 3, 5; MeBP's Gemma3-1B). Same machine, same BLAS, batch 1, SGD lr 1e-4, LoRA scale 20 on
 all 7 projections; our rows stream the weights and keep checkpoints in mmap'd files (the papers' runtime setting).
 
     .venv/bin/python tools/bench.py --tables 1,2,3,5 [--steps 1] [--mlx-lm 0.5b] [--fresh]
@@ -162,7 +162,7 @@ def run_row(key, steps: int) -> dict:
 
 
 def render(results: dict, machine: dict) -> str:
-    lines = [f"Random-weight 4-bit (g64) Qwen2.5 shapes, batch 1, LoRA r on 7 projections, SGD. Ours: {machine['backend']},"
+    lines = [f"Random-weight 4-bit (g64) Qwen2.5 / Gemma3-1B shapes, batch 1, LoRA r on 7 projections, SGD. Ours: {machine['backend']},"
              f" BLAS {machine['blas'].split(',')[0]}, {machine['gemm_gflops']:.0f} GFLOP/s fp32 GEMM; MLX peak "
              "(allocator, everything MLX holds). Paper: iPhone 17 Pro phys_footprint (mmap'd weight pages not counted).",
              ""]
