@@ -1,6 +1,7 @@
-"""MeSP vs MeBP vs `mlx_lm.lora` — memory and step time on random-weight 4-bit Qwen2.5- and Gemma3-1B-shaped models, with
-the papers' figures beside ours (MeSP's Tables 1, 2, 3, 5; MeBP's Gemma3-1B). Same machine, same BLAS, batch 1, SGD lr 1e-4, LoRA scale 20 on
-all 7 projections; our rows stream the weights and keep checkpoints in mmap'd files (the papers' runtime setting).
+"""MeSP vs MeBP vs `mlx_lm.lora` — memory and step time on random-weight 4-bit Qwen2.5- and Gemma3-1B-shaped models,
+with the papers' figures beside ours (MeSP's Tables 1, 2, 3, 5; MeBP's Gemma3-1B). Same machine, same BLAS, batch 1,
+SGD lr 1e-4, LoRA scale 20 on all 7 projections; our rows stream the weights and keep checkpoints in mmap'd files (the
+papers' runtime setting).
 
     .venv/bin/python tools/bench.py --tables 1,2,3,5 [--steps 1] [--mlx-lm 0.5b] [--fresh]
     .venv/bin/python tools/bench.py --tables 4 --steps 4   # the method family beside mlx_lm.lora (both variants)
