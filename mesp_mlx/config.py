@@ -38,7 +38,7 @@ class TrainConfig:
     grad_accumulation_steps: int = 1  # micro-batches per optimizer step (iters counts micro-batches, as mlx-lm)
     fine_tune_type: str = "lora"  # lora | dora (full is refused: the base stays frozen 4-bit)
     seed: int = 0
-    max_seq_length: int = 2048
+    max_seq_length: int | None = None  # None: the smaller of 2048 (mlx-lm's default) and the model's context
     mask_prompt: bool = False
     num_layers: int = -1
     lora_parameters: dict = field(default_factory=lambda: {"rank": 8, "scale": 20.0, "dropout": 0.0})

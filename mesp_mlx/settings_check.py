@@ -26,7 +26,7 @@ CHOICES = {
     "clear_cache": ("block", "step", "never"), "fine_tune_type": ("lora", "dora"),
 }
 STRINGS = ("model", "data", "adapter_path", "resume_adapter_file", "checkpoint_dir", "device_profile")
-NULLABLE = ("vocab_chunk", "budget_mb") + STRINGS
+NULLABLE = ("vocab_chunk", "budget_mb", "max_seq_length") + STRINGS  # max_seq_length None: the model's context
 
 
 def _number(v) -> bool:

@@ -27,7 +27,7 @@ from .optimizers import LearningRate, make_optimizer
 from .metrics import MetricsLog, block_peaks, plot_block_memory, plot_metrics
 from .distributed import Ranks
 from .state import STATE_FILE, load_state, save_state, shared_settings
-from .models import ModelParts, cast_float_params, load_model, set_compute_path
+from .models import ModelParts, cast_float_params, context_length, family_lora_parameters, load_model, set_compute_path
 
 
 @dataclass
@@ -49,13 +49,16 @@ def prepare_model(cfg: TrainConfig) -> Prepared:
     path = backend.compute_path(cfg.compute_path)
     set_compute_path(model, path)
     cast_float_params(model, backend.default_dtype() if cfg.dtype == "auto" else cfg.dtype)
-    context = loaded.config.get("max_position_embeddings")
-    if context and cfg.max_seq_length > context:
+    context = context_length(loaded.config)
+    if cfg.max_seq_length is None:  # the default follows the model; only an explicit longer value is refused
+        cfg.max_seq_length = min(2048, context) if context else 2048
+    elif context and cfg.max_seq_length > context:
         raise ConfigError(f"--max-seq-length {cfg.max_seq_length} exceeds the model's context of {context} tokens")
     streamer = None
     if cfg.stream_weights:
         streamer = WeightStreamer(loaded.path, model, model.layers)
         streamer.release_all()
+    cfg.lora_parameters = family_lora_parameters(model, cfg.lora_parameters)  # the family's keys unless given
     n_trainable = apply_lora(model, cfg.num_layers, cfg.lora_parameters, dora=cfg.fine_tune_type == "dora")
     cast_lora(model, mx.float32)
     if cfg.method == "mesp":

@@ -1,9 +1,11 @@
-"""MeSP vs MeBP vs `mlx_lm.lora` — memory and step time on random-weight 4-bit Qwen2.5-shaped models, with the MeSP
-paper's figures beside ours (its Tables 1, 2, 3 and 5). Same machine, same BLAS, batch 1, SGD lr 1e-4, LoRA scale 20 on
-all 7 projections; our rows stream the weights and keep checkpoints in mmap'd files (the papers' runtime setting).
+"""MeSP vs MeBP vs `mlx_lm.lora` — memory and step time on random-weight 4-bit Qwen2.5- and Gemma3-1B-shaped models,
+with the papers' figures beside ours (MeSP's Tables 1, 2, 3, 5; MeBP's Gemma3-1B). Same machine, same BLAS, batch 1,
+SGD lr 1e-4, LoRA scale 20 on all 7 projections; our rows stream the weights and keep checkpoints in mmap'd files (the
+papers' runtime setting).
 
     .venv/bin/python tools/bench.py --tables 1,2,3,5 [--steps 1] [--mlx-lm 0.5b] [--fresh]
     .venv/bin/python tools/bench.py --tables 4 --steps 4   # the method family beside mlx_lm.lora (both variants)
+    .venv/bin/python tools/bench.py --tables g --steps 2   # a Gemma3-1B-shaped model: MeBP, MeSP streamed / resident
 
 Models are built block by block (no fp32 whole model ever exists) in tools/out/models. Results accumulate in
 tools/out/bench.json (one entry per row, re-running a row replaces it) and tools/out/bench.md is rendered from all rows.
@@ -28,7 +30,7 @@ from mesp_mlx.config import TrainConfig  # noqa: E402
 from mesp_mlx.data import BatchIterator, load_splits  # noqa: E402
 from mesp_mlx.engine import Batch, BlockEngine  # noqa: E402
 from mesp_mlx.methods import method_for  # noqa: E402
-from mesp_mlx.models.synthetic import SHAPES, model_config, write_random_model  # noqa: E402
+from mesp_mlx.models.synthetic import SHAPES, gemma3_1b_config, model_config, write_random_model  # noqa: E402
 from mesp_mlx.train import make_optimizer, prepare_model  # noqa: E402
 
 OUT = ROOT / "tools" / "out"
@@ -39,10 +41,13 @@ KEYS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o
 def ensure_model(shape: str) -> Path:
     folder = OUT / "models" / f"{shape}-4bit-g64"
     if not (folder / "config.json").is_file():
-        model_type, hidden, layers, inter, heads, kv, vocab = SHAPES[shape]
+        if shape == "gemma3-1b":
+            config = gemma3_1b_config()
+        else:
+            model_type, hidden, layers, inter, heads, kv, vocab = SHAPES[shape]
+            config = model_config(model_type, hidden, layers, inter, heads, kv, vocab)
         print(f"building random {shape} (4-bit, group 64) in {folder} ...", flush=True)
-        write_random_model(folder, model_config(model_type, hidden, layers, inter, heads, kv, vocab), bits=4,
-                           group_size=64, scales_dtype=mx.float32)
+        write_random_model(folder, config, bits=4, group_size=64, scales_dtype=mx.float32)
     return folder
 
 
@@ -120,6 +125,8 @@ PAPER = {
     **{("t3", "0.5b", 256, r, "mesp"): (m, None) for r, m in zip((4, 8, 16, 32), (132.8, 136.2, 143.5, 158.2))},
     ("t5", "3b", 256, 8, "mebp"): (637.6, 3.21), ("t5", "3b", 256, 8, "mesp-store-h"): (398.5, 3.85),
     ("t5", "3b", 256, 8, "mesp"): (368.4, 4.09),
+    # the MeBP paper's Gemma3-1B (iPhone 15 Pro Max, second-hand, REFERENCE §3): MeBP 569 MB / 9.48 s per step
+    ("tg", "gemma3-1b", 256, 8, "mebp"): (569.0, 9.48),
 }
 TABLES = {
     "1": [("t1", size, 256, 8, v) for size in ("0.5b", "1.5b", "3b") for v in ("mebp", "mesp")],
@@ -127,18 +134,25 @@ TABLES = {
     "3": [("t3", "0.5b", 256, r, v) for r in (4, 8, 16, 32) for v in ("mebp", "mesp")],
     "5": [("t5", "3b", 256, 8, v) for v in ("mebp", "mesp-store-h", "mesp")],
     "4": [("t4", "0.5b", 256, 8, v) for v in ("mebp", "mesp", "lcsb", "mezo", "mlx-lm", "mlx-lm-gc")],
+    "g": [("tg", "gemma3-1b", 256, 8, v) for v in ("mebp", "mesp", "mesp-resident")],
 }
 TITLES = {"t1": "Table 1 — model size (seq 256, r 8)", "t2": "Table 2 — sequence length (0.5B, r 8)",
           "t3": "Table 3 — LoRA rank (0.5B, seq 256)", "t5": "Table 5 — store h vs recompute h (seq 256, r 8)",
+          "tg": "Gemma3-1B shape (seq 256, r 8; MeBP and MeSP streamed, MeSP also with weights resident; paper: MeBP's "
+                "Gemma3-1B on an iPhone 15 Pro Max)",
           "t4": "The method family per step, beside plain mlx-lm LoRA (0.5B, seq 256, r 8; LCSB 1/4 of the blocks cyclic, MeZO n=1)"}
-LABELS = {"mebp": "MeBP", "mesp": "MeSP", "mesp-store-h": "MeSP, store h", "lcsb": "LCSB (MeSP rule)", "mezo": "MeZO", "mlx-lm": "mlx_lm.lora",
+LABELS = {"mebp": "MeBP", "mesp": "MeSP", "mesp-resident": "MeSP, weights resident", "mesp-store-h": "MeSP, store h", "lcsb": "LCSB (MeSP rule)", "mezo": "MeZO", "mlx-lm": "mlx_lm.lora",
           "mlx-lm-gc": "mlx_lm.lora --grad-checkpoint"}
 RESULTS = OUT / "bench.json"
 
 
 def run_row(key, steps: int) -> dict:
     table, size, seq, rank, variant = key
-    model, data = ensure_model(f"qwen2.5-{size}"), ensure_data(seq)
+    model, data = ensure_model(size if size.startswith("gemma") else f"qwen2.5-{size}"), ensure_data(seq)
+    if variant == "mesp-resident":
+        r = bench_ours(model, data, "mesp", seq, rank, steps, False, "memory")
+        mx.clear_cache()
+        return r
     if variant.startswith("mlx-lm"):
         # the peer's steps take minutes on CPU and do not vary (no schedule): one timed step after the warm-up
         return bench_mlx_lm(model, data, seq, rank, 1, variant == "mlx-lm-gc")
@@ -149,12 +163,12 @@ def run_row(key, steps: int) -> dict:
 
 
 def render(results: dict, machine: dict) -> str:
-    lines = [f"Random-weight 4-bit (g64) Qwen2.5 shapes, batch 1, LoRA r on 7 projections, SGD. Ours: {machine['backend']},"
+    lines = [f"Random-weight 4-bit (g64) Qwen2.5 / Gemma3-1B shapes, batch 1, LoRA r on 7 projections, SGD. Ours: {machine['backend']},"
              f" BLAS {machine['blas'].split(',')[0]}, {machine['gemm_gflops']:.0f} GFLOP/s fp32 GEMM; MLX peak "
              "(allocator, everything MLX holds). Paper: iPhone 17 Pro phys_footprint (mmap'd weight pages not counted).",
              ""]
     rows = {tuple(json.loads(k)): v for k, v in results.items()}
-    for table in ("t1", "t2", "t3", "t5", "t4"):
+    for table in ("t1", "t2", "t3", "t5", "t4", "tg"):
         keys = sorted((k for k in rows if k[0] == table), key=lambda k: (k[1], k[2], k[3], list(LABELS).index(k[4])))
         if not keys:
             continue
@@ -206,7 +220,7 @@ def family_phases(rows: list) -> list[str]:
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--tables", default="1,2,3,5,4", help="comma list of 1, 2, 3, 5 (the paper's) and 4 (the family)")
+    ap.add_argument("--tables", default="1,2,3,5,4", help="comma list of 1, 2, 3, 5 (the paper's), 4 (the family), g (Gemma3-1B)")
     ap.add_argument("--steps", type=int, default=1, help="timed steps per row (after one warm-up step)")
     ap.add_argument("--mlx-lm", default="", help="sizes (0.5b,1.5b,3b) for which to add the mlx_lm.lora rows to table 1")
     ap.add_argument("--only", choices=["ours", "mlx-lm"], help="run only our rows or only the peer's")

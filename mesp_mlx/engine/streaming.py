@@ -50,14 +50,18 @@ def _entries(module: nn.Module, prefix: str, index: dict, model_path) -> list[tu
 
 class WeightStreamer:
     def __init__(self, model_path: Path, model: nn.Module, layers: list, layer_prefix: str = "model.layers"):
+        from ..models.families import describe
+
+        family = describe(model)  # multimodal folders keep the text model's tensors under a prefix (language_model.)
+        text, pre = family.text_model(model), family.weight_prefix
         index = _weight_index(Path(model_path))
-        self._entries = [_entries(layer, f"{layer_prefix}.{i}", index, model_path) for i, layer in enumerate(layers)]
-        vocab_modules = [(model.model.embed_tokens, "model.embed_tokens")]
-        if hasattr(model, "lm_head"):
-            vocab_modules.append((model.lm_head, "lm_head"))
+        self._entries = [_entries(layer, f"{pre}{layer_prefix}.{i}", index, model_path) for i, layer in enumerate(layers)]
+        vocab_modules = [(text.model.embed_tokens, f"{pre}model.embed_tokens")]
+        if hasattr(text, "lm_head"):
+            vocab_modules.append((text.lm_head, f"{pre}lm_head"))
         self._vocab_entries = [e for m, p in vocab_modules for e in _entries(m, p, index, model_path)]
-        self.embedding = MmapRows(index, "model.embed_tokens")
-        self.head = MmapRows(index, "lm_head") if "lm_head.weight" in index else self.embedding
+        self.embedding = MmapRows(index, f"{pre}model.embed_tokens")
+        self.head = MmapRows(index, f"{pre}lm_head") if f"{pre}lm_head.weight" in index else self.embedding
 
     def release(self, i: int) -> None:
         """Replace block i's frozen arrays by fresh lazy handles (their memory is freed once no graph uses them)."""

@@ -1,23 +1,26 @@
-"""MeSP's backward rule: a hand-derived VJP of a whole Llama / Qwen2 / Qwen3 block (REFERENCE §2).
+"""MeSP's backward rule: a hand-derived VJP of a whole dense decoder block (REFERENCE §2), read from the family's
+BlockSpec (models/families/base.py): Llama, Mistral, Qwen2, Qwen3, SmolLM3, Granite, OLMo 2, Phi-3 and Gemma 3.
 
-The block (mlx-lm's TransformerBlock of those families):
-    n1 = rms1(x);  q, k, v = proj(n1);  [Qwen3: q, k = q_norm(q), k_norm(k)];  q, k = rope(q), rope(k)
-    o  = softmax(scale q k^T + mask) v;  h = x + o_proj(o)
-    n2 = rms2(h);  a = silu(gate(n2)) * up(n2);  out = h + down(a)
+The block, in the spec's terms (m = residual multiplier, norms RMSNorm with weight w + offset, absent ones identity):
+    n1 = pre_attn(x);  q, k, v = proj(n1) [fused: one qkv linear, split];  [q/k norms per head or full width]
+    q, k = rope(q), rope(k);  o = softmax(scale q k^T + mask) v;  r1 = o_proj(o);  h = x + m post_attn(r1)
+    n2 = pre_mlp(h);  a = act(gate(n2)) * up(n2) [fused: one gate_up linear, halves];  r2 = down(a)
+    out = h + m post_mlp(r2)
 Backward from g = dL/dout, keeping only what each VJP needs and evaluating stage by stage, so the working set is a few
 [T, d] / [T, ffn] tensors, one dequantized matrix at a time and one head-chunk of attention scores:
-    MLP : g_a = down^T g;  (g_gate, g_up) = swiglu'(gate, up) g_a;  g_n2 = gate^T g_gate + up^T g_up
-          g_h = g + rms2'(h) g_n2
-    attn: g_o = o_proj^T g_h;  (dq, dk, dv) = attention'(q, k, v) g_o (probabilities recomputed per head chunk);
-          dq, dk = rope^T dq, rope^T dk;  [Qwen3: q_norm'(.), k_norm'(.)];  g_n1 = q^T dq + k^T dk + v^T dv
-          g_x = g_h + rms1'(x) g_n1
+    MLP : g_r2 = post_mlp'(r2) (m g);  g_a = down^T g_r2;  (g_gate, g_up) = act-gate'(gate, up) g_a;
+          g_n2 = gate^T g_gate + up^T g_up;  g_h = g + pre_mlp'(h) g_n2
+    attn: g_r1 = post_attn'(r1) (m g_h);  g_o = o_proj^T g_r1;  (dq, dk, dv) = attention'(q, k, v) g_o (probabilities
+          recomputed per head chunk);  dq, dk = rope^T dq, rope^T dk;  q/k norm';  g_n1 = q^T dq + k^T dk + v^T dv
+          g_x = g_h + pre_attn'(x) g_n1
 Every projection's LoRA gradient comes from the same formulas as MeSPLoRALinear (h = xA recomputed unless store_h).
-A block this rule does not recognise, or whose recomputed forward disagrees with the module's, goes to MeBP's autodiff
-rule with a warning: never silently wrong.
+A block without a spec gets the generic rule (MeBP's autodiff of the block, MeSP's LoRA VJP inside), said once per
+block class; so does a block whose recomputed forward disagrees with the module's: never silently wrong.
 """
 
 from __future__ import annotations
 
+import sys
 import warnings
 
 import mlx.core as mx
@@ -28,31 +31,40 @@ from mlx_lm.tuner.lora import LoRALinear
 
 from ..models.compute import DequantLinear, set_compute_path
 from ..mesp_dora import DoRAProj
+from ..models.families import block_spec
 from ..mesp_lora import dropout_active, frozen_input_grad, lean_matmul, lora_branch_grads
 from .base import Method
 from .mebp import MeBP
-from .vjp import attention_backward, attention_forward, rms_norm_backward, rope_backward, swiglu_backward
+from .vjp import (attention_backward, attention_forward, gated_backward, gated_forward, rms_norm_backward,
+                  rope_backward)
 
-FAMILIES = ("mlx_lm.models.llama", "mlx_lm.models.qwen2", "mlx_lm.models.qwen3")
-ATTN_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
-MLP_PROJ = ("gate_proj", "up_proj", "down_proj")
+
+def _projections(spec) -> tuple[tuple, tuple]:
+    attn = ("qkv_proj",) if spec.fused_qkv else ("q_proj", "k_proj", "v_proj")
+    mlp = ("gate_up_proj",) if spec.fused_gate_up else ("gate_proj", "up_proj")
+    return attn + ("o_proj",), mlp + ("down_proj",)
 
 
 def unsupported_reason(block: nn.Module) -> str | None:
     """Why the hand rule cannot take this block (None when it can)."""
     cls = type(block)
-    if cls.__module__ not in FAMILIES or cls.__name__ != "TransformerBlock":
-        return f"{cls.__module__}.{cls.__name__} is not a Llama/Qwen2/Qwen3 block"
-    attn, mlp = block.self_attn, block.mlp
-    if type(mlp).__name__ != "MLP" or not all(hasattr(mlp, p) for p in MLP_PROJ):
-        return f"{type(mlp).__name__} is not a SwiGLU MLP"
-    if not all(hasattr(attn, p) for p in ATTN_PROJ):
-        return "attention without q/k/v/o projections"
-    norms = [block.input_layernorm, block.post_attention_layernorm] + [getattr(attn, n) for n in ("q_norm", "k_norm")
-                                                                      if hasattr(attn, n)]
-    if any(type(n) is not nn.RMSNorm for n in norms):
-        return "a norm other than RMSNorm"
-    lora = {f"{part}.{p}" for part, projs in (("self_attn", ATTN_PROJ), ("mlp", MLP_PROJ)) for p in projs
+    spec = block_spec(block)
+    if spec is None:
+        return "no hand rule for this block class"
+    attn, mlp = getattr(block, "self_attn", None), getattr(block, "mlp", None)
+    attn_proj, mlp_proj = _projections(spec)
+    if attn is None or not all(hasattr(attn, p) for p in attn_proj):
+        return "attention without the projections its family's description names"
+    if mlp is None or not all(hasattr(mlp, p) for p in mlp_proj):
+        return "an MLP without the projections its family's description names"
+    norm_names = [spec.pre_attn_norm, spec.post_attn_norm, spec.pre_mlp_norm, spec.post_mlp_norm]
+    norms = [getattr(block, n, None) for n in norm_names if n] + \
+        ([attn.q_norm, attn.k_norm] if spec.qk_norm else [])
+    if any(n is None or "weight" not in n or not hasattr(n, "eps") for n in norms):
+        return "a norm the description names is missing or is not an RMSNorm"
+    if spec.norm_offset and block[norm_names[0] or norm_names[1]]["weight"].dtype == mx.float16:
+        return "float16 Gemma block (mlx-lm clips its residual adds in float16)"
+    lora = {f"{part}.{p}" for part, projs in (("self_attn", attn_proj), ("mlp", mlp_proj)) for p in projs
             if isinstance(getattr(getattr(block, part), p), (LoRALinear, DoRALinear))}
     allowed = {f"{m}.{t}" for m in lora for t in ("lora_a", "lora_b", "m")}
     extra = [k for k, _ in tree_flatten(block.trainable_parameters()) if k not in allowed]
@@ -104,8 +116,9 @@ class _Proj:
 class MeSP(Method):
     name = "mesp"
 
-    def __init__(self, store_h: bool = False, verify: bool = True):
+    def __init__(self, store_h: bool = False, verify: bool = True, hand_rules: bool = True):
         self.store_h = store_h  # keep h = xA from the recompute instead of recomputing it (the paper's Table 5)
+        self.hand_rules = hand_rules  # False: every block gets the generic rule (autodiff, MeSP's LoRA VJP inside)
         self.verify = verify  # check the rule's forward against the module once per block class
         self._verified: dict = {}
         self._fallback = MeBP()
@@ -113,14 +126,18 @@ class MeSP(Method):
 
     def _use_hand_rule(self, block, h_in, mask) -> bool:
         cls = type(block)
-        reason = unsupported_reason(block)
+        reason = unsupported_reason(block) if self.hand_rules else "hand rules switched off"
         if reason is None and self.verify and cls not in self._verified:
             self._verified[cls] = self._check_forward(block, h_in, mask)
         reason = reason or self._verified.get(cls)
-        if reason is not None and reason not in self._warned:
+        name = f"{cls.__module__.rsplit('.', 1)[-1]}.{cls.__name__}"
+        if reason is not None and reason not in self._warned:  # said once per block class (and reason)
             self._warned.add(reason)
-            warnings.warn(f"MeSP has no hand-written backward for this block ({reason}); using MeBP's autodiff rule "
-                          "for it (same gradients, more memory)", stacklevel=3)
+            warnings.warn(f"MeSP: {name} blocks get the generic rule ({reason}): using MeBP's autodiff rule with "
+                          "MeSP's LoRA VJP inside (same gradients, more memory)", stacklevel=3)
+        elif reason is None and cls not in self._warned:
+            self._warned.add(cls)
+            print(f"[mesp-mlx] MeSP: {name} blocks get the hand-written rule", file=sys.stderr)
         return reason is None
 
     def _check_forward(self, block, h_in, mask) -> str | None:
@@ -148,27 +165,59 @@ class MeSP(Method):
     # --- forward recompute ------------------------------------------------------------------------------------------
     def _forward(self, block, x, mask, output: bool = True):
         """The block's forward from its input x, keeping each projection's context. With output=False (the backward's
-        recompute) the last projection is not computed: nothing in the backward needs the block's output."""
+        recompute) the last projection is computed only when a post-MLP norm needs its output."""
+        spec = block_spec(block)
         attn, mlp = block.self_attn, block.mlp
         B, L, _ = x.shape
-        n1 = block.input_layernorm(x)
-        qp, kp, vp = (_Proj(getattr(attn, p), n1, self.store_h) for p in ("q_proj", "k_proj", "v_proj"))
-        q = qp.y.reshape(B, L, attn.n_heads, -1)
-        k = kp.y.reshape(B, L, attn.n_kv_heads, -1)
-        if hasattr(attn, "q_norm"):
-            q, k = attn.q_norm(q), attn.k_norm(k)
+        H, Hkv = attn.n_heads, attn.n_kv_heads
+        n1 = self._norm(block, spec.pre_attn_norm, x)
+        if spec.fused_qkv:
+            qkv = _Proj(attn.qkv_proj, n1, self.store_h)
+            dq_, dk_ = H * attn.head_dim, Hkv * attn.head_dim
+            q_lin, k_lin, v_lin = mx.split(qkv.y, [dq_, dq_ + dk_], axis=-1)
+            projs = (qkv,)
+        else:
+            projs = tuple(_Proj(getattr(attn, p), n1, self.store_h) for p in ("q_proj", "k_proj", "v_proj"))
+            q_lin, k_lin, v_lin = (p.y for p in projs)
+        if spec.qk_norm == "full":
+            q, k = attn.q_norm(q_lin), attn.k_norm(k_lin)
+            q, k = q.reshape(B, L, H, -1), k.reshape(B, L, Hkv, -1)
+        else:
+            q, k = q_lin.reshape(B, L, H, -1), k_lin.reshape(B, L, Hkv, -1)
+            if spec.qk_norm == "head":
+                q, k = attn.q_norm(q), attn.k_norm(k)
         q = attn.rope(q.transpose(0, 2, 1, 3))
         k = attn.rope(k.transpose(0, 2, 1, 3))
-        v = vp.y.reshape(B, L, attn.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        v = v_lin.reshape(B, L, Hkv, -1).transpose(0, 2, 1, 3)
         o = attention_forward(q, k, v, attn.scale, mask)
         o = o.transpose(0, 2, 1, 3).reshape(B, L, -1)
         op = _Proj(attn.o_proj, o, self.store_h)
-        h = x + op.y
-        n2 = block.post_attention_layernorm(h)
-        gp, up = _Proj(mlp.gate_proj, n2, self.store_h), _Proj(mlp.up_proj, n2, self.store_h)
-        a = nn.silu(gp.y) * up.y
-        dp = _Proj(mlp.down_proj, a, self.store_h, output)
-        return qp, kp, vp, q, k, v, op, h, gp, up, dp, (h + dp.y if output else None)
+        h = x + self._residual(spec, self._norm(block, spec.post_attn_norm, op.y))
+        n2 = self._norm(block, spec.pre_mlp_norm, h)
+        if spec.fused_gate_up:
+            gu = _Proj(mlp.gate_up_proj, n2, self.store_h)
+            gate, up = mx.split(gu.y, 2, axis=-1)
+            mlp_projs = (gu,)
+        else:
+            mlp_projs = (_Proj(mlp.gate_proj, n2, self.store_h), _Proj(mlp.up_proj, n2, self.store_h))
+            gate, up = (p.y for p in mlp_projs)
+        a = gated_forward(spec.activation, gate, up)
+        dp = _Proj(mlp.down_proj, a, self.store_h, output or spec.post_mlp_norm is not None)
+        out = None
+        if output:
+            out = h + self._residual(spec, self._norm(block, spec.post_mlp_norm, dp.y))
+        return spec, projs, q_lin, k_lin, q, k, v, op, h, mlp_projs, gate, up, dp, out
+
+    @staticmethod
+    def _norm(block, name, t):
+        return t if name is None else getattr(block, name)(t)
+
+    @staticmethod
+    def _residual(spec, r):
+        return r if spec.residual_multiplier == 1.0 else r * spec.residual_multiplier
+
+    def _norm_backward(self, block, spec, name, x, g):
+        return g if name is None else rms_norm_backward(getattr(block, name), x, g, spec.norm_offset)
 
     def block_forward(self, block, h, mask):
         """The engine's forward through a block: the rule's own staged forward (lean matmuls, chunked attention)."""
@@ -180,47 +229,65 @@ class MeSP(Method):
     def block_backward(self, block, h_in, g_out, mask):
         if not self._use_hand_rule(block, h_in, mask):
             return self._fallback.block_backward(block, h_in, g_out, mask)
-        attn, mlp = block.self_attn, block.mlp
+        attn = block.self_attn
         x = h_in
         B, L, _ = x.shape
+        H, Hkv = attn.n_heads, attn.n_kv_heads
         grads: dict = {}
 
-        # recompute the forward up to the MLP input, keeping q, k, v (post-rope), o, h, gate, up and the LoRA inputs
-        qp, kp, vp, q, k, v, op, h, gp, up, dp, _ = self._forward(block, x, mask, output=False)
-        mx.eval(q, k, v, op.x, h, gp.y, up.y, dp.x, *(p.h for p in (qp, kp, vp, op, gp, up, dp) if p.h is not None))
+        # recompute the forward up to the MLP (its down projection's output only under a post-MLP norm)
+        spec, projs, q_lin, k_lin, q, k, v, op, h, mlp_projs, gate, up, dp, _ = self._forward(block, x, mask,
+                                                                                              output=False)
+        kept = [q, k, v, op.x, op.y, h, gate, up, dp.x] + ([dp.y] if dp.y is not None else [])
+        mx.eval(*kept, *(p.h for p in (*projs, op, *mlp_projs, dp) if p.h is not None))
 
-        # MLP
-        g_a = dp.backward(g_out, grads, "mlp.down_proj")
+        # MLP: out = h + m post_mlp(down(a))
+        g_r = self._residual(spec, g_out)
+        if spec.post_mlp_norm is not None:
+            g_r = self._norm_backward(block, spec, spec.post_mlp_norm, dp.y, g_r)
+        g_a = dp.backward(g_r, grads, "mlp.down_proj")
         mx.eval(g_a, grads)
-        del dp
-        g_gate, g_up = swiglu_backward(gp.y, up.y, g_a)
-        del g_a
-        g_n2 = gp.backward(g_gate, grads, "mlp.gate_proj")
-        mx.eval(g_n2, grads)
-        g_n2 = g_n2 + up.backward(g_up, grads, "mlp.up_proj")
-        del g_gate, g_up, gp, up
-        g_h = g_out + rms_norm_backward(block.post_attention_layernorm, h, g_n2)
+        del dp, g_r
+        g_gate, g_up = gated_backward(spec.activation, gate, up, g_a)
+        del g_a, gate, up
+        if spec.fused_gate_up:
+            g_n2 = mlp_projs[0].backward(mx.concatenate([g_gate, g_up], axis=-1), grads, "mlp.gate_up_proj")
+        else:
+            g_n2 = mlp_projs[0].backward(g_gate, grads, "mlp.gate_proj")
+            mx.eval(g_n2, grads)
+            g_n2 = g_n2 + mlp_projs[1].backward(g_up, grads, "mlp.up_proj")
+        del g_gate, g_up, mlp_projs
+        g_h = g_out + self._norm_backward(block, spec, spec.pre_mlp_norm, h, g_n2)
         mx.eval(g_h, grads)
         del g_n2, h
 
-        # attention
-        g_o = op.backward(g_h, grads, "self_attn.o_proj")
+        # attention: h = x + m post_attn(o_proj(o))
+        g_r = self._residual(spec, g_h)
+        if spec.post_attn_norm is not None:
+            g_r = self._norm_backward(block, spec, spec.post_attn_norm, op.y, g_r)
+        g_o = op.backward(g_r, grads, "self_attn.o_proj")
         mx.eval(g_o, grads)
-        del op
-        g_o = g_o.reshape(B, L, attn.n_heads, -1).transpose(0, 2, 1, 3)
+        del op, g_r
+        g_o = g_o.reshape(B, L, H, -1).transpose(0, 2, 1, 3)
         dq, dk, dv = attention_backward(q, k, v, g_o, attn.scale, mask)
         del g_o, q, k, v
-        dq = rope_backward(attn.rope, dq).transpose(0, 2, 1, 3)
+        dq = rope_backward(attn.rope, dq).transpose(0, 2, 1, 3)  # [B, L, H, D]
         dk = rope_backward(attn.rope, dk).transpose(0, 2, 1, 3)
-        if hasattr(attn, "q_norm"):
-            dq = rms_norm_backward(attn.q_norm, qp.y.reshape(B, L, attn.n_heads, -1), dq)
-            dk = rms_norm_backward(attn.k_norm, kp.y.reshape(B, L, attn.n_kv_heads, -1), dk)
-        dv = dv.transpose(0, 2, 1, 3)
-        g_n1 = qp.backward(dq.reshape(B, L, -1), grads, "self_attn.q_proj")
-        mx.eval(g_n1, grads)
-        g_n1 = g_n1 + kp.backward(dk.reshape(B, L, -1), grads, "self_attn.k_proj")
-        mx.eval(g_n1, grads)
-        g_n1 = g_n1 + vp.backward(dv.reshape(B, L, -1), grads, "self_attn.v_proj")
-        del dq, dk, dv, qp, kp, vp
-        g_x = g_h + rms_norm_backward(block.input_layernorm, x, g_n1)
+        if spec.qk_norm == "head":
+            dq = rms_norm_backward(attn.q_norm, q_lin.reshape(B, L, H, -1), dq, spec.norm_offset)
+            dk = rms_norm_backward(attn.k_norm, k_lin.reshape(B, L, Hkv, -1), dk, spec.norm_offset)
+        dq, dk, dv = dq.reshape(B, L, -1), dk.reshape(B, L, -1), dv.transpose(0, 2, 1, 3).reshape(B, L, -1)
+        if spec.qk_norm == "full":
+            dq = rms_norm_backward(attn.q_norm, q_lin, dq, spec.norm_offset)
+            dk = rms_norm_backward(attn.k_norm, k_lin, dk, spec.norm_offset)
+        if spec.fused_qkv:
+            g_n1 = projs[0].backward(mx.concatenate([dq, dk, dv], axis=-1), grads, "self_attn.qkv_proj")
+        else:
+            g_n1 = projs[0].backward(dq, grads, "self_attn.q_proj")
+            mx.eval(g_n1, grads)
+            g_n1 = g_n1 + projs[1].backward(dk, grads, "self_attn.k_proj")
+            mx.eval(g_n1, grads)
+            g_n1 = g_n1 + projs[2].backward(dv, grads, "self_attn.v_proj")
+        del dq, dk, dv, projs
+        g_x = g_h + self._norm_backward(block, spec, spec.pre_attn_norm, x, g_n1)
         return g_x, tree_unflatten(list(grads.items()))

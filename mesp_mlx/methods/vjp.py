@@ -1,4 +1,5 @@
-"""Hand-written VJPs of the pieces of a Llama / Qwen2 / Qwen3 decoder block (MeSP, REFERENCE §2).
+"""Hand-written VJPs of the pieces of a dense decoder block (MeSP, REFERENCE §2): RMSNorm (w or 1 + w), SwiGLU / GeGLU
+gating, RoPE, softmax attention with GQA and any mlx-lm mask.
 
 Each function takes what its forward saw (or what is cheap to recompute from it) and the output cotangent, and returns
 the input cotangent. Frozen tensors (norm weights, W0) never get a gradient. Math is in fp32; results come back in the
@@ -6,6 +7,8 @@ activation dtype.
 """
 
 from __future__ import annotations
+
+import math
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -20,9 +23,10 @@ def _rms_norm_backward(x, w, g, eps):
     return r * gw - x * (r * r * r) * mx.mean(gw * x, axis=-1, keepdims=True)
 
 
-def rms_norm_backward(norm: nn.RMSNorm, x: mx.array, g: mx.array) -> mx.array:
-    """Input gradient of mlx's RMSNorm (its weight is frozen: no gradient for it)."""
-    return _rms_norm_backward(x, norm["weight"], g, mx.array(norm.eps, mx.float32)).astype(x.dtype)
+def rms_norm_backward(norm: nn.Module, x: mx.array, g: mx.array, offset: float = 0.0) -> mx.array:
+    """Input gradient of an RMSNorm with weight w + offset (mlx's: offset 0; Gemma's: 1 + w); w is frozen."""
+    w = norm["weight"] if offset == 0 else norm["weight"].astype(mx.float32) + offset
+    return _rms_norm_backward(x, w, g, mx.array(norm.eps, mx.float32)).astype(x.dtype)
 
 
 @mx.compile
@@ -37,6 +41,28 @@ def swiglu_backward(gate: mx.array, up: mx.array, g: mx.array) -> tuple[mx.array
     """(dL/dgate, dL/dup) of silu(gate) * up."""
     g_gate, g_up = _swiglu_backward(gate, up, g)
     return g_gate.astype(gate.dtype), g_up.astype(up.dtype)
+
+
+@mx.compile
+def _gelu_tanh_gate_backward(gate, up, g):
+    # a = gelu_tanh(gate) * up, gelu_tanh(z) = z/2 (1 + t), t = tanh(c (z + 0.044715 z^3)), c = sqrt(2/pi)
+    # d gelu_tanh / dz = (1 + t)/2 + z/2 (1 - t^2) c (1 + 3 * 0.044715 z^2)
+    gate, up, g = gate.astype(mx.float32), up.astype(mx.float32), g.astype(mx.float32)
+    c = math.sqrt(2 / math.pi)
+    t = mx.tanh(c * (gate + 0.044715 * gate ** 3))
+    dgelu = 0.5 * (1 + t) + 0.5 * gate * (1 - t * t) * c * (1 + 3 * 0.044715 * gate * gate)
+    return g * up * dgelu, g * (0.5 * gate * (1 + t))
+
+
+def gated_backward(activation: str, gate: mx.array, up: mx.array, g: mx.array) -> tuple[mx.array, mx.array]:
+    """(dL/dgate, dL/dup) of act(gate) * up for act = silu (SwiGLU) or gelu_tanh (Gemma's GeGLU)."""
+    fn = {"silu": _swiglu_backward, "gelu_tanh": _gelu_tanh_gate_backward}[activation]
+    g_gate, g_up = fn(gate, up, g)
+    return g_gate.astype(gate.dtype), g_up.astype(up.dtype)
+
+
+def gated_forward(activation: str, gate: mx.array, up: mx.array) -> mx.array:
+    return (nn.silu(gate) if activation == "silu" else nn.gelu_approx(gate)) * up
 
 
 def rope_backward(rope: nn.Module, g: mx.array) -> mx.array:

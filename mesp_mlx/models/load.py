@@ -16,8 +16,10 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from .families import supported_types
+from .families import tier as family_tier
+
 DEFAULT_MODEL = "smollm2-135m-instruct"
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 
 class ModelLoadError(ValueError):
@@ -62,13 +64,19 @@ def _read_config(folder: Path) -> dict:
         raise ModelLoadError(f"{cfg}:{e.lineno}: malformed JSON ({e.msg})") from e
     if "model_type" not in config:
         raise ModelLoadError(f"{cfg}: no 'model_type'")
-    if config["model_type"] not in SUPPORTED_MODEL_TYPES:
-        raise ModelLoadError(
-            f"{cfg}: architecture {config['model_type']!r} is not supported (supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
-        )
+    tier, reason = family_tier(config["model_type"])
+    if tier == "refused":  # before anything is written; the reason comes from the family's support-table row
+        raise ModelLoadError(f"{cfg}: architecture {config['model_type']!r} is not supported: {reason} (supported: "
+                             f"{', '.join(supported_types())}; see docs/model_families.md)")
     if not list(folder.glob("model*.safetensors")):
         raise ModelLoadError(f"{folder}: no model*.safetensors weights")
     return config
+
+
+def context_length(config: dict) -> int | None:
+    """The model's context in tokens (multimodal folders such as gemma3 keep it in text_config), or None."""
+    text = config.get("text_config") or {}
+    return config.get("max_position_embeddings") or text.get("max_position_embeddings")
 
 
 def is_quantized(config: dict) -> bool:

@@ -1,9 +1,10 @@
 """The pieces of an mlx-lm decoder the block-wise engine needs: embedding, blocks, final norm, LM head.
 
-Works for the Llama / Mistral / Qwen2 / Qwen3 classes of mlx-lm (`model.model.{embed_tokens, layers, norm}` and either a
-tied embedding or `model.lm_head`). The head is exposed by vocabulary row ranges so the loss never needs the whole
-[vocab, d] matrix in full precision at once. With a weight streamer, the embedding and head rows come through its memory
-maps instead of the (then never evaluated) module arrays.
+What differs between families (embedding scale, per-layer masks, logits divisor, where the text model sits) comes from
+the family's description (families/); the walk embed -> blocks -> final norm -> head is the same for all. The head is
+exposed by vocabulary row ranges so the loss never needs the whole [vocab, d] matrix in full precision at once. With a
+weight streamer, the embedding and head rows come through its memory maps instead of the (then never evaluated) module
+arrays.
 """
 
 from __future__ import annotations
@@ -16,23 +17,29 @@ from mlx_lm.models.base import create_attention_mask
 from .compute import dequantize
 
 
-class UnsupportedModel(ValueError):
-    pass
+from .families import UnsupportedFamily as UnsupportedModel  # noqa: E402  (one error type for every refusal)
 
 
 class ModelParts:
-    def __init__(self, model: nn.Module, compute_path: str = "dequant", streamer=None):
-        inner = getattr(model, "model", None)
+    def __init__(self, model: nn.Module, compute_path: str = "dequant", streamer=None, family=None):
+        from .families import describe
+
+        self.family = family or describe(model)  # an explicit description: the support-table sweep
+        text = self.family.text_model(model)
+        inner = getattr(text, "model", None)
         if inner is None or not all(hasattr(inner, a) for a in ("embed_tokens", "layers", "norm")):
             raise UnsupportedModel(f"{type(model).__module__}: no model.{{embed_tokens, layers, norm}} (unsupported family)")
         self.model = model
+        self.text = text
         self.inner = inner
         self.compute_path = compute_path
-        args = getattr(model, "args", None)
-        self.model_type = getattr(args, "model_type", type(model).__module__.rsplit(".", 1)[-1])
-        tied = getattr(args, "tie_word_embeddings", True) if not hasattr(model, "lm_head") else False
-        self.head = inner.embed_tokens if tied else model.lm_head
-        self.sliding_window = getattr(inner, "sliding_window", None)
+        args = getattr(text, "args", None)
+        self.model_type = self.family.name
+        tied = getattr(args, "tie_word_embeddings", True) if not hasattr(text, "lm_head") else False
+        self.head = inner.embed_tokens if tied else text.lm_head
+        self._index = {id(layer): i for i, layer in enumerate(inner.layers)}
+        self.windows = [self.family.window(inner, i, layer) for i, layer in enumerate(inner.layers)]
+        self.logits_divisor = self.family.logits_divisor(text)
         self.embed_rows = streamer.embedding if streamer is not None else None
         self.head_rows = (streamer.head if streamer is not None else None)
         self.dtype = inner.norm.weight.dtype  # activations' dtype (cast_float_params casts the norms)
@@ -47,20 +54,25 @@ class ModelParts:
 
     def embed(self, inputs: mx.array) -> mx.array:
         if self.embed_rows is None:
-            return self.inner.embed_tokens(inputs)
+            return self.family.scale_embedding(self.text, self.inner.embed_tokens(inputs))
         # only the distinct token rows are read from the memory map and dequantized
         ids, inverse = np.unique(np.array(inputs).reshape(-1), return_inverse=True)
         rows = self._full_precision(self.embed_rows.take(ids), self.inner.embed_tokens, self.dtype)
-        return rows[mx.array(inverse.astype(np.int32))].reshape(*inputs.shape, -1)
+        h = rows[mx.array(inverse.astype(np.int32))].reshape(*inputs.shape, -1)
+        return self.family.scale_embedding(self.text, h)
 
     def block_mask(self, layer, h: mx.array):
-        """The attention mask an mlx-lm block expects for a full (cache-free) sequence."""
-        if getattr(layer, "use_sliding", False) and self.sliding_window:
-            return create_attention_mask(h, None, window_size=self.sliding_window)
+        """The attention mask mlx-lm gives this block for a full (cache-free) sequence: causal, or the family's sliding
+        window for this layer (a boolean window mask once the sequence is longer than the window)."""
+        window = self.windows[self._index[id(layer)]]
+        if window:
+            return create_attention_mask(h, None, window_size=window)
         return create_attention_mask(h, None)
 
     def final_norm(self, h: mx.array) -> mx.array:
-        return self.inner.norm(h)
+        """The final norm, with the head's logits divisor folded in: (x W^T) / s = (x / s) W^T (Granite)."""
+        out = self.inner.norm(h)
+        return out if self.logits_divisor is None else out / self.logits_divisor
 
     # --- LM head by vocabulary rows -------------------------------------------------------------------------------
     def _rows(self, start: int, stop: int) -> dict:

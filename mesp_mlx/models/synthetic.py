@@ -26,6 +26,16 @@ SHAPES = {
     "qwen2.5-3b": ("qwen2", 2048, 36, 11008, 16, 2, 151936),
 }
 
+def gemma3_1b_config() -> dict:
+    """Gemma 3 1B's shape (mlx-community/gemma-3-1b-it: 26 blocks, d 1152, ffn 6912, 4 heads / 1 KV head of 256,
+    vocabulary 262,144, tied head, 512-token windows on 5 of every 6 layers)."""
+    return {"model_type": "gemma3_text", "hidden_size": 1152, "num_hidden_layers": 26, "intermediate_size": 6912,
+            "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 256, "rms_norm_eps": 1e-6,
+            "vocab_size": 262144, "rope_theta": 1_000_000.0, "rope_local_base_freq": 10_000.0,
+            "query_pre_attn_scalar": 256, "sliding_window": 512, "sliding_window_pattern": 6,
+            "max_position_embeddings": 32768}
+
+
 _CORPUS = (
     "the quick brown fox jumps over the lazy dog. a small model learns to answer questions about memory, "
     "phones, laptops and training. what is the capital of france? paris is the capital of france. "
