@@ -39,28 +39,31 @@ def rank_main(args) -> None:
     blocks, hidden, ffn, kv = SHAPES[args.shape]
     per_block = lora_params_per_block(hidden, ffn, kv, args.rank)
     grads = [{"g": mx.random.normal((per_block,))} for _ in range(blocks)]
-    mx.eval(grads)
-    tiny = []
-    for _ in range(50):  # the per-call overhead: a one-element all_sum
-        t = time.perf_counter()
-        ranks.sum_scalar(1.0)
-        tiny.append(time.perf_counter() - t)
-    steps = []
-    for s in range(args.steps + 1):
+    ones = [{"g": mx.ones((1,))} for _ in range(blocks)]
+    mx.eval(grads, ones)
+
+    def step(trees) -> tuple[float, int]:
         ranks.reset_counters()
         t = time.perf_counter()
         ranks.sum_scalars([1.0, 2.0])
         ranks.any(False)
-        for g in grads:
+        for g in trees:
             ranks.sum_tree(g)
-        if s:  # the first step warms the connections up
-            steps.append((time.perf_counter() - t, ranks.bytes_sent))
+        return time.perf_counter() - t, ranks.bytes_sent
+
+    full, tiny = [], []
+    for s in range(args.steps + 1):  # interleaved, so that both see the same machine; the first pair warms up
+        f, t = step(grads), step(ones)  # (seconds, bytes) each
+        if s:
+            full.append(f)
+            tiny.append(t)
     if ranks.rank == 0:
-        tiny.sort()
+        med = lambda xs: sorted(x for x in xs)[len(xs) // 2]  # noqa: E731
+        calls = blocks + 2
         print(json.dumps({"shape": args.shape, "rank": args.rank, "world": ranks.size, "blocks": blocks,
-                          "lora_params": per_block * blocks, "bytes_per_step": steps[0][1],
-                          "calls_per_step": blocks + 2, "step_s": sorted(s for s, _ in steps)[len(steps) // 2],
-                          "call_overhead_s": tiny[len(tiny) // 2]}))
+                          "lora_params": per_block * blocks, "bytes_per_step": full[0][1],
+                          "calls_per_step": calls, "step_s": med([x[0] for x in full]),
+                          "call_overhead_s": med([x[0] for x in tiny]) / calls}))
 
 
 def free_ports(n):
@@ -75,7 +78,7 @@ def free_ports(n):
 
 def predict(m: dict, n: int, gbps: float) -> float:
     """Ring all-reduce: every rank sends and receives 2 (n-1)/n of the payload; every call costs (n-1) times the
-    per-call overhead measured between 2 ranks (a lower bound on a real network's latency)."""
+    per-call overhead measured between 2 ranks on localhost (a lower bound on a real network's latency)."""
     transfer = 2 * (n - 1) / n * m["bytes_per_step"] * 8 / (gbps * 1e9)
     return transfer + m["calls_per_step"] * (n - 1) * m["call_overhead_s"]
 
@@ -103,8 +106,8 @@ def main() -> int:
     mb = m["bytes_per_step"] / 1e6
     print(f"{args.shape}, LoRA r {args.rank} on 7 projections x {m['blocks']} blocks: {m['lora_params'] / 1e6:.2f} M "
           f"params; per step each rank hands all_sum {mb:.2f} MB in {m['calls_per_step']} calls")
-    print(f"measured, 2 ranks on localhost: {m['step_s'] * 1e3:.1f} ms per step (median of {args.steps}); "
-          f"one-element all_sum {m['call_overhead_s'] * 1e6:.0f} us")
+    print(f"measured, 2 ranks on localhost: {m['step_s'] * 1e3:.1f} ms per step (median of {args.steps}); the same "
+          f"calls with one element each: {m['call_overhead_s'] * 1e6:.0f} us per call")
     print("predicted all_sum time per step = 2 (N-1)/N x bytes x 8 / link + calls x (N-1) x per-call overhead:")
     print("| N | 1 Gb/s | 10 Gb/s | 40 Gb/s |\n|---|---|---|---|")
     for n in (2, 4, 8):

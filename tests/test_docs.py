@@ -1,0 +1,56 @@
+"""The documentation's runnable commands (fenced blocks after a `<!-- runnable -->` line in README.md and docs/*.md)
+run on a tiny model, so the docs cannot drift from the code. MODEL, DATA and OUT stand for a model folder, a data
+folder and an output folder; `.venv/bin/` is this test's environment."""
+
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from test_train_cli import CHAT, write_data
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def runnable_commands() -> list[tuple[str, str]]:
+    found = []
+    for doc in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        text = doc.read_text(encoding="utf-8")
+        for block in re.findall(r"<!-- runnable -->\s*```bash\n(.*?)```", text, flags=re.S):
+            for line in block.replace("\\\n", " ").splitlines():
+                line = line.split(" #", 1)[0].strip()
+                if line and not line.startswith("#"):
+                    found.append((doc.name, line))
+    return found
+
+
+COMMANDS = runnable_commands()
+
+
+def test_the_docs_mark_commands_as_runnable():
+    docs = {doc for doc, _ in COMMANDS}
+    assert {"training.md", "memory.md", "distributed.md"} <= docs, docs
+
+
+@pytest.fixture(scope="module")
+def places(tiny_models, tmp_path_factory):
+    root = tmp_path_factory.mktemp("docs")
+    return {"MODEL": str(tiny_models["qwen2"]), "DATA": str(write_data(root / "data", records=CHAT * 2)),
+            "OUT": str(root / "out")}
+
+
+def test_runnable_commands_in_the_docs_succeed(places):
+    for doc, line in COMMANDS:  # in order: later commands use what earlier ones wrote
+        words = []
+        for word in shlex.split(line):
+            if word.startswith(".venv/bin/"):
+                word = str(BIN / word[len(".venv/bin/"):])
+            for key, value in places.items():
+                word = re.sub(rf"\b{key}\b", value, word)
+            words.append(word)
+        proc = subprocess.run(words, capture_output=True, text=True, timeout=300, cwd=ROOT)
+        assert proc.returncode == 0, f"{doc}: {line}\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
