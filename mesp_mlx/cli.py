@@ -29,68 +29,77 @@ IO_ERROR, FOLDER_IN_USE = 74, 75
 
 def _train_parser(sub, name="train", help="LoRA fine-tune within a memory budget (block-wise engine)"):
     p = sub.add_parser(name, help=help)
+    # mlx-lm's flag names, grouped as the docs are (--help prints them in these groups)
     p.add_argument("-c", "--config", help="YAML file with mlx-lm's keys (lora_parameters included)")
-    p.add_argument("--model", help="mlx-lm folder, .gguf file or Hugging Face repo id (default: embedded SmolLM2-135M)")
-    p.add_argument("--data", help="folder with train.jsonl (valid.jsonl, test.jsonl optional); mlx-lm's formats")
-    p.add_argument("--method", choices=list(METHODS),
-                   help="mesp (hand-written VJPs, default), mebp (autodiff per block), lcsb (a subset of blocks per step), "
+    model = p.add_argument_group("model: what is loaded and how its weights are computed")
+    model.add_argument("--model", help="mlx-lm folder, .gguf file or Hugging Face repo id (default: embedded SmolLM2-135M)")
+    model.add_argument("--quantize-bits", type=int, help="bits for quantize-on-load of unquantized models (default 4)")
+    model.add_argument("--quantize-group-size", type=int, help="group size for quantize-on-load (default 64)")
+    model.add_argument("--compute-path", choices=["auto", "fused", "dequant"],
+                       help="quantized matmul (fused, Metal) or just-in-time dequantize + fp32 GEMM (dequant, CPU)")
+    model.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16", "native"])
+    data = p.add_argument_group("data: mlx-lm's jsonl and how it is batched")
+    data.add_argument("--data", help="folder with train.jsonl (valid.jsonl, test.jsonl optional); mlx-lm's formats")
+    data.add_argument("--max-seq-length", type=int)
+    data.add_argument("--mask-prompt", action="store_true", default=None, help="loss on completions only")
+    data.add_argument("--batch-size", type=int)
+    data.add_argument("--seed", type=int)
+    lora = p.add_argument_group("LoRA: the adapters trained (rank, scale, dropout, keys: the YAML's lora_parameters)")
+    lora.add_argument("--fine-tune-type", choices=["lora", "dora", "full"],
+                      help="lora (default) or dora adapters in mlx-lm's format (full is refused: the base stays 4-bit)")
+    lora.add_argument("--num-layers", type=int, help="blocks with LoRA, counted from the last (-1: all, default)")
+    lora.add_argument("--resume-adapter-file", help="start from these adapter weights")
+    method = p.add_argument_group("method: the backward rule and the optimizer")
+    method.add_argument("--method", choices=list(METHODS),
+                        help="mesp (hand-written VJPs, default), mebp (autodiff per block), lcsb (a subset of blocks per step), "
                         "mezo (zeroth-order, forward only)")
-    p.add_argument("--zo-eps", type=float, help="MeZO: perturbation size (1e-3)")
-    p.add_argument("--zo-samples", type=int, help="MeZO: SPSA draws per step (1)")
-    p.add_argument("--zo-weight-decay", type=float, help="MeZO: weight decay (0)")
-    p.add_argument("--lcsb-fraction", type=float, help="LCSB: share of the blocks back-propagated per step (0.25)")
-    p.add_argument("--lcsb-schedule", choices=["cyclic", "random", "importance"], help="LCSB: which blocks (cyclic)")
-    p.add_argument("--lcsb-skipped", choices=["freeze", "momentum"],
-                   help="LCSB: skipped blocks' optimizer state waits (freeze) or steps with a zero gradient")
-    p.add_argument("--store-h", action="store_true", default=None,
-                   help="MeSP: keep each LoRA's h = xA from the block recompute instead of recomputing it")
-    p.add_argument("--iters", type=int)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--learning-rate", type=float)
-    p.add_argument("--optimizer", choices=["adam", "adamw", "sgd", "adafactor", "muon"],
-                   help="mlx-lm's optimizers (adam, its default); arguments from the YAML's optimizer_config")
-    p.add_argument("--grad-accumulation-steps", type=int,
-                   help="micro-batches whose gradients are averaged per optimizer step (1); --iters counts micro-batches")
-    p.add_argument("--fine-tune-type", choices=["lora", "dora", "full"],
-                   help="lora (default) or dora adapters in mlx-lm's format (full is refused: the base stays 4-bit)")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--max-seq-length", type=int)
-    p.add_argument("--mask-prompt", action="store_true", default=None, help="loss on completions only")
-    p.add_argument("--num-layers", type=int, help="blocks with LoRA, counted from the last (-1: all, default)")
-    p.add_argument("--adapter-path", help="output folder (adapters.safetensors, adapter_config.json, metrics.jsonl)")
-    p.add_argument("--resume-adapter-file", help="start from these adapter weights")
-    p.add_argument("--resume", action="store_true", default=None,
-                   help="continue the interrupted run in --adapter-path (bit-identical to an uninterrupted run)")
-    p.add_argument("--device-profile", help="emulate this device's memory budget (see: mesp-mlx profiles)")
-    p.add_argument("--budget-mb", type=float, help="memory budget in MB (MLX peak), over which the run stops")
-    p.add_argument("--skip-plan", action="store_true", default=None,
-                   help="start even if the planner predicts the budget is exceeded")
-    p.add_argument("--on-nonfinite", choices=["stop", "skip"],
-                   help="NaN/inf loss or gradient: stop keeping the last saved adapter (default), or skip the step")
-    p.add_argument("--save-every", type=int)
-    p.add_argument("--steps-per-report", type=int)
-    p.add_argument("--steps-per-eval", type=int,
-                   help="held-out loss on valid.jsonl every N steps, before the first and after the last (200; 0: never)")
-    p.add_argument("--val-batches", type=int, help="batches of valid.jsonl per evaluation (25; -1: all)")
-    p.add_argument("--test", action="store_true", default=None, help="after training, the loss on test.jsonl")
-    p.add_argument("--test-batches", type=int, help="batches of test.jsonl (500; -1: all)")
-    p.add_argument("--stream-weights", action="store_true", default=None,
-                   help="load each block's frozen weights on demand and release them after use")
-    p.add_argument("--checkpoint-storage", choices=["memory", "mmap"])
-    p.add_argument("--checkpoint-dir", help="where mmap'd activation checkpoints go (default: temp dir)")
-    p.add_argument("--compute-path", choices=["auto", "fused", "dequant"],
-                   help="quantized matmul (fused, Metal) or just-in-time dequantize + fp32 GEMM (dequant, CPU)")
-    p.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16", "native"])
-    p.add_argument("--vocab-chunk", type=int, help="vocabulary rows per loss chunk (default: auto, ~8 MB of logits)")
-    p.add_argument("--clear-cache", choices=["block", "step", "never"], help="when to return MLX's cache (default block)")
-    p.add_argument("--quantize-bits", type=int, help="bits for quantize-on-load of unquantized models (default 4)")
-    p.add_argument("--quantize-group-size", type=int, help="group size for quantize-on-load (default 64)")
-    p.add_argument("--no-plot", dest="plot", action="store_false", default=None)
+    method.add_argument("--store-h", action="store_true", default=None,
+                        help="MeSP: keep each LoRA's h = xA from the block recompute instead of recomputing it")
+    method.add_argument("--lcsb-fraction", type=float, help="LCSB: share of the blocks back-propagated per step (0.25)")
+    method.add_argument("--lcsb-schedule", choices=["cyclic", "random", "importance"], help="LCSB: which blocks (cyclic)")
+    method.add_argument("--lcsb-skipped", choices=["freeze", "momentum"],
+                        help="LCSB: skipped blocks' optimizer state waits (freeze) or steps with a zero gradient")
+    method.add_argument("--zo-eps", type=float, help="MeZO: perturbation size (1e-3)")
+    method.add_argument("--zo-samples", type=int, help="MeZO: SPSA draws per step (1)")
+    method.add_argument("--zo-weight-decay", type=float, help="MeZO: weight decay (0)")
+    method.add_argument("--iters", type=int)
+    method.add_argument("--learning-rate", type=float)
+    method.add_argument("--optimizer", choices=["adam", "adamw", "sgd", "adafactor", "muon"],
+                        help="mlx-lm's optimizers (adam, its default); arguments from the YAML's optimizer_config")
+    method.add_argument("--grad-accumulation-steps", type=int,
+                        help="micro-batches whose gradients are averaged per optimizer step (1); --iters counts micro-batches")
+    method.add_argument("--on-nonfinite", choices=["stop", "skip"],
+                        help="NaN/inf loss or gradient: stop keeping the last saved adapter (default), or skip the step")
+    memory = p.add_argument_group("memory: the budget, the plan and the levers that trade speed for memory")
+    memory.add_argument("--device-profile", help="emulate this device's memory budget (see: mesp-mlx profiles)")
+    memory.add_argument("--budget-mb", type=float, help="memory budget in MB (MLX peak), over which the run stops")
+    memory.add_argument("--skip-plan", action="store_true", default=None,
+                        help="start even if the planner predicts the budget is exceeded")
+    memory.add_argument("--stream-weights", action="store_true", default=None,
+                        help="load each block's frozen weights on demand and release them after use")
+    memory.add_argument("--checkpoint-storage", choices=["memory", "mmap"])
+    memory.add_argument("--checkpoint-dir", help="where mmap'd activation checkpoints go (default: temp dir)")
+    memory.add_argument("--vocab-chunk", type=int, help="vocabulary rows per loss chunk (default: auto, ~8 MB of logits)")
+    memory.add_argument("--clear-cache", choices=["block", "step", "never"], help="when to return MLX's cache (default block)")
+    output = p.add_argument_group("output: what is written, how often, and resuming")
+    output.add_argument("--adapter-path", help="output folder (adapters.safetensors, adapter_config.json, metrics.jsonl)")
+    output.add_argument("--save-every", type=int)
+    output.add_argument("--resume", action="store_true", default=None,
+                        help="continue the interrupted run in --adapter-path (bit-identical to an uninterrupted run)")
+    output.add_argument("--steps-per-report", type=int)
+    output.add_argument("--no-plot", dest="plot", action="store_false", default=None)
+    evaluation = p.add_argument_group("evaluation: held-out loss as mlx-lm reports it")
+    evaluation.add_argument("--steps-per-eval", type=int,
+                            help="held-out loss on valid.jsonl every N steps, before the first and after the last (200; 0: never)")
+    evaluation.add_argument("--val-batches", type=int, help="batches of valid.jsonl per evaluation (25; -1: all)")
+    evaluation.add_argument("--test", action="store_true", default=None, help="after training, the loss on test.jsonl")
+    evaluation.add_argument("--test-batches", type=int, help="batches of test.jsonl (500; -1: all)")
+    compat = p.add_argument_group("mlx-lm compatibility: accepted, no effect here (said once)")
     # mlx-lm's flags that cannot change training here: accepted, and said so once
     for flag in ("--grad-checkpoint", "--train", "--trust-remote-code"):
-        p.add_argument(flag, action="store_true", default=None, help="mlx-lm's; no effect here")
+        compat.add_argument(flag, action="store_true", default=None, help="mlx-lm's; no effect here")
     for flag in ("--report-to", "--project-name", "--clear-cache-threshold"):
-        p.add_argument(flag, help="mlx-lm's; no effect here")
+        compat.add_argument(flag, help="mlx-lm's; no effect here")
     return p
 
 

@@ -54,3 +54,14 @@ def test_runnable_commands_in_the_docs_succeed(places):
             words.append(word)
         proc = subprocess.run(words, capture_output=True, text=True, timeout=300, cwd=ROOT)
         assert proc.returncode == 0, f"{doc}: {line}\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
+
+
+def test_train_help_is_grouped_as_the_docs_are():
+    from mesp_mlx.cli import build_parser
+
+    text = build_parser()._subparsers._group_actions[0].choices["train"].format_help()
+    titles = [line.split(":")[0] for line in text.splitlines() if line and not line.startswith(" ") and ":" in line]
+    assert titles[-8:] == ["model", "data", "LoRA", "method", "memory", "output", "evaluation", "mlx-lm compatibility"]
+    for flag in ("--learning-rate", "--batch-size", "--max-seq-length", "--adapter-path", "--grad-accumulation-steps",
+                 "--steps-per-eval", "--val-batches", "--save-every", "--num-layers"):  # mlx-lm's names kept
+        assert flag in text
