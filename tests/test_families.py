@@ -181,7 +181,7 @@ def test_plan_train_streamed_resume_convert_fuse(family, family_models, tmp_path
     if family in family_models:
         model = family_models[family]
     else:
-        model = write_random_model(tmp_path / family, {**GENERIC_CONFIG, "model_type": family, "num_hidden_layers": 3},
+        model = write_random_model(tmp_path / family, {**GENERIC_CONFIG, "model_type": family},
                                    bits=4, group_size=32)
     data = write_data(tmp_path / "data")
     run = ["--model", str(model), "--data", str(data), "--optimizer", "adamw", "--learning-rate", "1e-3",
@@ -190,7 +190,7 @@ def test_plan_train_streamed_resume_convert_fuse(family, family_models, tmp_path
     assert main(["plan", *run, "--budget-mb", "4096"]) == 0
     assert "predicted peak" in capsys.readouterr().out
     one = tmp_path / "one"
-    assert main(["train", *run, "--iters", "4", "--adapter-path", str(one)]) == 0
+    assert main(["train", *run, "--iters", "4", "--adapter-path", str(one), "--budget-mb", "4096"]) == 0  # governed
     two = tmp_path / "two"
     assert main(["train", *run, "--iters", "2", "--adapter-path", str(two)]) == 0
     assert main(["train", *run, "--iters", "4", "--adapter-path", str(two), "--resume"]) == 0

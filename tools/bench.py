@@ -68,6 +68,9 @@ def bench_ours(model: Path, data: Path, method: str, seq: int, rank: int, steps:
                       max_seq_length=seq + 1, lora_parameters={"rank": rank, "scale": 20.0, "dropout": 0.0, "keys": KEYS},
                       stream_weights=stream, checkpoint_storage=storage, store_h=store_h)
     mx.reset_peak_memory()
+    # the same LoRA A initialisation in every row (the engine reseeds per block, so without this a row's A depended on
+    # which row ran before it, and rows' losses after step 0 were not comparable)
+    mx.random.seed(0)
     prep = prepare_model(cfg)
     splits = load_splits(cfg.data, prep.tokenizer)
     batches = BatchIterator(splits["train"], 1, cfg.max_seq_length)

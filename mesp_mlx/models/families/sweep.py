@@ -30,8 +30,12 @@ GENERIC_CONFIG = dict(
     head_dim=16, vocab_size=384, rms_norm_eps=1e-6, layer_norm_eps=1e-5, norm_eps=1e-5, layer_norm_epsilon=1e-5,
     rope_theta=10000.0, max_position_embeddings=256, tie_word_embeddings=True, attention_bias=False, mlp_bias=False,
     sliding_window=4, partial_rotary_factor=1.0, rope_traditional=False, hidden_act="silu", num_layers=2,
-    logits_scaling=1.0, attention_multiplier=0.25, embedding_multiplier=1.0, residual_multiplier=1.0, bias=False,
+    # multipliers are never 1 here: a model-level scale the default walk does not know must show up as a mismatch
+    logits_scaling=2.0, attention_multiplier=0.25, embedding_multiplier=2.0, residual_multiplier=0.5, bias=False,
     use_qk_norm=False, moe_intermediate_size=64, num_experts=4, num_experts_per_tok=2, n_shared_experts=1,
+    post_norm=False, qk_norm=False, use_bias=False, use_qkv_bias=False, rope_scaling=None, rotary_emb_base=10000.0,
+    rotary_pct=1.0, use_parallel_residual=False, dim_model_base=32, scale_emb=2.0, scale_depth=1.4,
+    sliding_window_pattern=2, layer_types=["sliding_attention", "full_attention"],
 )
 
 

@@ -11,7 +11,8 @@ Each supported family was built as a tiny random model and checked: the engine's
 -> head, by the family's description in `mesp_mlx/models/families/`) gives mlx-lm's logits, and the engine's loss and
 every LoRA gradient under MeBP's rule and MeSP's equal whole-model autodiff of mlx-lm's model with mlx-lm's LoRA
 (fp32, rel <= 1e-5, sequences longer than any sliding window). `tests/test_family_table.py` re-checks the supported
-rows.
+rows. A generic row is checked on one tiny configuration (multipliers set away from 1, sliding windows of 4 tokens);
+a model-level option that configuration leaves off is not exercised by it.
 
 - **hand rule**: MeSP's hand-written block VJP (`--method mesp`), read from the family's BlockSpec.
 - **generic**: MeBP's autodiff rule per block; under `--method mesp` the same with MeSP's LoRA VJP inside (h = xA
