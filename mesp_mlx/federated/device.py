@@ -76,6 +76,7 @@ class Device:
         train = {"iters": s.iters, "batch_size": s.batch_size, "learning_rate": s.learning_rate,
                  "max_seq_length": s.max_seq_length, "num_layers": s.num_layers, "device_profile": self.profile,
                  "budget_mb": self.budget_mb, "lora_parameters": s.lora_parameters(), "steps_per_report": 5,
+                 "plot": False,
                  **(out_train or {})}
         return PersonalizeConfig(stream=str(self.folder / "stream.jsonl"), out=str(self.folder), model=s.model,
                                  eval=str(self.folder / "heldout.jsonl"), buffer_kb=s.buffer_kb, policy=s.policy,

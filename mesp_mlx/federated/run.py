@@ -43,7 +43,6 @@ def federate(out: str | Path, devices: list[DeviceSpec], settings: Settings, rou
         raise FederateError(f"the ServerApp wrote no summary (flwr run exited {rc}; see {out / 'logs'})")
     summary = json.loads(summary_file.read_text())
     if summary["status"] != "done":
-        fail = summary.get("failures", ["?"])[0]
-        raise FederateError(f"federation {summary['status']} after {summary['rounds_complete']} complete round(s): "
-                            f"{fail}; global/ holds round {summary['rounds_complete']}'s adapter")
+        raise FederateError(summary.get("error") or f"federation {summary['status']}: "
+                            f"{summary.get('failures', ['?'])[0]}")
     return summary

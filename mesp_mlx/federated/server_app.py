@@ -15,6 +15,7 @@ After the last round every device scores the final global adapter and its person
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -72,13 +73,20 @@ def _send(grid: Grid, nodes, kind: str, arrays: dict | None, config: dict, group
     return list(grid.send_and_receive(msgs, timeout=timeout))
 
 
+def _reason(text: str) -> str:
+    """Flower's error reason ("<class 'pkg.DeviceError'>:<'message'>") as one line: "DeviceError: message"."""
+    m = re.search(r"<class '(?:[\w.]+\.)?(\w+)'>:<'(.*)'>", text, re.S)
+    line = f"{m.group(1)}: {m.group(2)}" if m else text
+    return " ".join(line.split())[:300]
+
+
 def _sort_replies(replies, nodes, round_, with_arrays: bool, audit: list, log) -> tuple[list, list]:
     """(good replies as (node, content), failures as one-line texts); each reply is described into `audit`."""
     good, failed = [], []
     for reply in replies:
         node = reply.metadata.src_node_id
         if reply.has_error():
-            failed.append(f"device node {node}: {reply.error.reason.strip().splitlines()[-1][:300]}")
+            failed.append(f"device node {node}: {_reason(reply.error.reason)}")
             audit.append({"round": round_, "node": node, "error": True})
             continue
         audit.append({"round": round_, "node": node, "records": describe(reply.content)})
@@ -117,9 +125,10 @@ def serve(grid: Grid, cfg: ServerConfig, settings: Settings, log=print) -> dict:
         if failed:
             rounds_log.append({"round": r, "complete": False, "failures": failed})
             write_jsonl(out / "rounds.jsonl", rounds_log, what="the round metrics")
-            summary.update(status="failed", failed_round=r, failures=failed)
+            error = f"round {r} incomplete ({failed[0]}); global/ keeps round {r - 1}'s adapter"
+            summary.update(status="failed", failed_round=r, failures=failed, error=error)
             atomic_write_json(out / "summary.json", summary)
-            raise FederationError(f"round {r} incomplete ({failed[0]}); global/ keeps round {r - 1}'s adapter")
+            raise FederationError(error)
         clients = [weights_of(c["arrays"]) for _, c in good]
         metrics = [dict(c["metrics"]) for _, c in good]
         counts = [m["num_examples"] for m in metrics]
@@ -145,7 +154,7 @@ def serve(grid: Grid, cfg: ServerConfig, settings: Settings, log=print) -> dict:
     atomic_write_json(out / "evaluation.json", evaluation)
     summary.update(status="done" if not failed else "evaluation_incomplete", evaluation=evaluation)
     if failed:
-        summary["failures"] = failed
+        summary.update(failures=failed, error=f"evaluation incomplete ({failed[0]}); global/ holds the final adapter")
     atomic_write_json(out / "summary.json", summary)
     return summary
 
