@@ -41,10 +41,17 @@ def raw_texts():
     return [t for qa in QA for t in qa]
 
 
-def test_two_devices_two_rounds_on_flower(tmp_path, tiny_models):
+def test_two_devices_two_rounds_on_flower(tmp_path, tiny_models, capsys):
+    from mesp_mlx.cli import main
+
     out = tmp_path / "fed"
-    summary = federate(out, devices(tmp_path), Settings(model=str(tiny_models["qwen2"]), **SETTINGS), rounds=2,
-                       timeout=300)
+    d = devices(tmp_path)
+    rc = main(["federate", "--device", f"{d[0].folder}:iphone-17-pro", "--device", f"{d[1].folder}:300",
+               "--model", str(tiny_models["qwen2"]), "--out", str(out), "--rounds", "2", "--iters", "2",
+               "--batch-size", "2", "--rank", "4", "--buffer-kb", "2", "--eval-max-tokens", "4", "--timeout", "300"])
+    assert rc == 0
+    assert "| federated global | federated + personal |" in capsys.readouterr().out
+    summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "done" and summary["rounds_complete"] == 2
     rounds = [json.loads(x) for x in (out / "rounds.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rounds] == [1, 2] and all(r["complete"] and r["clients"] == 2 for r in rounds)
