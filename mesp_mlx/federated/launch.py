@@ -178,12 +178,12 @@ def run_deployment(out: Path, devices: list[DeviceSpec], run_config: dict, timeo
     try:
         link, link_log = procs.start("superlink", [_tool("flower-superlink"), "--insecure", "--port", str(link_port),
                                                    "--disable-runtime-dependency-installation"])
-        _wait_port(link_port, 60, link, "flower-superlink", link_log)
+        _wait_port(link_port, 120, link, "flower-superlink", link_log)
         for i, (d, port) in enumerate(zip(devices, node_ports)):
             node, node_log = procs.start(f"supernode-{i}", [
                 _tool("flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{link_port}",
                 "--port", str(port), "--node-config", d.node_config(i)])
-            _wait_port(port, 60, node, f"flower-supernode {i}", node_log)
+            _wait_port(port, 120, node, f"flower-supernode {i}", node_log)
         log(f"[federate] SuperLink on 127.0.0.1:{link_port}, {len(devices)} SuperNodes; logs in {log_dir}")
         runner, run_log = procs.start("flwr-run", [_tool("flwr"), "run", str(app_dir), "local", "--stream"])
         shown = 0
