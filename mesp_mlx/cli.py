@@ -162,6 +162,12 @@ def _personalize_parser(sub):
     p.set_defaults(func=cmd_personalize)
 
 
+def _federate_parser(sub):
+    from .federated.cli import add_federate_parser  # federated personalization on Flower (docs/federated.md)
+
+    add_federate_parser(sub)
+
+
 def cmd_doctor(args) -> int:
     from .backend import doctor
 
@@ -260,6 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     _train_parser(sub, "plan", "predict a run's peak memory by component, and the settings that fit its budget"
                   ).set_defaults(func=cmd_plan)
     _personalize_parser(sub)
+    _federate_parser(sub)
     sub.add_parser("doctor", help="backend, versions, BLAS and measured GEMM speed").set_defaults(func=cmd_doctor)
     p = sub.add_parser("import-gguf", help="convert a Llama GGUF (Q4_0/Q4_1/Q8_0) to an mlx-lm folder")
     p.add_argument("gguf")
