@@ -153,3 +153,19 @@ class Ranks:
             x = arrays[k] if self.rank == 0 else mx.zeros(shape, dt)
             out[k] = self._all_sum(x)  # a sum with zeros is exact, in any dtype
         return out
+
+
+def localhost_hostfile(path, world: int):
+    """Write a ring hostfile for `world` ranks on this machine (free ports) for MLX_HOSTFILE; return its path."""
+    import socket
+    from pathlib import Path
+
+    socks = [socket.socket() for _ in range(world)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    path = Path(path)
+    path.write_text(json.dumps([[f"127.0.0.1:{p}"] for p in ports]))
+    return path

@@ -21,7 +21,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.tuner.dora import DoRALinear
 
-from .mesp_lora import dropout_active, frozen_input_grad, frozen_operands, lean_matmul, lora_branch_grads
+from .mesp_lora import dropout_active, frozen_operands, lean_matmul, lora_branch_grads, lora_linear_backward
 from .models.compute import dequantize
 
 
@@ -74,13 +74,8 @@ class DoRAProj:
         g2 = g.reshape(-1, g.shape[-1]).astype(mx.float32)
         grads[f"{name}.m"] = ((g2 * self.u.reshape(-1, g.shape[-1]).astype(mx.float32)).sum(axis=0) / n
                               ).astype(layer.m.dtype)
-        g_u = (layer.m / n).astype(g.dtype) * g
-        xd = self.x if self.mask is None else self.x * self.mask
-        g_xd, grads[f"{name}.lora_a"], grads[f"{name}.lora_b"] = lora_branch_grads(
-            xd, layer.lora_a, layer.lora_b, g_u, layer.scale, self.h)
-        if self.mask is not None:
-            g_xd = g_xd * self.mask
-        return frozen_input_grad(layer.linear, g_u, lean=True) + g_xd
+        g_u = (layer.m / n).astype(g.dtype) * g  # the rest is LoRA's backward with g scaled by m / norm
+        return lora_linear_backward(layer, self.x, self.mask, self.h, g_u, grads, name)
 
 
 def _norm_of(a, b, s: float, base: tuple, quant) -> mx.array:

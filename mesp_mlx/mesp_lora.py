@@ -82,6 +82,17 @@ def lora_branch_grads(xd, a, b, g, scale: float, h=None):
     return grad_xd, grad_a.astype(a.dtype), grad_b.astype(b.dtype)
 
 
+def lora_linear_backward(layer, x: mx.array, mask, h, g: mx.array, grads: dict, name: str) -> mx.array:
+    """dL/dx of a LoRA linear y = x W0^T + s (dropout(x) A) B given g = dL/dy, writing name.lora_a / name.lora_b into
+    `grads`; `mask` is the dropout mask (scaled) or None, h = xd A if kept. W0 is dequantized slice by slice."""
+    xd = x if mask is None else x * mask
+    g_xd, grads[f"{name}.lora_a"], grads[f"{name}.lora_b"] = lora_branch_grads(xd, layer.lora_a, layer.lora_b, g,
+                                                                               layer.scale, h)
+    if mask is not None:
+        g_xd = g_xd * mask
+    return frozen_input_grad(layer.linear, g, lean=True) + g_xd
+
+
 @lru_cache(maxsize=None)
 def _lora_fn(scale: float, quant: tuple | None):
     """y = base(x) + s (xd A) B for primals (x, xd, A, B, *base) with MeSP's VJP; one function per (scale, quant)."""

@@ -6,7 +6,6 @@ Every launch is bounded by a timeout (mlx#4475: intermittent ring hangs on CPU s
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,6 +14,7 @@ import mlx.core as mx
 import pytest
 
 from mesp_mlx.cli import main
+from mesp_mlx.distributed import localhost_hostfile
 from mesp_mlx.metrics import MetricsLog
 from test_train_cli import CHAT, write_data
 
@@ -22,20 +22,9 @@ pytestmark = pytest.mark.skipif(not mx.distributed.is_available(), reason="this 
 TIMEOUT = 180
 
 
-def _free_ports(n):
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
 def launch(args, tmp_path, world=2):
     """Start `mesp-mlx <args>` on `world` ranks of a ring on localhost (what mlx.launch -n world does)."""
-    hostfile = tmp_path / f"hosts-{time.monotonic_ns()}.json"
-    hostfile.write_text(json.dumps([[f"127.0.0.1:{p}"] for p in _free_ports(world)]))
+    hostfile = localhost_hostfile(tmp_path / f"hosts-{time.monotonic_ns()}.json", world)
     procs = []
     for rank in range(world):
         env = {**os.environ, "MLX_RANK": str(rank), "MLX_HOSTFILE": str(hostfile), "PYTHONUNBUFFERED": "1"}

@@ -11,7 +11,6 @@ stop flag, and one all_sum per block of that block's LoRA gradient (fp32, flatte
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -66,16 +65,6 @@ def rank_main(args) -> None:
                           "call_overhead_s": med([x[0] for x in tiny]) / calls}))
 
 
-def free_ports(n):
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
 def predict(m: dict, n: int, gbps: float) -> float:
     """Ring all-reduce: every rank sends and receives 2 (n-1)/n of the payload; every call costs (n-1) times the
     per-call overhead measured between 2 ranks on localhost (a lower bound on a real network's latency)."""
@@ -93,9 +82,11 @@ def main() -> int:
     if args.rank_main:
         rank_main(args)
         return 0
-    hostfile = OUT / "hosts.json"
     OUT.mkdir(parents=True, exist_ok=True)
-    hostfile.write_text(json.dumps([[f"127.0.0.1:{port}"] for port in free_ports(2)]))
+    sys.path.insert(0, str(ROOT))
+    from mesp_mlx.distributed import localhost_hostfile
+
+    hostfile = localhost_hostfile(OUT / "hosts.json", 2)
     procs = [subprocess.Popen([sys.executable, __file__, "--shape", args.shape, "--rank", str(args.rank), "--steps",
                                str(args.steps), "--_rank-main"], stdout=subprocess.PIPE, text=True,
                               env={**os.environ, "MLX_RANK": str(r), "MLX_HOSTFILE": str(hostfile),

@@ -32,7 +32,7 @@ from mlx_lm.tuner.lora import LoRALinear
 from ..models.compute import DequantLinear, set_compute_path
 from ..mesp_dora import DoRAProj
 from ..models.families import block_spec
-from ..mesp_lora import dropout_active, frozen_input_grad, lean_matmul, lora_branch_grads
+from ..mesp_lora import dropout_active, frozen_input_grad, lean_matmul, lora_linear_backward
 from .base import Method
 from .mebp import MeBP
 from .vjp import (attention_backward, attention_forward, gated_backward, gated_forward, rms_norm_backward,
@@ -105,12 +105,7 @@ class _Proj:
         layer = self.layer
         if not isinstance(layer, LoRALinear):
             return frozen_input_grad(layer, g, lean=True)
-        xd = self.x if self.mask is None else self.x * self.mask
-        g_xd, grads[f"{name}.lora_a"], grads[f"{name}.lora_b"] = lora_branch_grads(
-            xd, layer.lora_a, layer.lora_b, g, layer.scale, self.h)
-        if self.mask is not None:
-            g_xd = g_xd * self.mask
-        return frozen_input_grad(layer.linear, g, lean=True) + g_xd
+        return lora_linear_backward(layer, self.x, self.mask, self.h, g, grads, name)
 
 
 class MeSP(Method):
