@@ -86,14 +86,16 @@ def main() -> int:
               "--resume-adapter-file", str(start / "adapters.safetensors")]
 
     t0 = time.perf_counter()
-    peer = subprocess.run([sys.executable, str(ROOT / "tools" / "mlx_lm_peer.py"), "--train",
-                           "--adapter-path", str(out / "mlx_lm"), *common], capture_output=True, text=True, env=env)
+    with open(out / "mlx_lm.log", "w") as log:  # followed live with tail -f (mlx-lm is slow on CPU)
+        peer = subprocess.run([sys.executable, str(ROOT / "tools" / "mlx_lm_peer.py"), "--train",
+                               "--adapter-path", str(out / "mlx_lm"), *common], stdout=log, stderr=subprocess.STDOUT,
+                              text=True, env=env)
     mlx_lm_s = time.perf_counter() - t0
+    printed = (out / "mlx_lm.log").read_text()
     if peer.returncode:
-        print(peer.stderr[-3000:])
+        print(printed[-3000:])
         return 1
-    theirs = [json.loads(line.split(" ", 1)[1]) for line in peer.stdout.splitlines()
-              if line.startswith("MLX_LM_REPORT ")]
+    theirs = [json.loads(line.split(" ", 1)[1]) for line in printed.splitlines() if line.startswith("MLX_LM_REPORT ")]
     t0 = time.perf_counter()
     subprocess.run([sys.executable, "-m", "mesp_mlx.cli", "train", "--adapter-path", str(out / "mesp"), "--no-plot",
                     *common], check=True, env=env)
