@@ -5,6 +5,12 @@ both curves in one plot (comparison.png). Not a CI test: on the real SmolLM2 mlx
 
     PYTHONPATH=. python tools/compare_mlx_lm.py --out runs/compare [--model FOLDER] [--data FOLDER] [--iters 20]
 
+Learning rates: ours is the rate of the optimizer step a micro-batch belongs to; mlx-lm reports the rate of the last
+update applied, so with accumulation N its column lags ours by up to N - 1 steps (the same values).
+Measured (this box, shared, defaults: SmolLM2-135M 4-bit, adam 1e-4, cosine over 10 after a warmup of 2, accumulation 2,
+batch 2, seq <= 128, 44 chatterbot dialogues, 20 steps): training losses within 8.7e-4 of mlx-lm's at every step
+(4.768 -> 0.437 for both), final adapters max rel diff 5.8e-3.
+
 Without --model, the embedded SmolLM2-135M-Instruct GGUF is imported to an mlx-lm folder; without --data, up to 48
 chatterbot-corpus dialogues (botprofile, greetings, conversations; at most 48) are written as mlx-lm chat jsonl.
 """
