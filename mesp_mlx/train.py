@@ -307,9 +307,9 @@ def _train(cfg: TrainConfig, adapter_path: Path, stop: StopSignals, log, ranks: 
     try:
         if valid is not None and first_step == 1:
             # mlx-lm draws the first training batch before its first evaluation. Each evaluation draws one permutation
-            # from the shared stream; mlx-lm evaluates before step 1, every steps_per_eval-th and the last step where we
-            # evaluate at the start and after those steps: the same draws in the same order, except that with
-            # --steps-per-eval 1 we draw one more (the start and step 1 both)
+            # from the shared stream; mlx-lm evaluates once per iteration `it` in {1, every steps_per_eval-th, the
+            # last}, before that iteration's update, where we evaluate at the start (its it = 1) and after the
+            # others' updates: the same draws in the same order (step 1 is not evaluated again unless it is the last)
             first_batch = next(batches)
             try:
                 at_start = held_out(0)
@@ -331,7 +331,8 @@ def _train(cfg: TrainConfig, adapter_path: Path, stop: StopSignals, log, ranks: 
             ranks.reset_counters()
             try:
                 stats, _ = engine.step(Batch.from_mlx_lm(tokens, lengths), step)
-                due = valid is not None and (step % cfg.steps_per_eval == 0 or step == cfg.iters)
+                due = valid is not None and (step % cfg.steps_per_eval == 0 or step == cfg.iters) and \
+                    not (step == 1 and at_start and step != cfg.iters)  # mlx-lm's it = 1 was the start's
                 evaluation = held_out(step) if due else {}  # after this step's update
             except BudgetExceeded as e:
                 status = over_budget(step, e)

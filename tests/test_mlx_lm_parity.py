@@ -24,11 +24,11 @@ FOURTH = {"messages": [{"role": "user", "content": "name a colour of the sky"},
 ITERS = 8
 
 
-def _yaml(path, optimizer, fine_tune_type, lr):
+def _yaml(path, optimizer, fine_tune_type, lr, steps_per_eval=1000):
     path.write_text(
         f"fine_tune_type: {fine_tune_type}\noptimizer: {optimizer}\nbatch_size: 2\ngrad_accumulation_steps: 2\n"
         f"seed: 0\niters: {ITERS}\nlearning_rate: {lr}\nnum_layers: 3\nmax_seq_length: 512\nsteps_per_report: 1\n"
-        f"steps_per_eval: 1000\nval_batches: 1\n"
+        f"steps_per_eval: {steps_per_eval}\nval_batches: 1\n"
         f"lr_schedule:\n  name: cosine_decay\n  arguments: [{lr}, {ITERS // 2}]\n  warmup: 1\n  warmup_init: 0.0\n"
         "lora_parameters:\n  rank: 8\n  scale: 20.0\n  dropout: 0.0\n"
         "  keys: [self_attn.q_proj, self_attn.k_proj, self_attn.v_proj, self_attn.o_proj, mlp.gate_proj, "
@@ -42,15 +42,19 @@ def _mlx_lm_losses(stdout: str) -> dict:
     return {int(m.group(1)): float(m.group(2)) for m in re.finditer(r"^\s*(\d+)\s+(\d+\.\d+) [▼▲]", plain, re.M)}
 
 
-@pytest.mark.parametrize("optimizer,fine_tune_type,lr", [("adam", "lora", 1e-4), ("sgd", "dora", 5e-2)])
-def test_same_yaml_same_adapter_as_mlx_lm_lora(tiny_models, tmp_path, optimizer, fine_tune_type, lr):
+# steps_per_eval 1: an evaluation at every iteration draws a permutation of the validation batches (2 here) from the
+# stream the training batches share, so the training order stays mlx-lm's only if the evaluations are the same draws
+@pytest.mark.parametrize("optimizer,fine_tune_type,lr,steps_per_eval",
+                         [("adam", "lora", 1e-4, 1000), ("sgd", "dora", 5e-2, 1000), ("adam", "lora", 1e-4, 1)])
+def test_same_yaml_same_adapter_as_mlx_lm_lora(tiny_models, tmp_path, optimizer, fine_tune_type, lr, steps_per_eval):
     model = str(tiny_models["qwen2"])
     data = write_data(tmp_path / "data", records=CHAT + [FOURTH])
-    (data / "valid.jsonl").write_text("".join(json.dumps(r) + "\n" for r in CHAT[:2]))
+    valid = CHAT[:2] if steps_per_eval > 1 else CHAT + [FOURTH]
+    (data / "valid.jsonl").write_text("".join(json.dumps(r) + "\n" for r in valid))
     start = tmp_path / "start"
     assert main(["train", "--model", model, "--data", str(data), "--iters", "2", "--learning-rate", "1e-2",
                  "--fine-tune-type", fine_tune_type, "--adapter-path", str(start), "--no-plot"]) == 0  # non-zero B
-    cfg = _yaml(tmp_path / "run.yaml", optimizer, fine_tune_type, lr)
+    cfg = _yaml(tmp_path / "run.yaml", optimizer, fine_tune_type, lr, steps_per_eval)
     common = ["-c", str(cfg), "--model", model, "--data", str(data),
               "--resume-adapter-file", str(start / "adapters.safetensors")]
     theirs, ours = tmp_path / "theirs", tmp_path / "ours"
