@@ -5,6 +5,7 @@ Every launch is bounded by a timeout (mlx#4475: intermittent ring hangs on CPU s
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -163,3 +164,24 @@ def test_a_rank_that_hangs_ends_the_others_after_the_collective_timeout(tiny_mod
     finally:
         procs[1].send_signal(signal.SIGKILL)
         finish(procs, 10)
+
+
+def test_a_budget_is_each_ranks_and_the_plan_is_made_for_its_share(tiny_models, tmp_path, data):
+    out = tmp_path / "budget"
+    results = finish(launch(_args(tiny_models["qwen2"], data, out, "mesp", 2, "--device-profile", "iphone-17-pro"),
+                            tmp_path))
+    assert [r[0] for r in results] == [0, 0], results
+    plan = re.search(r"plan: predicted peak ([\d.]+) MB within profile iphone-17-pro", results[0][1])
+    assert plan and "memory: budget 512 MB" in results[0][1]  # the plan, and the governor's report (rank 0's)
+    assert all(r["peak_mb"] < 512 for r in MetricsLog.read(out / "metrics.jsonl"))
+    # the plan is the one of a single process holding the rank's share (batch 4 / 2 ranks), not the whole batch's
+    def planned(batch):
+        proc = subprocess.run([sys.executable, "-m", "mesp_mlx.cli", "plan", "--model", str(tiny_models["qwen2"]),
+                               "--data", str(data), "--batch-size", str(batch), "--device-profile", "iphone-17-pro"],
+                              capture_output=True, text=True, timeout=TIMEOUT)
+        assert proc.returncode == 0, proc.stderr
+        return float(re.search(r"predicted peak\s+([\d.]+) MB", proc.stdout).group(1))
+
+    share, whole = planned(2), planned(4)
+    assert abs(float(plan.group(1)) - share) <= 0.02 * share < abs(float(plan.group(1)) - whole), (plan.group(1),
+                                                                                                   share, whole)
