@@ -78,3 +78,17 @@ try:
     settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 except ImportError:  # hypothesis is in the test extras; without it only test_properties.py is skipped
     pass
+
+
+def assert_same_adapter(ours, theirs, start, rel: float = 1e-3, moved_more_than: float = 1e-3) -> None:
+    """Our adapters.safetensors equals `theirs` (mlx-lm's run) per tensor within `rel` (norm of the difference over
+    theirs), and their run moved the adapter away from `start` by more than `moved_more_than` (so the comparison is
+    not vacuous)."""
+    a, b, s = (mx.load(str(p)) for p in (ours, theirs, start))
+    assert set(a) == set(b)
+    moved = 0.0
+    for k in a:
+        diff = (mx.linalg.norm(a[k] - b[k]) / mx.linalg.norm(b[k])).item()
+        assert diff <= rel, (k, diff)
+        moved = max(moved, (mx.linalg.norm(b[k] - s[k]) / mx.linalg.norm(s[k])).item())
+    assert moved > moved_more_than, moved
