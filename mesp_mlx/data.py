@@ -163,7 +163,9 @@ class BatchIterator:
                  world: int = 1, even: bool = True):
         if len(dataset) < batch_size:
             raise DataError(f"the training set has {len(dataset)} examples, fewer than --batch-size {batch_size}")
-        if batch_size < world or (even and batch_size % world):
+        if batch_size < world:
+            raise DataError(f"a batch of {batch_size} examples cannot be split over the {world} ranks of this run")
+        if even and batch_size % world:
             raise DataError(f"--batch-size {batch_size} is not divisible by the {world} ranks of this run")
         # distributed: rank r takes rows r, r + world, ... of every global batch (mlx-lm's strided split; uneven
         # shares, allowed for evaluation, are exact too: the engine weights each rank's loss by its tokens)

@@ -99,15 +99,13 @@ class Ranks:
         self.bytes_sent += x.nbytes
         return out
 
-    def sum_scalar(self, value: float) -> float:
-        if self.size == 1:
-            return value
-        return self._all_sum(mx.array([value], dtype=mx.float64)).item()  # float64 on the CPU stream: exact sums
-
     def sum_scalars(self, values: list[float]) -> list[float]:
         if self.size == 1:
             return list(values)
-        return self._all_sum(mx.array(values, dtype=mx.float64)).tolist()
+        return self._all_sum(mx.array(values, dtype=mx.float64)).tolist()  # float64 on the CPU stream: exact sums
+
+    def sum_scalar(self, value: float) -> float:
+        return self.sum_scalars([value])[0]
 
     def any(self, flag: bool) -> bool:
         """True on every rank when it is true on any (e.g. a stop signal that reached one rank only)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import signal
@@ -221,8 +222,6 @@ def _train(cfg: TrainConfig, adapter_path: Path, stop: StopSignals, log, ranks: 
     writer = ranks.is_writer
     budget_mb, budget_text = resolve_budget(cfg.device_profile, cfg.budget_mb)
     if budget_mb is not None and not cfg.skip_plan:  # the budget is each rank's: it holds batch / ranks rows
-        import dataclasses
-
         check_plan(dataclasses.replace(cfg, batch_size=cfg.batch_size // ranks.size), budget_mb, budget_text, log)
     mx.random.seed(cfg.seed)
     prep = prepare_model(cfg)
@@ -235,8 +234,7 @@ def _train(cfg: TrainConfig, adapter_path: Path, stop: StopSignals, log, ranks: 
     batches = BatchIterator(splits["train"], cfg.batch_size, cfg.max_seq_length, cfg.seed, rank=ranks.rank,
                             world=ranks.size)
     log(f"[mesp-mlx] model {prep.path} | {len(prep.parts.layers)} blocks | method {cfg.method} | ranks {ranks.size} | "
-        f"compute "
-        f"{prep.compute_path} | LoRA params {prep.n_trainable / 1e6:.3f} M | stream weights {cfg.stream_weights} | "
+        f"compute {prep.compute_path} | LoRA params {prep.n_trainable / 1e6:.3f} M | stream weights {cfg.stream_weights} | "
         f"checkpoints {cfg.checkpoint_storage} | BLAS {backend.blas_in_use().split(',')[0] or 'n/a'}")
 
     answers_before = _show_answers(prep, cfg, "before", log) if cfg.demo_prompts and writer else []
@@ -453,8 +451,6 @@ def _state_bytes(model) -> int:
 
 def _config_record(cfg: TrainConfig, prep: Prepared) -> dict:
     """What mlx-lm's adapter_config.json holds (its lora.py dumps its args) plus our engine's settings."""
-    import dataclasses
-
     rec = dataclasses.asdict(cfg)
     rec["model"] = str(prep.path)
     rec.pop("demo_prompts", None)
