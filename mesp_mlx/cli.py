@@ -81,6 +81,15 @@ def _train_parser(sub, name="train", help="LoRA fine-tune within a memory budget
     memory.add_argument("--checkpoint-dir", help="where mmap'd activation checkpoints go (default: temp dir)")
     memory.add_argument("--vocab-chunk", type=int, help="vocabulary rows per loss chunk (default: auto, ~8 MB of logits)")
     memory.add_argument("--clear-cache", choices=["block", "step", "never"], help="when to return MLX's cache (default block)")
+    speed = p.add_argument_group("speed: levers that spend memory for time (default: the planner picks the fastest "
+                                 "plan under the budget; see `mesp-mlx plan`)")
+    speed.add_argument("--keep-activations", type=int, metavar="N",
+                       help="MeSP: the top N blocks keep their forward's tensors instead of recomputing them (-1: all; "
+                            "0: recompute every block, the leanest)")
+    speed.add_argument("--keep-attention", action=argparse.BooleanOptionalAction, default=None,
+                       help="MeSP: blocks that keep their tensors keep their attention probabilities too")
+    speed.add_argument("--keep-dequantized", type=int, metavar="N",
+                       help="CPU path: the top N blocks keep fp32 copies of their 4-bit weights (-1: all; 0: none)")
     output = p.add_argument_group("output: what is written, how often, and resuming")
     output.add_argument("--adapter-path", help="output folder (adapters.safetensors, adapter_config.json, metrics.jsonl)")
     output.add_argument("--save-every", type=int)

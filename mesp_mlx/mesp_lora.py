@@ -21,13 +21,17 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.tuner.lora import LoRALinear
 
-from .models.compute import DequantLinear, frozen_matmul
+from .models.compute import DequantLinear, frozen_matmul, kept_dense
 
 
 def frozen_operands(linear: nn.Module) -> tuple[tuple, tuple | None]:
     """(base, quant) of a frozen linear: base is (W0,) dense or (w, scales, biases) packed; quant is None (dense) or
-    (group_size, bits, mode, fused) where fused follows the module's compute path (DequantLinear = dequantize)."""
+    (group_size, bits, mode, fused) where fused follows the module's compute path (DequantLinear = dequantize). A
+    DequantLinear whose fp32 weight the plan keeps (compute.keep_dequantized) is dense."""
     if isinstance(linear, nn.QuantizedLinear):
+        kept = kept_dense(linear) if isinstance(linear, DequantLinear) else None
+        if kept is not None:
+            return (kept,), None
         quant = (linear.group_size, linear.bits, getattr(linear, "mode", "affine"),
                  not isinstance(linear, DequantLinear))
         biases = linear["biases"] if "biases" in linear else mx.zeros_like(linear["scales"])
@@ -37,29 +41,44 @@ def frozen_operands(linear: nn.Module) -> tuple[tuple, tuple | None]:
 
 def lean_matmul(x, linear: nn.Module, transpose: bool, chunk_bytes: int = 4 << 20) -> mx.array:
     """x @ W0^T (transpose=True) or x @ W0 of a frozen linear, evaluated now, never holding more than ~chunk_bytes of
-    dequantized W0: W0 is dequantized in slices of its output rows r, and
-        x @ W0^T = concat_r (x @ W0[r]^T)          g @ W0 = sum_r g[:, r] @ W0[r]
-    (the fused path needs no copy of W0 at all and runs as one quantized matmul). MLX would otherwise dequantize every
-    independent matrix of a lazy graph before the first product, and its CPU dequantize takes twice the output."""
+    dequantized W0. W0 [out, in] is dequantized in slices along the product's output columns:
+        x @ W0^T = concat_r (x @ W0[r]^T)   (slices r of W0's rows)
+        g @ W0   = concat_c (g @ W0[:, c])  (slices c of W0's columns, whole quantization groups)
+    Each output element is still one dot product over the full inner dimension, so the result is bit-identical to
+    the unsliced product (tested): the slice size is a memory lever, never a numerical one. A dense W0 (unquantized,
+    or kept dequantized by the plan) and the fused path need no copy and run as one product. MLX would otherwise
+    dequantize every independent matrix of a lazy graph before the first product."""
     base, quant = frozen_operands(linear)
-    out_dim = base[0].shape[0]
-    row_bytes = base[0].shape[1] * 4 * (1 if quant is None else 32 // quant[1])
-    step = max(1, chunk_bytes // row_bytes)
-    if (quant is not None and quant[3]) or step >= out_dim:
+    if quant is None or quant[3]:
         y = frozen_matmul(x, base, quant, transpose)
         mx.eval(y)
         return y
-    pieces, acc = [], None
-    for a in range(0, out_dim, step):
-        rows = tuple(t[a:a + step] for t in base)
+    group_size, bits = quant[0], quant[1]
+    out_dim, in_dim = base[0].shape[0], base[1].shape[-1] * group_size
+    if transpose:  # slices of rows
+        step = max(1, chunk_bytes // (in_dim * 4))
+        slices = [(slice(a, a + step), slice(None)) for a in range(0, out_dim, step)]
+    elif (group_size * bits) % 32 == 0:  # slices of columns, whole groups (their packed words, scales and biases)
+        cols = max(1, chunk_bytes // (out_dim * 4 * group_size)) * group_size
+        slices = [(slice(None), slice(a, a + cols)) for a in range(0, in_dim, cols)]
+    else:  # groups not word-aligned: one product
+        slices = [None]
+    if len(slices) == 1:
+        y = frozen_matmul(x, base, quant, transpose)
+        mx.eval(y)
+        return y
+    pieces = []
+    for rows, cols in slices:
         if transpose:
-            pieces.append(frozen_matmul(x, rows, quant, True))
-            mx.eval(pieces[-1])
+            part = tuple(t[rows] for t in base)
         else:
-            part = frozen_matmul(x[..., a:a + step], rows, quant, False)
-            acc = part if acc is None else acc + part
-            mx.eval(acc)
-    return mx.concatenate(pieces, axis=-1) if transpose else acc
+            w, scales, biases = base
+            words = slice(cols.start * bits // 32, cols.stop * bits // 32)
+            grp = slice(cols.start // group_size, cols.stop // group_size)
+            part = (w[:, words], scales[:, grp], biases[:, grp])
+        pieces.append(frozen_matmul(x, part, quant, transpose))
+        mx.eval(pieces[-1])
+    return mx.concatenate(pieces, axis=-1)
 
 
 def frozen_input_grad(linear: nn.Module, g: mx.array, lean: bool = False) -> mx.array:

@@ -13,12 +13,13 @@ INT = {  # name: (lowest allowed, extra allowed values)
     "save_every": (0, ()), "steps_per_report": (1, ()), "steps_per_eval": (0, ()), "val_batches": (1, (-1,)),
     "test_batches": (1, (-1,)), "zo_samples": (1, ()), "quantize_bits": (1, ()), "quantize_group_size": (1, ()),
     "demo_max_tokens": (1, ()), "grad_accumulation_steps": (1, ()), "vocab_chunk": (1, ()),
+    "keep_activations": (0, (-1,)), "keep_dequantized": (0, (-1,)),
 }
 FLOAT = {  # name: (low, low inclusive, high or None)
     "learning_rate": (0.0, True, None), "lcsb_fraction": (0.0, False, 1.0), "zo_eps": (0.0, False, None),
     "zo_weight_decay": (0.0, True, None), "budget_mb": (-math.inf, True, None),
 }
-BOOL = ("store_h", "mask_prompt", "resume", "skip_plan", "test", "stream_weights", "plot")
+BOOL = ("store_h", "mask_prompt", "resume", "skip_plan", "test", "stream_weights", "plot", "keep_attention")
 CHOICES = {
     "lcsb_schedule": ("cyclic", "random", "importance"), "lcsb_skipped": ("freeze", "momentum"),
     "on_nonfinite": ("stop", "skip"), "compute_path": ("auto", "fused", "dequant"),
@@ -26,7 +27,8 @@ CHOICES = {
     "clear_cache": ("block", "step", "never"), "fine_tune_type": ("lora", "dora"),
 }
 STRINGS = ("model", "data", "adapter_path", "resume_adapter_file", "checkpoint_dir", "device_profile")
-NULLABLE = ("vocab_chunk", "budget_mb", "max_seq_length") + STRINGS  # max_seq_length None: the model's context
+NULLABLE = ("vocab_chunk", "budget_mb", "max_seq_length", "keep_activations", "keep_dequantized",
+            "keep_attention") + STRINGS  # max_seq_length None: the model's context
 
 
 def _number(v) -> bool:
@@ -66,6 +68,8 @@ def check_settings(cfg, sources: dict) -> None:
             fail(key, f"must be in {'[' if inclusive else '('}{low:g}, {high if high is not None else 'inf'}"
                       f"{']' if high is not None else ')'}", v)
     for key in BOOL:
+        if getattr(cfg, key) is None and key in NULLABLE:
+            continue
         if not isinstance(getattr(cfg, key), bool):
             fail(key, "must be true or false", getattr(cfg, key))
     for key, choices in {**CHOICES, "method": tuple(METHODS), "optimizer": tuple(OPTIMIZERS)}.items():

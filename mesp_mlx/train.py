@@ -29,6 +29,7 @@ from .metrics import MetricsLog, block_peaks, plot_block_memory, plot_metrics
 from .distributed import Ranks
 from .state import STATE_FILE, load_state, save_state, shared_settings
 from .models import ModelParts, cast_float_params, context_length, family_lora_parameters, load_model, set_compute_path
+from .models.compute import keep_dequantized_blocks
 
 
 @dataclass
@@ -246,9 +247,12 @@ def _train(cfg: TrainConfig, adapter_path: Path, stop: StopSignals, log, ranks: 
     if cfg.method == "mezo":
         method.learning_rate = lr  # MeZO's own SGD update follows the schedule too
     governor = Governor(budget_mb) if budget_mb is not None else None
+    if prep.compute_path == "dequant" and cfg.keep_dequantized:
+        keep_dequantized_blocks(prep.parts.layers, cfg.keep_dequantized)
     engine = BlockEngine(prep.parts, method, optimizers, cfg.checkpoint_storage, cfg.checkpoint_dir,
                          prep.streamer, cfg.vocab_chunk, cfg.clear_cache, cfg.seed, on_block_done=governor,
-                         accumulation=cfg.grad_accumulation_steps, learning_rate=lr, ranks=ranks)
+                         accumulation=cfg.grad_accumulation_steps, learning_rate=lr, ranks=ranks,
+                         keep_activations=cfg.keep_activations or 0)
     if writer:
         check_free_space(adapter_path, _state_bytes(prep.model), "the training state")  # before anything is written
     adapter_file = adapter_path / "adapters.safetensors"

@@ -112,6 +112,7 @@ class BlockEngine:
         accumulation: int = 1,
         learning_rate=None,
         ranks=None,
+        keep_activations: int = 0,
     ):
         self.parts = parts
         self.method = method
@@ -126,6 +127,9 @@ class BlockEngine:
         self.on_block_done = on_block_done  # governor hook: (phase, block index, peak bytes, active bytes)
         self.ranks = ranks if ranks is not None else Ranks()  # data parallelism (distributed.py); size 1: no-ops
         self.accumulation = accumulation
+        # the plan's lever: the top `keep_activations` blocks keep their forward's context for their backward (no
+        # recompute; same tensors, so the same results); -1 keeps every block's
+        self.keep_activations = keep_activations
         self.learning_rate = learning_rate  # optimizers.LearningRate (a schedule) or None (the optimizers' own)
         self.accum: dict[int, dict] = {}  # block -> summed LoRA gradient of this accumulation window
         layers = parts.layers
@@ -247,7 +251,14 @@ class BlockEngine:
         layers = self.parts.layers
         n = len(layers)
 
-        # forward, keeping block-boundary activations only
+        # which blocks get a backward this step (decided first: only those may keep their forward's context)
+        trainable = list(range(self.lowest_trainable, n))
+        selected = self.method.selected_blocks(step, trainable)
+        keep_from = 0 if self.keep_activations < 0 else n - self.keep_activations
+        keep = {i for i in (trainable if selected is None else selected) if i >= keep_from}
+
+        # forward, keeping block-boundary activations (and the kept blocks' contexts) only
+        self.method.release_kept()
         h = self.parts.embed(batch.inputs)
         mx.eval(h)
         self.checkpoints.reserve(n + 1, h.shape)
@@ -256,7 +267,7 @@ class BlockEngine:
         for i, layer in enumerate(layers):
             masks.append(self.parts.block_mask(layer, h))
             self._block_key(step, i)
-            h = self.method.block_forward(layer, h, masks[i])
+            h = self.method.block_forward(layer, h, masks[i], keep=i in keep)
             mx.eval(h)
             self.checkpoints.put(i + 1, h)
             if self.streamer is not None:
@@ -280,8 +291,6 @@ class BlockEngine:
         self._after_loss(meter)
 
         # reverse pass
-        trainable = list(range(self.lowest_trainable, n))
-        selected = self.method.selected_blocks(step, trainable)
         step_skipped = apply_update and getattr(self.method, "skipped", "freeze") == "momentum"
         boundary = step % self.accumulation == 0
         reach_all = selected is None or step_skipped or (apply_update and boundary and self.accum)
@@ -316,6 +325,7 @@ class BlockEngine:
                     self.streamer.release(i)
                 self._after_block(meter, "backward", i)
         self.checkpoints.clear()
+        self.method.release_kept()
         if self.clear_cache == "step":
             mx.clear_cache()
         meter.mark("update")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 
+from .. import fastmath
 from ..models.compute import frozen_matmul
 
 
@@ -57,8 +58,8 @@ def chunked_cross_entropy(parts, x: mx.array, targets: mx.array, mask: mx.array,
         base, quant = parts.head_chunk(a, b, mx.float32)
         logits = frozen_matmul(xs, base, quant, True).astype(mx.float32)
         new_max = mx.maximum(run_max, logits.max(axis=1))
-        rescale = mx.exp(run_max - new_max)  # 0 on the first chunk (run_max = -inf)
-        e = mx.exp(logits - new_max[:, None])
+        rescale = fastmath.exp(run_max - new_max)  # 0 on the first chunk (run_max = -inf)
+        e = fastmath.exp(logits - new_max[:, None])  # compiled chain on CPU (fastmath.py)
         run_sum = run_sum * rescale + e.sum(axis=1)
         if need_grad:
             acc = acc * rescale[:, None] + frozen_matmul(e, base, quant, False).astype(mx.float32)

@@ -15,10 +15,12 @@ def make_method(name: str, **options) -> Method:
 
 def method_for(cfg) -> Method:
     """The method a TrainConfig asks for, with its options."""
+    keep_attention = bool(getattr(cfg, "keep_attention", False))
     if cfg.method == "mesp":
-        return MeSP(store_h=cfg.store_h)
+        return MeSP(store_h=cfg.store_h, keep_attention=keep_attention)
     if cfg.method == "lcsb":
-        return LCSB(cfg.lcsb_fraction, cfg.lcsb_schedule, cfg.lcsb_skipped, cfg.seed, MeSP(store_h=cfg.store_h))
+        return LCSB(cfg.lcsb_fraction, cfg.lcsb_schedule, cfg.lcsb_skipped, cfg.seed,
+                    MeSP(store_h=cfg.store_h, keep_attention=keep_attention))
     if cfg.method == "mezo":
         return MeZO(cfg.learning_rate, cfg.zo_eps, cfg.zo_samples, cfg.zo_weight_decay, cfg.seed)
     return make_method(cfg.method)

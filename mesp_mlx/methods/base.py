@@ -23,9 +23,13 @@ class Method:
     def load_state_dict(self, state: dict) -> None:
         pass
 
-    def block_forward(self, block: nn.Module, h: mx.array, mask) -> mx.array:
-        """The forward through one block (the module's own by default)."""
+    def block_forward(self, block: nn.Module, h: mx.array, mask, keep: bool = False) -> mx.array:
+        """The forward through one block (the module's own by default). keep: the engine will back-propagate this
+        block in this step and the plan has room to keep what its backward needs (methods that can, do)."""
         return block(h, mask)
+
+    def release_kept(self) -> None:
+        """Drop whatever block_forward kept and no backward used (end of a step, or a step that stopped early)."""
 
     def block_backward(self, block: nn.Module, h_in: mx.array, g_out: mx.array, mask) -> tuple[mx.array, dict]:
         """Return (dL/dh_in, gradient tree of the block's trainable parameters) given dL/dh_out."""

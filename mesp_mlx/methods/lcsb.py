@@ -64,8 +64,11 @@ class LCSB(Method):
         return set(chosen)
 
     # --- the rule inside a selected block ---------------------------------------------------------------------------
-    def block_forward(self, block, h, mask):
-        return self.inner.block_forward(block, h, mask)
+    def block_forward(self, block, h, mask, keep: bool = False):
+        return self.inner.block_forward(block, h, mask, keep)
+
+    def release_kept(self) -> None:
+        self.inner.release_kept()
 
     def block_backward(self, block, h_in, g_out, mask):
         return self.inner.block_backward(block, h_in, g_out, mask)

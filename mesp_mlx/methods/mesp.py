@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import sys
 import warnings
+from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -108,10 +109,38 @@ class _Proj:
         return lora_linear_backward(layer, self.x, self.mask, self.h, g, grads, name)
 
 
+@dataclass
+class _Context:
+    """What a block's backward reads from its forward: the projections (inputs, dropout masks, h), q/k/v after rope,
+    the attention probabilities (when kept), the residual stream h between attention and MLP, the gate and up."""
+    spec: object
+    projs: tuple
+    q_lin: mx.array | None
+    k_lin: mx.array | None
+    q: mx.array
+    k: mx.array
+    v: mx.array
+    probs: list | None
+    op: object
+    h: mx.array
+    mlp_projs: tuple
+    gate: mx.array
+    up: mx.array
+    dp: object
+    out: mx.array | None
+
+    def parts(self) -> tuple:
+        return (self.spec, self.projs, self.q_lin, self.k_lin, self.q, self.k, self.v, self.probs, self.op, self.h,
+                self.mlp_projs, self.gate, self.up, self.dp)
+
+
 class MeSP(Method):
     name = "mesp"
 
-    def __init__(self, store_h: bool = False, verify: bool = True, hand_rules: bool = True):
+    def __init__(self, store_h: bool = False, verify: bool = True, hand_rules: bool = True,
+                 keep_attention: bool = False):
+        self.keep_attention = keep_attention  # kept blocks also keep their attention probabilities
+        self._kept: dict = {}  # id(block) -> _Context of this step's forward, for blocks the plan keeps
         self.store_h = store_h  # keep h = xA from the recompute instead of recomputing it (the paper's Table 5)
         self.hand_rules = hand_rules  # False: every block gets the generic rule (autodiff, MeSP's LoRA VJP inside)
         self.verify = verify  # check the rule's forward against the module once per block class
@@ -146,7 +175,7 @@ class MeSP(Method):
         dequant = [m for _, m in block.named_modules() if isinstance(m, DequantLinear)]
         block.eval()  # no dropout draws here: the recompute that follows must see the forward's random stream
         try:
-            ours = self._forward(block, x, small_mask)[-1]
+            ours = self._forward(block, x, small_mask).out
             set_compute_path(block, "fused")
             ref = block(x, small_mask)
             err = (mx.abs(ours - ref).max() / (mx.abs(ref).max() + 1e-30)).item()
@@ -157,10 +186,11 @@ class MeSP(Method):
         tol = 1e-4 if ref.dtype == mx.float32 else 3e-2  # a structural difference is O(1); rounding is not
         return None if err <= tol else f"its forward differs from the hand rule's by {err:.1e}"
 
-    # --- forward recompute ------------------------------------------------------------------------------------------
-    def _forward(self, block, x, mask, output: bool = True):
+    # --- forward (and its recompute) -------------------------------------------------------------------------------
+    def _forward(self, block, x, mask, output: bool = True, keep_probs: bool = False) -> "_Context":
         """The block's forward from its input x, keeping each projection's context. With output=False (the backward's
-        recompute) the last projection is computed only when a post-MLP norm needs its output."""
+        recompute) the last projection is computed only when a post-MLP norm needs its output. keep_probs: the
+        attention probabilities are kept too (the backward then does not recompute them)."""
         spec = block_spec(block)
         attn, mlp = block.self_attn, block.mlp
         B, L, _ = x.shape
@@ -184,7 +214,8 @@ class MeSP(Method):
         q = attn.rope(q.transpose(0, 2, 1, 3))
         k = attn.rope(k.transpose(0, 2, 1, 3))
         v = v_lin.reshape(B, L, Hkv, -1).transpose(0, 2, 1, 3)
-        o = attention_forward(q, k, v, attn.scale, mask)
+        o = attention_forward(q, k, v, attn.scale, mask, keep_probs=keep_probs)
+        o, probs = o if keep_probs else (o, None)
         o = o.transpose(0, 2, 1, 3).reshape(B, L, -1)
         op = _Proj(attn.o_proj, o, self.store_h)
         h = x + self._residual(spec, self._norm(block, spec.post_attn_norm, op.y))
@@ -201,7 +232,16 @@ class MeSP(Method):
         out = None
         if output:
             out = h + self._residual(spec, self._norm(block, spec.post_mlp_norm, dp.y))
-        return spec, projs, q_lin, k_lin, q, k, v, op, h, mlp_projs, gate, up, dp, out
+        # what the backward reads; outputs it does not need are dropped (q_lin, k_lin only feed q/k norms)
+        for p in (*projs, *mlp_projs):
+            p.y = None
+        if spec.post_attn_norm is None:
+            op.y = None
+        if spec.post_mlp_norm is None:
+            dp.y = None
+        if not spec.qk_norm:
+            q_lin = k_lin = None
+        return _Context(spec, projs, q_lin, k_lin, q, k, v, probs, op, h, mlp_projs, gate, up, dp, out)
 
     @staticmethod
     def _norm(block, name, t):
@@ -214,11 +254,20 @@ class MeSP(Method):
     def _norm_backward(self, block, spec, name, x, g):
         return g if name is None else rms_norm_backward(getattr(block, name), x, g, spec.norm_offset)
 
-    def block_forward(self, block, h, mask):
-        """The engine's forward through a block: the rule's own staged forward (lean matmuls, chunked attention)."""
+    def block_forward(self, block, h, mask, keep: bool = False):
+        """The engine's forward through a block: the rule's own staged forward (lean matmuls, chunked attention).
+        keep: hold the block's context (and, with keep_attention, its attention probabilities) for its backward
+        in this step, which then skips the recompute: the same tensors, so the same gradients bit for bit."""
         if not self._use_hand_rule(block, h, mask):
             return block(h, mask)
-        return self._forward(block, h, mask)[-1]
+        ctx = self._forward(block, h, mask, keep_probs=keep and self.keep_attention)
+        out, ctx.out = ctx.out, None
+        if keep:
+            self._kept[id(block)] = ctx
+        return out
+
+    def release_kept(self) -> None:
+        self._kept.clear()
 
     # --- the rule ---------------------------------------------------------------------------------------------------
     def block_backward(self, block, h_in, g_out, mask):
@@ -230,11 +279,16 @@ class MeSP(Method):
         H, Hkv = attn.n_heads, attn.n_kv_heads
         grads: dict = {}
 
-        # recompute the forward up to the MLP (its down projection's output only under a post-MLP norm)
-        spec, projs, q_lin, k_lin, q, k, v, op, h, mlp_projs, gate, up, dp, _ = self._forward(block, x, mask,
-                                                                                              output=False)
-        kept = [q, k, v, op.x, op.y, h, gate, up, dp.x] + ([dp.y] if dp.y is not None else [])
-        mx.eval(*kept, *(p.h for p in (*projs, op, *mlp_projs, dp) if p.h is not None))
+        # the forward's context if the plan kept it, else recomputed up to the MLP (the down projection's output only
+        # under a post-MLP norm)
+        ctx = self._kept.pop(id(block), None)
+        if ctx is None:
+            ctx = self._forward(block, x, mask, output=False)
+            kept = [ctx.q, ctx.k, ctx.v, ctx.op.x, ctx.op.y, ctx.h, ctx.gate, ctx.up, ctx.dp.x, ctx.dp.y]
+            mx.eval(*(t for t in kept if t is not None),
+                    *(p.h for p in (*ctx.projs, ctx.op, *ctx.mlp_projs, ctx.dp) if p.h is not None))
+        spec, projs, q_lin, k_lin, q, k, v, probs, op, h, mlp_projs, gate, up, dp = ctx.parts()
+        del ctx
 
         # MLP: out = h + m post_mlp(down(a))
         g_r = self._residual(spec, g_out)
@@ -264,8 +318,8 @@ class MeSP(Method):
         mx.eval(g_o, grads)
         del op, g_r
         g_o = g_o.reshape(B, L, H, -1).transpose(0, 2, 1, 3)
-        dq, dk, dv = attention_backward(q, k, v, g_o, attn.scale, mask)
-        del g_o, q, k, v
+        dq, dk, dv = attention_backward(q, k, v, g_o, attn.scale, mask, probs=probs)
+        del g_o, q, k, v, probs
         dq = rope_backward(attn.rope, dq).transpose(0, 2, 1, 3)  # [B, L, H, D]
         dk = rope_backward(attn.rope, dk).transpose(0, 2, 1, 3)
         if spec.qk_norm == "head":

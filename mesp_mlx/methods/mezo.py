@@ -38,8 +38,8 @@ class MeZO(Method):
         keys = mx.random.split(key, max(2, len(shapes)))
         return [mx.random.normal(shape, key=keys[j]) for j, shape in enumerate(shapes)]
 
-    def block_forward(self, block, h, mask):
-        return self.inner.block_forward(block, h, mask)
+    def block_forward(self, block, h, mask, keep: bool = False):
+        return self.inner.block_forward(block, h, mask)  # forward only: nothing to keep
 
     def zo_step(self, engine, batch, step: int, meter, apply_update: bool):
         layers = engine.parts.layers

@@ -13,6 +13,8 @@ import math
 import mlx.core as mx
 import mlx.nn as nn
 
+from .. import fastmath
+
 
 @mx.compile
 def _rms_norm_backward(x, w, g, eps):
@@ -29,40 +31,55 @@ def rms_norm_backward(norm: nn.Module, x: mx.array, g: mx.array, offset: float =
     return _rms_norm_backward(x, w, g, mx.array(norm.eps, mx.float32)).astype(x.dtype)
 
 
-@mx.compile
-def _swiglu_backward(gate, up, g):
-    # a = silu(gate) * up, silu(z) = z s(z)  =>  d/dgate = g up s (1 + gate (1 - s)),  d/dup = g silu(gate)
-    gate, up, g = gate.astype(mx.float32), up.astype(mx.float32), g.astype(mx.float32)
-    s = mx.sigmoid(gate)
-    return g * up * s * (1 + gate * (1 - s)), g * gate * s
+def _make_swiglu_backward(sigmoid):
+    @mx.compile
+    def swiglu_backward(gate, up, g):
+        # a = silu(gate) * up, silu(z) = z s(z)  =>  d/dgate = g up s (1 + gate (1 - s)),  d/dup = g silu(gate)
+        gate, up, g = gate.astype(mx.float32), up.astype(mx.float32), g.astype(mx.float32)
+        s = sigmoid(gate)
+        return g * up * s * (1 + gate * (1 - s)), g * gate * s
+
+    return swiglu_backward
+
+
+def _make_gelu_tanh_gate_backward(tanh):
+    @mx.compile
+    def gelu_tanh_gate_backward(gate, up, g):
+        # a = gelu_tanh(gate) * up, gelu_tanh(z) = z/2 (1 + t), t = tanh(c (z + 0.044715 z^3)), c = sqrt(2/pi)
+        # d gelu_tanh / dz = (1 + t)/2 + z/2 (1 - t^2) c (1 + 3 * 0.044715 z^2)
+        gate, up, g = gate.astype(mx.float32), up.astype(mx.float32), g.astype(mx.float32)
+        c = math.sqrt(2 / math.pi)
+        t = tanh(c * (gate + 0.044715 * gate ** 3))
+        dgelu = 0.5 * (1 + t) + 0.5 * gate * (1 - t * t) * c * (1 + 3 * 0.044715 * gate * gate)
+        return g * up * dgelu, g * (0.5 * gate * (1 + t))
+
+    return gelu_tanh_gate_backward
+
+
+# one compiled gating backward per (activation, fastmath on): SwiGLU's sigmoid from fastmath's exp on CPU; GELU-tanh
+# always with MLX's tanh (see gated_forward)
+_gelu_tanh_backward = _make_gelu_tanh_gate_backward(mx.tanh)
+_GATED_BACKWARD = {("silu", True): _make_swiglu_backward(fastmath.sigmoid_chain),
+                   ("silu", False): _make_swiglu_backward(mx.sigmoid),
+                   ("gelu_tanh", True): _gelu_tanh_backward, ("gelu_tanh", False): _gelu_tanh_backward}
 
 
 def swiglu_backward(gate: mx.array, up: mx.array, g: mx.array) -> tuple[mx.array, mx.array]:
     """(dL/dgate, dL/dup) of silu(gate) * up."""
-    g_gate, g_up = _swiglu_backward(gate, up, g)
-    return g_gate.astype(gate.dtype), g_up.astype(up.dtype)
-
-
-@mx.compile
-def _gelu_tanh_gate_backward(gate, up, g):
-    # a = gelu_tanh(gate) * up, gelu_tanh(z) = z/2 (1 + t), t = tanh(c (z + 0.044715 z^3)), c = sqrt(2/pi)
-    # d gelu_tanh / dz = (1 + t)/2 + z/2 (1 - t^2) c (1 + 3 * 0.044715 z^2)
-    gate, up, g = gate.astype(mx.float32), up.astype(mx.float32), g.astype(mx.float32)
-    c = math.sqrt(2 / math.pi)
-    t = mx.tanh(c * (gate + 0.044715 * gate ** 3))
-    dgelu = 0.5 * (1 + t) + 0.5 * gate * (1 - t * t) * c * (1 + 3 * 0.044715 * gate * gate)
-    return g * up * dgelu, g * (0.5 * gate * (1 + t))
+    return gated_backward("silu", gate, up, g)
 
 
 def gated_backward(activation: str, gate: mx.array, up: mx.array, g: mx.array) -> tuple[mx.array, mx.array]:
     """(dL/dgate, dL/dup) of act(gate) * up for act = silu (SwiGLU) or gelu_tanh (Gemma's GeGLU)."""
-    fn = {"silu": _swiglu_backward, "gelu_tanh": _gelu_tanh_gate_backward}[activation]
-    g_gate, g_up = fn(gate, up, g)
+    g_gate, g_up = _GATED_BACKWARD[(activation, fastmath.enabled())](gate, up, g)
     return g_gate.astype(gate.dtype), g_up.astype(up.dtype)
 
 
 def gated_forward(activation: str, gate: mx.array, up: mx.array) -> mx.array:
-    return (nn.silu(gate) if activation == "silu" else nn.gelu_approx(gate)) * up
+    """act(gate) * up: SiLU as one compiled chain (fastmath.py, MLX's exp algorithm); GELU-tanh with MLX's own tanh
+    (a compiled tanh from exp differs from libm's by ~1e-7, enough to move the tiny Gemma model's gradients past
+    the 1e-5 exactness bound)."""
+    return fastmath.silu_mul(gate, up) if activation == "silu" else nn.gelu_approx(gate) * up
 
 
 def rope_backward(rope: nn.Module, g: mx.array) -> mx.array:
@@ -105,19 +122,27 @@ def _head_chunks(q, k, budget_elems: int):
 
 
 def _probs(qc, kj, scale: float, mask, h0: int):
+    # MLX's own softmax: a compiled one from fastmath's exp was 2x faster on CPU, but its 1-ulp differences (another
+    # summation order) moved the tiny Gemma model's gradients by 1.4e-5 against mlx-lm's autodiff, past the 1e-5 bound
     return mx.softmax(_masked((qc * scale) @ kj.swapaxes(-1, -2), mask, h0), axis=-1, precise=True)
 
 
-def attention_forward(q, k, v, scale: float, mask, budget_elems: int = 1 << 21):
-    """softmax(scale q k^T + mask) v with GQA, head chunk by head chunk (scores of one chunk at a time), evaluated."""
-    out = []
+def attention_forward(q, k, v, scale: float, mask, budget_elems: int = 1 << 21, keep_probs: bool = False):
+    """softmax(scale q k^T + mask) v with GQA, head chunk by head chunk (scores of one chunk at a time), evaluated.
+    keep_probs: also return each chunk's probabilities (attention_backward then skips recomputing them)."""
+    out, probs = [], []
     for j, h0, h1 in _head_chunks(q, k, budget_elems):
-        out.append(_probs(q[:, h0:h1], k[:, j:j + 1], scale, mask, h0) @ v[:, j:j + 1])
+        p = _probs(q[:, h0:h1], k[:, j:j + 1], scale, mask, h0)
+        out.append(p @ v[:, j:j + 1])
         mx.eval(out[-1])
-    return mx.concatenate(out, axis=1)
+        if keep_probs:
+            probs.append(p)
+        del p
+    o = mx.concatenate(out, axis=1)
+    return (o, probs) if keep_probs else o
 
 
-def attention_backward(q, k, v, g_out, scale: float, mask, budget_elems: int = 1 << 21):
+def attention_backward(q, k, v, g_out, scale: float, mask, budget_elems: int = 1 << 21, probs: list | None = None):
     """VJP of softmax attention O = softmax(scale q k^T + mask) v with grouped KV heads (GQA).
 
     q, g_out [B, H, L, D]; k, v [B, Hkv, L, D]. The probabilities are recomputed head-chunk by head-chunk (never all
@@ -125,15 +150,18 @@ def attention_backward(q, k, v, g_out, scale: float, mask, budget_elems: int = 1
         dV = sum_heads P^T dO     dP = dO V^T     dS = P * (dP - rowsum(dP * P))
         dQ = scale dS K           dK = scale sum_heads dS^T Q
     Query heads j*rep ... (j+1)*rep - 1 share KV head j, so dK and dV sum over those heads (the GQA head-sum).
+    `probs`: the chunks' probabilities kept by attention_forward (same chunks), used instead of recomputing them.
     """
     hkv = k.shape[1]
     dq_parts = []
     dk = [mx.zeros(k[:, :1].shape, mx.float32) for _ in range(hkv)]
     dv = [mx.zeros(v[:, :1].shape, mx.float32) for _ in range(hkv)]
-    for j, h0, h1 in _head_chunks(q, k, budget_elems):
+    for c, (j, h0, h1) in enumerate(_head_chunks(q, k, budget_elems)):
         kj, vj = k[:, j:j + 1], v[:, j:j + 1]
         qc, gc = q[:, h0:h1], g_out[:, h0:h1]
-        p = _probs(qc, kj, scale, mask, h0)
+        p = _probs(qc, kj, scale, mask, h0) if probs is None else probs[c]
+        if probs is not None:
+            probs[c] = None  # freed as soon as this chunk is done
         dv[j] = dv[j] + (p.swapaxes(-1, -2) @ gc).sum(axis=1, keepdims=True)
         dp = gc @ vj.swapaxes(-1, -2)
         ds = p * (dp - (dp * p).sum(axis=-1, keepdims=True))

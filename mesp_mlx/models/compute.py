@@ -58,9 +58,45 @@ def frozen_matmul(x, base: tuple, quant: tuple | None, transpose: bool):
 
 
 def dequantized_weight(module, dtype=mx.float32) -> mx.array:
-    """The full-precision weight of a QuantizedLinear / QuantizedEmbedding, in `dtype`."""
+    """The full-precision weight of a QuantizedLinear / QuantizedEmbedding, in `dtype` (the kept copy if the plan
+    keeps one, see keep_dequantized)."""
+    kept = kept_dense(module)
+    if kept is not None and kept.dtype == dtype:
+        return kept
     return dequantize(module["weight"], module["scales"], module["biases"] if "biases" in module else None,
                       module.group_size, module.bits, getattr(module, "mode", "affine"), dtype)
+
+
+def kept_dense(module) -> mx.array | None:
+    """The fp32 copy of a quantized linear's weight that the plan keeps resident (None when it keeps none)."""
+    return module.__dict__.get("_kept_dense")
+
+
+def keep_dequantized(block: nn.Module, keep: bool = True) -> int:
+    """Keep (or drop) an fp32 copy of every quantized linear weight of `block` for the rest of the run: the dequant
+    path's lever that trades 4 bytes per weight for no dequantization at all (forward, recompute, input gradients).
+    The copy is an ordinary attribute, not a parameter: saving, fuse and the optimizer never see it. It is computed by
+    the same dequantize as the just-in-time path, so every product is bit-identical. Returns the bytes kept."""
+    total = 0
+    for _, module in block.named_modules():
+        if not isinstance(module, nn.QuantizedLinear):
+            continue
+        if keep:
+            dense = dequantize(module["weight"], module["scales"], module["biases"] if "biases" in module else None,
+                               module.group_size, module.bits, getattr(module, "mode", "affine"), mx.float32)
+            mx.eval(dense)
+            module.__dict__["_kept_dense"] = dense
+            total += dense.nbytes
+        else:
+            module.__dict__.pop("_kept_dense", None)
+    return total
+
+
+def keep_dequantized_blocks(layers: list, count: int) -> int:
+    """keep_dequantized for the top `count` blocks (-1: all) of a dequant-path model; returns the bytes kept."""
+    n = len(layers)
+    first = 0 if count < 0 else max(0, n - count)
+    return sum(keep_dequantized(layer) for layer in layers[first:])
 
 
 class DequantLinear(nn.QuantizedLinear):
