@@ -222,22 +222,45 @@ def cmd_make_data(args) -> int:
 
 
 def cmd_plan(args) -> int:
+    import dataclasses
+
     from .config import build_config
     from .governor import resolve_budget
+    from .methods import method_for
     from .planner import fitting_advice, predict
+    from .speed_plan import HEADROOM, default_budget_mb, fastest, measure, sweep
+    from .train import prepare_model
 
-    overrides = {k: v for k, v in vars(args).items() if k not in ("command", "config", "func")}
+    overrides = {k: v for k, v in vars(args).items() if k not in ("command", "config", "func", "sweep", "sweep_out")}
     cfg = build_config(args.config, overrides)
     cfg.validate()
     budget, text = resolve_budget(cfg.device_profile, cfg.budget_mb)
-    plan = predict(cfg)
+    lean = dataclasses.replace(cfg, keep_activations=0, keep_attention=False, keep_dequantized=0)
+    prep = prepare_model(lean)
+    plan = predict(lean, prep)
     print(f"plan for {cfg.method}, seq {cfg.max_seq_length - 1}, batch {cfg.batch_size}, stream weights "
           f"{cfg.stream_weights}, checkpoints {cfg.checkpoint_storage} ({text}):")
     print("\n".join(plan.lines(budget)))
-    if budget is None or plan.peak_mb <= budget:
-        return 0
-    print(fitting_advice(cfg, budget))
-    return 5
+    if budget is not None and plan.peak_mb > budget:
+        print(fitting_advice(cfg, budget))
+        return 5
+    method = method_for(lean)
+    costs = measure(lean, prep, method)
+    planned = budget if budget is not None else default_budget_mb()
+    fixed = {k: getattr(cfg, k) for k in ("keep_activations", "keep_attention", "keep_dequantized")}
+    levers = fastest(costs, HEADROOM * planned - plan.peak_mb, fixed)
+    print(f"speed levers, the fastest within {HEADROOM:.0%} of {planned:.0f} MB"
+          f"{'' if budget is not None else ' (no budget given: a quarter of this machine RAM)'}:")
+    print("\n".join(costs.lines(levers)))
+    print(f"  predicted peak with them: {plan.peak_mb + costs.extra_mb(levers):.1f} MB   flags: {levers.flags()}")
+    if args.sweep:
+        rows = sweep(costs, plan.peak_mb, args.sweep_out, f"{cfg.method} on {prep.path.name}, batch "
+                     f"{cfg.batch_size}, seq {cfg.max_seq_length - 1}")
+        print(f"memory <-> step time ({args.sweep_out}):")
+        print(f"  {'budget MB':>10}{'peak MB':>10}{'step s':>9}  levers")
+        for r in rows:
+            print(f"  {r['budget_mb']:10.0f}{r['peak_mb']:10.1f}{r['step_s']:9.2f}  {r['flags']}")
+    return 0
 
 
 def cmd_profiles(args) -> int:
@@ -272,8 +295,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="mesp-mlx", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub).set_defaults(func=cmd_train)
-    _train_parser(sub, "plan", "predict a run's peak memory by component, and the settings that fit its budget"
-                  ).set_defaults(func=cmd_plan)
+    p = _train_parser(sub, "plan", "predict a run's peak memory by component, the settings that fit its budget, "
+                               "and the fastest speed levers within it")
+    p.add_argument("--sweep", action="store_true", help="also the memory <-> step-time curve over budgets (table + PNG)")
+    p.add_argument("--sweep-out", default="plan_sweep.png", help="where --sweep draws the curve (default plan_sweep.png)")
+    p.set_defaults(func=cmd_plan)
     _personalize_parser(sub)
     _federate_parser(sub)
     sub.add_parser("doctor", help="backend, versions, BLAS and measured GEMM speed").set_defaults(func=cmd_doctor)

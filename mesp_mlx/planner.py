@@ -70,15 +70,16 @@ def _probe(fn) -> float:
     return peak / MB
 
 
-def predict(cfg) -> PlanResult:
-    """Predict the step peak of run `cfg` (a TrainConfig) by component; loads the model lazily and probes one block."""
+def predict(cfg, prep=None) -> PlanResult:
+    """Predict the step peak of run `cfg` (a TrainConfig) by component; loads the model lazily and probes one block
+    (or probes `prep`, a model the run has loaded already: then everything in MLX memory counts as resident)."""
     from .engine.loss import auto_vocab_chunk, chunked_cross_entropy
     from .methods import method_for
     from .train import prepare_model
 
     mx.clear_cache()
-    before = mx.get_active_memory()
-    prep = prepare_model(cfg)
+    before = 0 if prep is not None else mx.get_active_memory()
+    prep = prep if prep is not None else prepare_model(cfg)
     parts, layers = prep.parts, prep.parts.layers
     if prep.streamer is not None:
         prep.streamer.release_all()

@@ -247,12 +247,13 @@ def _train(cfg: TrainConfig, adapter_path: Path, stop: StopSignals, log, ranks: 
     if cfg.method == "mezo":
         method.learning_rate = lr  # MeZO's own SGD update follows the schedule too
     governor = Governor(budget_mb) if budget_mb is not None else None
-    if prep.compute_path == "dequant" and cfg.keep_dequantized:
-        keep_dequantized_blocks(prep.parts.layers, cfg.keep_dequantized)
+    levers = choose_levers(cfg, prep, method, budget_mb, log if writer else _silent)
+    if prep.compute_path == "dequant" and levers.keep_dequantized:
+        keep_dequantized_blocks(prep.parts.layers, levers.keep_dequantized)
     engine = BlockEngine(prep.parts, method, optimizers, cfg.checkpoint_storage, cfg.checkpoint_dir,
                          prep.streamer, cfg.vocab_chunk, cfg.clear_cache, cfg.seed, on_block_done=governor,
                          accumulation=cfg.grad_accumulation_steps, learning_rate=lr, ranks=ranks,
-                         keep_activations=cfg.keep_activations or 0)
+                         keep_activations=levers.keep_activations)
     if writer:
         check_free_space(adapter_path, _state_bytes(prep.model), "the training state")  # before anything is written
     adapter_file = adapter_path / "adapters.safetensors"
@@ -399,6 +400,34 @@ def _train(cfg: TrainConfig, adapter_path: Path, stop: StopSignals, log, ranks: 
     return TrainResult(adapter_path, metrics.records, answers_before, answers_after, status, test_loss)
 
 
+def choose_levers(cfg: TrainConfig, prep: Prepared, method, budget_mb: float | None, log):
+    """The speed levers of this run: as set, or the fastest combination the budget (or the default) leaves room for.
+    Also sets the method's keep_attention and records the choice in cfg (adapter_config.json, metrics)."""
+    from .planner import predict
+    from .speed_plan import Levers, plan_levers
+
+    n = len(prep.parts.layers)
+    given = {k: getattr(cfg, k) for k in ("keep_activations", "keep_attention", "keep_dequantized")}
+    if all(v is not None for v in given.values()):
+        levers = Levers(n if given["keep_activations"] == -1 else given["keep_activations"], given["keep_attention"],
+                        n if given["keep_dequantized"] == -1 else given["keep_dequantized"])
+        note = "as set"
+    else:
+        base = predict(dataclasses.replace(cfg, keep_activations=0, keep_attention=False, keep_dequantized=0), prep)
+        levers, costs, planned = plan_levers(cfg, prep, method, budget_mb, base.peak_mb)
+        cfg.predicted_step_s = costs.step_s(levers)
+        cfg.predicted_peak_mb = base.peak_mb + costs.extra_mb(levers)
+        note = (f"fastest under {'the budget' if budget_mb is not None else 'the default budget'} of {planned:.0f} MB: "
+                f"predicted {cfg.predicted_step_s:.2f} s per step, peak {cfg.predicted_peak_mb:.1f} MB")
+    inner = getattr(method, "inner", method)
+    if hasattr(inner, "keep_attention"):
+        inner.keep_attention = levers.keep_attention
+    cfg.keep_activations, cfg.keep_attention, cfg.keep_dequantized = (levers.keep_activations, levers.keep_attention,
+                                                                       levers.keep_dequantized)
+    log(f"[mesp-mlx] speed levers ({note}): {levers.flags()}")
+    return levers
+
+
 def check_plan(cfg: TrainConfig, budget_mb: float, budget_text: str, log) -> None:
     """Refuse, before anything is written, a run predicted not to fit; name the settings that would."""
     from .planner import fitting_advice, predict
@@ -458,4 +487,7 @@ def _config_record(cfg: TrainConfig, prep: Prepared) -> dict:
     rec = dataclasses.asdict(cfg)
     rec["model"] = str(prep.path)
     rec.pop("demo_prompts", None)
+    for key in ("predicted_step_s", "predicted_peak_mb"):  # the speed plan's prediction, beside what it chose
+        if hasattr(cfg, key):
+            rec[key] = getattr(cfg, key)
     return rec
