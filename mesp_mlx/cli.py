@@ -236,7 +236,8 @@ def cmd_plan(args) -> int:
     cfg.validate()
     budget, text = resolve_budget(cfg.device_profile, cfg.budget_mb)
     lean = dataclasses.replace(cfg, keep_activations=0, keep_attention=False, keep_dequantized=0)
-    prep = prepare_model(lean)
+    prep = prepare_model(lean)  # sets lean.max_seq_length when it was left to the model's context
+    cfg.max_seq_length = lean.max_seq_length
     plan = predict(lean, prep)
     print(f"plan for {cfg.method}, seq {cfg.max_seq_length - 1}, batch {cfg.batch_size}, stream weights "
           f"{cfg.stream_weights}, checkpoints {cfg.checkpoint_storage} ({text}):")
@@ -245,7 +246,7 @@ def cmd_plan(args) -> int:
         print(fitting_advice(cfg, budget))
         return 5
     method = method_for(lean)
-    costs = measure(lean, prep, method)
+    costs = measure(lean, prep, method, plan.components_mb)
     planned = budget if budget is not None else default_budget_mb()
     fixed = {k: getattr(cfg, k) for k in ("keep_activations", "keep_attention", "keep_dequantized")}
     levers = fastest(costs, HEADROOM * planned - plan.peak_mb, fixed)

@@ -177,6 +177,13 @@ class BatchIterator:
         self._gen, self._epoch_state = None, None
         self.warned = False
 
+    def longest_batch_length(self) -> int:
+        """The longest padded batch this data can make (mlx-lm pads a batch to a multiple of 32 + 1, at most
+        max_seq_length): the sequence length the plan is made for."""
+        data = self.dataset  # its items are (tokens, offset), tokenized once and cached (mlx-lm's CacheDataset)
+        longest = max((len(data[i][0]) for i in range(len(data))), default=2)
+        return min(1 + 32 * ((longest + 31) // 32), self.max_seq_length)
+
     def _draw(self):
         """next() of mlx-lm's generator with its global numpy stream swapped for ours (and its warning held)."""
         import contextlib

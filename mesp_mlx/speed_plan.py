@@ -66,6 +66,9 @@ class LeverCosts:
     dense_mb: float
     activations_apply: bool  # the method has a rule that can keep its context (MeSP's hand rule)
     dense_applies: bool  # the dequant compute path
+    # working sets (MB above what is resident) of the leanest plan — the planner's probes — and of a block that keeps
+    # its context: its forward (the context included) and its backward from it (attention kept or not)
+    ws: dict = dataclasses.field(default_factory=dict)
 
     def step_s(self, lv: Levers) -> float:
         """Predicted seconds of one step under levers `lv`."""
@@ -77,10 +80,23 @@ class LeverCosts:
         return total
 
     def extra_mb(self, lv: Levers) -> float:
-        """MB the levers add to the leanest plan's peak (kept contexts coexist when the backward starts)."""
+        """MB the levers add to the leanest plan's peak. Kept fp32 weights are resident. k kept contexts of c MB each
+        (the top blocks') change the largest working set of the step from max(forward, loss, backward) to the max of
+            forward of the top block: (k - 1) c + its forward keeping its context
+            loss:                     k c + the loss
+            backward of the top block: (k - 1) c + its backward from the kept context
+            backward of a lean block:  the leanest plan's backward (every context is freed by then)"""
         held = min(lv.keep_activations, int(np.ceil(self.backward_blocks)))
-        return (held * (self.context_mb + (self.probs_mb if lv.keep_attention else 0.0))
-                + lv.keep_dequantized * self.dense_mb)
+        dense = lv.keep_dequantized * self.dense_mb
+        ws = self.ws
+        if not held or not ws:
+            return dense + (held * (self.context_mb + (self.probs_mb if lv.keep_attention else 0.0)) if held else 0.0)
+        c = self.context_mb + (self.probs_mb if lv.keep_attention else 0.0)
+        lean = max(ws["forward"], ws["loss"], ws["backward"])
+        kept = max(ws["forward"], (held - 1) * c + ws[("forward kept", lv.keep_attention)], ws["loss"] + held * c,
+                   (held - 1) * c + ws[("backward kept", lv.keep_attention)],
+                   ws["backward"] if held < self.backward_blocks else 0.0)
+        return dense + kept - lean
 
     def lines(self, lv: Levers) -> list[str]:
         """Each lever: its MB and seconds per block, the count chosen, and what that adds and saves in all."""
@@ -119,8 +135,9 @@ def _timed(fn, repeats: int = 2) -> float:
     return best
 
 
-def measure(cfg, prep, method) -> LeverCosts:
-    """Probe the last block and the loss of a prepared model at cfg's shapes (batch, seq)."""
+def measure(cfg, prep, method, lean_components: dict | None = None) -> LeverCosts:
+    """Probe the last block and the loss of a prepared model at cfg's shapes (batch, seq). lean_components: the
+    planner's components of the leanest plan (its working sets), for the levers' memory model."""
     from .engine.loss import chunked_cross_entropy
     from .methods.mesp import MeSP
     from .models.compute import keep_dequantized
@@ -144,22 +161,27 @@ def measure(cfg, prep, method) -> LeverCosts:
     def forward(keep=False):
         return method.block_forward(block, x, mask, keep=keep) if not zeroth_order else method.block_forward(block, x, mask)
 
-    def backward_after(keep: bool, probs: bool) -> float:
-        """Seconds of the backward, with (keep) the context its forward kept; and that context's MB."""
+    ws = {}
+
+    def backward_after(keep: bool, probs: bool) -> tuple[float, float]:
+        """Seconds of the backward, with (keep) the context its forward kept; and that context's MB (the bytes of
+        the arrays it holds, counted directly). Also records the kept variant's forward and backward working sets."""
         if not keep:
             return _timed(lambda: method.block_backward(block, x, g, mask)), 0.0
         rule.keep_attention = probs
         best, held = float("inf"), 0.0
         for _ in range(3):
             mx.clear_cache()
-            before = mx.get_active_memory()
-            out = forward(keep=True)
-            mx.eval(out)
-            held = (mx.get_active_memory() - before - out.nbytes) / MB
-            del out
+            start_mb = mx.get_active_memory() / MB
+            mx.reset_peak_memory()
+            mx.eval(forward(keep=True))
+            ws[("forward kept", probs)] = mx.get_peak_memory() / MB - start_mb
+            held = rule._kept[id(block)].nbytes() / MB
+            mx.reset_peak_memory()
             start = time.perf_counter()
             mx.eval(method.block_backward(block, x, g, mask))
             best = min(best, time.perf_counter() - start)
+            ws[("backward kept", probs)] = mx.get_peak_memory() / MB - start_mb
         rule.keep_attention = False
         return best, held
 
@@ -203,8 +225,11 @@ def measure(cfg, prep, method) -> LeverCosts:
     if prep.streamer is not None:
         prep.streamer.release(n - 1)
     mx.clear_cache()
+    if lean_components:
+        ws.update({"forward": lean_components["block forward"], "backward": lean_components["block backward"],
+                   "loss": lean_components["loss"]})
     return LeverCosts(n, 0.0 if zeroth_order else fraction * trainable, forward_s, backward_s, loss_s, context_mb,
-                      probs_mb, dense_mb, activations, dense_applies)
+                      probs_mb, dense_mb, activations, dense_applies, ws if lean_components else {})
 
 
 def fastest(costs: LeverCosts, room_mb: float, fixed: dict | None = None) -> Levers:
@@ -235,10 +260,11 @@ def fastest(costs: LeverCosts, room_mb: float, fixed: dict | None = None) -> Lev
     return best
 
 
-def plan_levers(cfg, prep, method, budget_mb: float | None, base_peak_mb: float) -> tuple[Levers, LeverCosts, float]:
+def plan_levers(cfg, prep, method, budget_mb: float | None, base_peak_mb: float,
+                lean_components: dict | None = None) -> tuple[Levers, LeverCosts, float]:
     """(levers, their measured costs, the budget planned for) for a prepared run; budget None: the default."""
     planned = budget_mb if budget_mb is not None else default_budget_mb()
-    costs = measure(cfg, prep, method)
+    costs = measure(cfg, prep, method, lean_components)
     fixed = {k: getattr(cfg, k) for k in ("keep_activations", "keep_attention", "keep_dequantized")}
     levers = fastest(costs, HEADROOM * planned - base_peak_mb, fixed)
     return levers, costs, planned

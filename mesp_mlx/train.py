@@ -247,7 +247,8 @@ def _train(cfg: TrainConfig, adapter_path: Path, stop: StopSignals, log, ranks: 
     if cfg.method == "mezo":
         method.learning_rate = lr  # MeZO's own SGD update follows the schedule too
     governor = Governor(budget_mb) if budget_mb is not None else None
-    levers = choose_levers(cfg, prep, method, budget_mb, log if writer else _silent)
+    levers = choose_levers(cfg, prep, method, budget_mb, log if writer else _silent,
+                           seq_len=batches.longest_batch_length())
     if prep.compute_path == "dequant" and levers.keep_dequantized:
         keep_dequantized_blocks(prep.parts.layers, levers.keep_dequantized)
     engine = BlockEngine(prep.parts, method, optimizers, cfg.checkpoint_storage, cfg.checkpoint_dir,
@@ -400,9 +401,10 @@ def _train(cfg: TrainConfig, adapter_path: Path, stop: StopSignals, log, ranks: 
     return TrainResult(adapter_path, metrics.records, answers_before, answers_after, status, test_loss)
 
 
-def choose_levers(cfg: TrainConfig, prep: Prepared, method, budget_mb: float | None, log):
-    """The speed levers of this run: as set, or the fastest combination the budget (or the default) leaves room for.
-    Also sets the method's keep_attention and records the choice in cfg (adapter_config.json, metrics)."""
+def choose_levers(cfg: TrainConfig, prep: Prepared, method, budget_mb: float | None, log, seq_len: int | None = None):
+    """The speed levers of this run: as set, or the fastest combination the budget (or the default) leaves room for,
+    planned for its longest batch (seq_len, at most max_seq_length). Also sets the method's keep_attention and records
+    the choice in cfg (adapter_config.json)."""
     from .planner import predict
     from .speed_plan import Levers, plan_levers
 
@@ -413,8 +415,12 @@ def choose_levers(cfg: TrainConfig, prep: Prepared, method, budget_mb: float | N
                         n if given["keep_dequantized"] == -1 else given["keep_dequantized"])
         note = "as set"
     else:
-        base = predict(dataclasses.replace(cfg, keep_activations=0, keep_attention=False, keep_dequantized=0), prep)
-        levers, costs, planned = plan_levers(cfg, prep, method, budget_mb, base.peak_mb)
+        at = dataclasses.replace(cfg, keep_activations=0, keep_attention=False, keep_dequantized=0,
+                                 max_seq_length=min(seq_len or cfg.max_seq_length, cfg.max_seq_length))
+        base = predict(at, prep)
+        levers, costs, planned = plan_levers(dataclasses.replace(at, **{k: getattr(cfg, k) for k in (
+            "keep_activations", "keep_attention", "keep_dequantized")}), prep, method, budget_mb, base.peak_mb,
+            base.components_mb)
         cfg.predicted_step_s = costs.step_s(levers)
         cfg.predicted_peak_mb = base.peak_mb + costs.extra_mb(levers)
         note = (f"fastest under {'the budget' if budget_mb is not None else 'the default budget'} of {planned:.0f} MB: "

@@ -84,12 +84,24 @@ def _cfg(model, data, out, **kw):
                                                    ("mebp", True, "mmap"), ("mebp", False, "memory")])
 def test_prediction_is_within_15_percent_of_the_measured_peak(small_model, tmp_path, method, stream, storage):
     model, data = small_model
-    cfg = _cfg(model, data, tmp_path / "o", method=method, stream_weights=stream, checkpoint_storage=storage)
+    lean = dict(keep_activations=0, keep_attention=False, keep_dequantized=0)
+    cfg = _cfg(model, data, tmp_path / "o", method=method, stream_weights=stream, checkpoint_storage=storage, **lean)
     plan = predict(cfg)
     predicted = plan.peak_mb
     records = train(cfg, log=lambda *a: None).records
     measured = max(r["peak_mb"] for r in records[1:])  # from step 2 AdamW's state exists, as the plan assumes
     assert abs(predicted - measured) <= 0.15 * measured, (predicted, measured)
+    # the speed plan's levers under a budget that holds some of them: its recorded prediction (lean peak + the
+    # levers' MB) against the run's measured peak
+    budget = predicted + 6.0
+    fast = _cfg(model, data, tmp_path / "f", method=method, stream_weights=stream, checkpoint_storage=storage,
+                budget_mb=budget)
+    records = train(fast, log=lambda *a: None).records
+    config = json.loads((tmp_path / "f" / "adapter_config.json").read_text())
+    assert config["keep_dequantized"] + config["keep_activations"] > 0  # something was worth its memory
+    measured = max(r["peak_mb"] for r in records[1:])
+    assert measured <= budget
+    assert abs(config["predicted_peak_mb"] - measured) <= 0.15 * measured, (config["predicted_peak_mb"], measured)
 
 
 def test_an_impossible_budget_is_refused_with_a_plan_that_fits_when_run(small_model, tmp_path, capsys):

@@ -123,10 +123,11 @@ def run_logged(cmd: list[str], log: Path) -> tuple[int, float]:
 
 
 def summarize(name: str, kind: str, cmd: list[str], steps: list[tuple[int, float]], peak_mb: float,
-              recompute: bool, recompute_note: str, flops: dict, wall: float) -> dict:
+              recompute: float, recompute_note: str, flops: dict, wall: float) -> dict:
     """steps: (tokens, seconds) of each timed step."""
     tokens, seconds = sum(t for t, _ in steps), sum(s for _, s in steps)
-    per_token = flops["flop_per_token_recompute" if recompute else "flop_per_token"]
+    # recompute: the share of blocks whose forward was recomputed (0..1)
+    per_token = flops["flop_per_token"] + recompute * (flops["flop_per_token_recompute"] - flops["flop_per_token"])
     tps = tokens / seconds
     return {"name": name, "kind": kind, "command": " ".join(cmd), "timed_steps": len(steps), "tokens_per_step":
             tokens / len(steps), "tokens_per_s": tps, "step_s": seconds / len(steps), "peak_mb": peak_mb,
@@ -158,21 +159,20 @@ def run_ours(name: str, extra: list[str], model: Path, data: Path, lora_yaml: Pa
                      recompute, note, flops, wall)
 
 
-def our_recompute(adapters: Path, last_record: dict) -> tuple[bool, str]:
-    """Whether the run recomputed each block's forward in its backward: its keep_activations (metrics record or
-    adapter_config.json) when recorded (0 / false: recomputed); a build without that lever always recomputes (MeSP)."""
+def our_recompute(adapters: Path, last_record: dict) -> tuple[float, str]:
+    """The share of blocks whose forward the run recomputed in its backward: 1 - keep_activations / blocks, from the
+    adapter_config.json the run wrote (the planner's choice is recorded there); a build without that lever always
+    recomputes (MeSP)."""
     config = json.loads((adapters / "adapter_config.json").read_text())
-    for where, rec in (("metrics.jsonl", last_record), ("adapter_config.json", config)):
-        value = rec.get("keep_activations")
-        if value is not None:
-            return not value, f"keep_activations={value} ({where})"
-    if "keep_activations" in config:  # the lever exists but was left to the planner, which did not record its choice
-        return True, "keep_activations chosen by the planner, not recorded: recompute assumed"
-    return True, "this build always recomputes (no keep-activations lever)"
+    kept, blocks = config.get("keep_activations"), config.get("num_layers")
+    if kept is None or not blocks:
+        return 1.0, "this build always recomputes (no keep-activations lever)"
+    kept = blocks if kept == -1 else min(kept, blocks)
+    return 1.0 - kept / blocks, f"keep_activations={kept} of {blocks} blocks"
 
 
 def run_mlx_lm(name: str, model: Path, extra: list[str], data: Path, lora_yaml: Path, work: Path, iters: int,
-               flops: dict, recompute: bool) -> dict:
+               flops: dict, recompute: float) -> dict:
     adapters = work / "runs" / name.replace(" ", "_").replace("+", "")
     cmd = [sys.executable, str(ROOT / "tools" / "mlx_lm_peer.py"), "--train", "-c", str(lora_yaml), "--model",
            str(model), "--data", str(data), "--max-seq-length", str(SEQ), "--batch-size", str(BATCH), "--optimizer",
@@ -197,14 +197,14 @@ def run_mlx_lm(name: str, model: Path, extra: list[str], data: Path, lora_yaml: 
 def render(rows: list[dict], meta: dict) -> str:
     gemm = meta["gemm_gflops"]
     lines = [f"# Training speed: mesp-mlx train vs mlx_lm lora (SmolLM2-135M, Hamlet, seq {SEQ}, batch {BATCH})", "",
-             "| row | tokens/s | s/step | MLX peak MB | recomputes fwd | GFLOP/s (est.) | ÷ GEMM rate |",
+             "| row | tokens/s | s/step | MLX peak MB | fwd recomputed | GFLOP/s (est.) | ÷ GEMM rate |",
              "|---|---:|---:|---:|---|---:|---:|"]
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['name']} | failed: {r['error']} | | | | | |")
             continue
         lines.append(f"| {r['name']} | {r['tokens_per_s']:.0f} | {r['step_s']:.2f} | {r['peak_mb']:.0f} | "
-                     f"{'yes' if r['recompute'] else 'no'} | {r['gflops']:.1f} | {r['gflops'] / gemm:.2f} |")
+                     f"{r['recompute']:.0%} | {r['gflops']:.1f} | {r['gflops'] / gemm:.2f} |")
     refs = {r["name"]: r for r in rows if r["kind"] == "mlx-lm" and "error" not in r and "fp32" in r["name"]}
     ours = [r for r in rows if r["kind"] == "ours" and "error" not in r]
     if refs and ours:

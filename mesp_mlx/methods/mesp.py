@@ -129,6 +129,14 @@ class _Context:
     dp: object
     out: mx.array | None
 
+    def nbytes(self) -> int:
+        """Bytes of the arrays held (each once: q, k and v's projections share their input)."""
+        arrays = [self.q_lin, self.k_lin, self.q, self.k, self.v, self.h, self.gate, self.up, *(self.probs or [])]
+        for p in (*self.projs, self.op, *self.mlp_projs, self.dp):
+            arrays += [getattr(p, name, None) for name in ("x", "y", "h", "mask", "u", "norm")]
+        unique = {id(a): a for a in arrays if isinstance(a, mx.array)}
+        return sum(a.nbytes for a in unique.values())
+
     def parts(self) -> tuple:
         return (self.spec, self.projs, self.q_lin, self.k_lin, self.q, self.k, self.v, self.probs, self.op, self.h,
                 self.mlp_projs, self.gate, self.up, self.dp)
