@@ -148,7 +148,8 @@ def test_nonfinite_gradient_stops_or_skips_naming_step_and_block(tiny_models, tm
     out = tmp_path / policy
     logs = []
     cfg = TrainConfig(model=str(tiny_models["qwen2"]), data=str(data), iters=4, save_every=1, optimizer="sgd",
-                      learning_rate=0.1, adapter_path=str(out), plot=False, on_nonfinite=policy)
+                      learning_rate=0.1, adapter_path=str(out), plot=False, on_nonfinite=policy,
+                      keep_activations=0, keep_attention=False, keep_dequantized=0)  # no speed probes: calls count
     result = train(cfg, log=logs.append)
     text = "\n".join(logs)
     assert "step 2: NaN or inf in the LoRA gradient of block 1" in text
