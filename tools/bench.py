@@ -63,7 +63,9 @@ def ensure_data(seq: int) -> Path:
 
 
 def bench_ours(model: Path, data: Path, method: str, seq: int, rank: int, steps: int, stream: bool,
-               storage: str = "memory", store_h: bool = False) -> dict:
+               storage: str = "memory", store_h: bool = False, budget_mb: float | None = None) -> dict:
+    """One row of ours. Without budget_mb: the leanest plan (nothing kept: the papers' memory); with it: the speed
+    levers the planner chooses for that budget (docs/speed.md)."""
     cfg = TrainConfig(model=str(model), data=str(data), method=method, optimizer="sgd", learning_rate=1e-4,
                       max_seq_length=seq + 1, lora_parameters={"rank": rank, "scale": 20.0, "dropout": 0.0, "keys": KEYS},
                       stream_weights=stream, checkpoint_storage=storage, store_h=store_h)
@@ -74,8 +76,18 @@ def bench_ours(model: Path, data: Path, method: str, seq: int, rank: int, steps:
     prep = prepare_model(cfg)
     splits = load_splits(cfg.data, prep.tokenizer)
     batches = BatchIterator(splits["train"], 1, cfg.max_seq_length)
-    engine = BlockEngine(prep.parts, method_for(cfg), [make_optimizer(cfg) for _ in prep.parts.layers],
-                         cfg.checkpoint_storage, None, prep.streamer)
+    method_rule = method_for(cfg)
+    keep = 0
+    predicted = None
+    if budget_mb is not None:
+        from mesp_mlx.models.compute import keep_dequantized_blocks
+        from mesp_mlx.train import choose_levers
+
+        levers = choose_levers(cfg, prep, method_rule, budget_mb, print, seq_len=cfg.max_seq_length)
+        keep_dequantized_blocks(prep.parts.layers, levers.keep_dequantized)
+        keep, predicted = levers.keep_activations, (cfg.predicted_step_s, cfg.predicted_peak_mb)
+    engine = BlockEngine(prep.parts, method_rule, [make_optimizer(cfg) for _ in prep.parts.layers],
+                         cfg.checkpoint_storage, None, prep.streamer, keep_activations=keep)
     resident = mx.get_active_memory() / 2**20
     rows = []
     for step in range(steps + 1):  # step 0 warms up
@@ -85,6 +97,7 @@ def bench_ours(model: Path, data: Path, method: str, seq: int, rank: int, steps:
     timed = rows[1:]
     return {"peak_mb": max(s.peak_mb for s in timed), "step_s": sum(s.step_s for s in timed) / len(timed),
             "resident_mb_before_step": resident, "tokens": int(tokens.shape[1] - 1),
+            "predicted_step_s_peak_mb": predicted,
             "phase_peak_mb": timed[-1].phase_peak_mb, "losses": [s.loss for s in rows],
             # seconds per phase, mean over the timed steps (LCSB's cyclic groups differ from step to step)
             "phase_s": {k: sum(s.phase_s.get(k, 0.0) for s in timed) / len(timed) for k in timed[-1].phase_s}}
@@ -136,7 +149,8 @@ TABLES = {
     "2": [("t2", "0.5b", s, 8, v) for s in (128, 256, 512, 1024) for v in ("mebp", "mesp")],
     "3": [("t3", "0.5b", 256, r, v) for r in (4, 8, 16, 32) for v in ("mebp", "mesp")],
     "5": [("t5", "3b", 256, 8, v) for v in ("mebp", "mesp-store-h", "mesp")],
-    "4": [("t4", "0.5b", 256, 8, v) for v in ("mebp", "mesp", "lcsb", "mezo", "mlx-lm", "mlx-lm-gc")],
+    "4": [("t4", "0.5b", 256, 8, v) for v in ("mebp", "mesp", "lcsb", "mezo", "mlx-lm", "mlx-lm-gc", "mesp-fast-2g",
+                                             "mebp-fast-2g")],
     "g": [("tg", "gemma3-1b", 256, 8, v) for v in ("mebp", "mesp", "mesp-resident")],
 }
 TITLES = {"t1": "Table 1 — model size (seq 256, r 8)", "t2": "Table 2 — sequence length (0.5B, r 8)",
@@ -145,13 +159,18 @@ TITLES = {"t1": "Table 1 — model size (seq 256, r 8)", "t2": "Table 2 — sequ
                 "Gemma3-1B on an iPhone 15 Pro Max)",
           "t4": "The method family per step, beside plain mlx-lm LoRA (0.5B, seq 256, r 8; LCSB 1/4 of the blocks cyclic, MeZO n=1)"}
 LABELS = {"mebp": "MeBP", "mesp": "MeSP", "mesp-resident": "MeSP, weights resident", "mesp-store-h": "MeSP, store h", "lcsb": "LCSB (MeSP rule)", "mezo": "MeZO", "mlx-lm": "mlx_lm.lora",
-          "mlx-lm-gc": "mlx_lm.lora --grad-checkpoint"}
+          "mlx-lm-gc": "mlx_lm.lora --grad-checkpoint",
+          "mesp-fast-2g": "MeSP, fastest plan under 2 GB", "mebp-fast-2g": "MeBP, fastest plan under 2 GB"}
 RESULTS = OUT / "bench.json"
 
 
 def run_row(key, steps: int) -> dict:
     table, size, seq, rank, variant = key
     model, data = ensure_model(size if size.startswith("gemma") else f"qwen2.5-{size}"), ensure_data(seq)
+    if variant.endswith("-fast-2g"):  # weights resident, the speed levers the planner picks under 2048 MB
+        r = bench_ours(model, data, variant.split("-")[0], seq, rank, steps, False, "memory", budget_mb=2048.0)
+        mx.clear_cache()
+        return r
     if variant == "mesp-resident":
         r = bench_ours(model, data, "mesp", seq, rank, steps, False, "memory")
         mx.clear_cache()

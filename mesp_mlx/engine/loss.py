@@ -59,7 +59,7 @@ def chunked_cross_entropy(parts, x: mx.array, targets: mx.array, mask: mx.array,
         logits = frozen_matmul(xs, base, quant, True).astype(mx.float32)
         new_max = mx.maximum(run_max, logits.max(axis=1))
         rescale = fastmath.exp(run_max - new_max)  # 0 on the first chunk (run_max = -inf)
-        e = fastmath.exp(logits - new_max[:, None])  # compiled chain on CPU (fastmath.py)
+        e = fastmath.exp_minus(logits, new_max)  # compiled chain on CPU, row block by row block (fastmath.py)
         run_sum = run_sum * rescale + e.sum(axis=1)
         if need_grad:
             acc = acc * rescale[:, None] + frozen_matmul(e, base, quant, False).astype(mx.float32)

@@ -71,7 +71,9 @@ def swiglu_backward(gate: mx.array, up: mx.array, g: mx.array) -> tuple[mx.array
 
 def gated_backward(activation: str, gate: mx.array, up: mx.array, g: mx.array) -> tuple[mx.array, mx.array]:
     """(dL/dgate, dL/dup) of act(gate) * up for act = silu (SwiGLU) or gelu_tanh (Gemma's GeGLU)."""
-    g_gate, g_up = _GATED_BACKWARD[(activation, fastmath.enabled())](gate, up, g)
+    on = fastmath.enabled()
+    fn = _GATED_BACKWARD[(activation, on)]
+    g_gate, g_up = fastmath.chunked(fn, gate, up, g) if on else fn(gate, up, g)
     return g_gate.astype(gate.dtype), g_up.astype(up.dtype)
 
 
