@@ -125,10 +125,12 @@ class LeverCosts:
 
 
 def _timed(fn, repeats: int = 2) -> float:
-    """Seconds of fn() evaluated, best of `repeats` after one warm-up run."""
+    """Seconds of fn() evaluated, best of `repeats` after one warm-up run; MLX's cache is emptied before each, as the
+    engine empties it after every block (fresh buffers cost page faults: part of a block's time in a real step)."""
     mx.eval(fn())
     best = float("inf")
     for _ in range(repeats):
+        mx.clear_cache()
         start = time.perf_counter()
         mx.eval(fn())
         best = min(best, time.perf_counter() - start)
@@ -177,6 +179,7 @@ def measure(cfg, prep, method, lean_components: dict | None = None) -> LeverCost
             mx.eval(forward(keep=True))
             ws[("forward kept", probs)] = mx.get_peak_memory() / MB - start_mb
             held = rule._kept[id(block)].nbytes() / MB
+            mx.clear_cache()
             mx.reset_peak_memory()
             start = time.perf_counter()
             mx.eval(method.block_backward(block, x, g, mask))
