@@ -41,14 +41,13 @@ def frozen_operands(linear: nn.Module) -> tuple[tuple, tuple | None]:
 
 def lean_matmul(x, linear: nn.Module, transpose: bool, chunk_bytes: int = 4 << 20) -> mx.array:
     """x @ W0^T (transpose=True) or x @ W0 of a frozen linear, evaluated now, never holding more than ~chunk_bytes of
-    dequantized W0. A quantized W0 [out, in] is dequantized in slices along the product's output columns:
-        x @ W0^T = concat_r (x @ W0[r]^T)   (slices r of W0's rows)
-        g @ W0   = concat_c (g @ W0[:, c])  (slices c of W0's columns, whole quantization groups)
-    so each output element is one dot product over the whole inner dimension. The slices depend only on the
+    dequantized W0. A quantized W0 [out, in] is dequantized in slices r of its rows:
+        x @ W0^T = concat_r (x @ W0[r]^T)          g @ W0 = sum_r g[:, r] @ W0[r]
+    (row slices are contiguous in the packed layout and keep every product wide). The slices depend only on the
     quantized layout: when the plan keeps W0 dequantized (compute.keep_dequantized) the very same slices of the kept
-    copy are multiplied, so results are bit-identical whichever plan runs (a BLAS may sum a narrow product in another
-    order than a wide one). Unquantized weights and the fused path run as one product. (MLX would otherwise
-    dequantize every independent matrix of a lazy graph before the first product.)"""
+    copy are multiplied and summed in the same order, so results are bit-identical whichever plan runs.
+    Unquantized weights and the fused path run as one product. (MLX would otherwise dequantize every independent
+    matrix of a lazy graph before the first product.)"""
     if isinstance(linear, nn.QuantizedLinear) and not isinstance(linear, DequantLinear):  # fused: no copy at all
         base, quant = frozen_operands(linear)
         y = frozen_matmul(x, base, quant, transpose)
@@ -58,31 +57,24 @@ def lean_matmul(x, linear: nn.Module, transpose: bool, chunk_bytes: int = 4 << 2
         y = frozen_matmul(x, (linear["weight"],), None, transpose)
         mx.eval(y)
         return y
-    group_size, bits = linear.group_size, linear.bits
-    out_dim, in_dim = linear["weight"].shape[0], linear["scales"].shape[-1] * group_size
-    if transpose:  # slices of rows
-        step = max(1, chunk_bytes // (in_dim * 4))
-        slices = [(slice(a, a + step), slice(None)) for a in range(0, out_dim, step)]
-    elif (group_size * bits) % 32 == 0:  # slices of columns, whole groups (their packed words, scales and biases)
-        cols = max(1, chunk_bytes // (out_dim * 4 * group_size)) * group_size
-        slices = [(slice(None), slice(a, a + cols)) for a in range(0, in_dim, cols)]
-    else:  # groups not word-aligned: one product
-        slices = [(slice(None), slice(None))]
+    out_dim, in_dim = linear["weight"].shape[0], linear["scales"].shape[-1] * linear.group_size
+    step = max(1, chunk_bytes // (in_dim * 4))
     kept = kept_dense(linear)
     base, quant = frozen_operands(linear)
-    pieces = []
-    for rows, cols in slices:
-        if kept is not None:
-            part = (kept[rows, cols],)
-        elif cols.start is None:
-            part = tuple(t[rows] for t in base)
+    if kept is not None:
+        base, quant = (kept,), None
+    pieces, acc = [], None
+    for a in range(0, out_dim, step):
+        rows = tuple(t[a:a + step] for t in base)
+        if transpose:
+            pieces.append(frozen_matmul(x, rows, quant, True))
+            mx.eval(pieces[-1])
         else:
-            w, scales, biases = base
-            words = slice(cols.start * bits // 32, cols.stop * bits // 32)
-            grp = slice(cols.start // group_size, cols.stop // group_size)
-            part = (w[:, words], scales[:, grp], biases[:, grp])
-        pieces.append(frozen_matmul(x, part, None if kept is not None else quant, transpose))
-        mx.eval(pieces[-1])
+            part = frozen_matmul(x[..., a:a + step], rows, quant, False)
+            acc = part if acc is None else acc + part
+            mx.eval(acc)
+    if not transpose:
+        return acc
     return pieces[0] if len(pieces) == 1 else mx.concatenate(pieces, axis=-1)
 
 

@@ -92,7 +92,7 @@ def test_lcsb_with_kept_contexts_is_bit_identical(tiny_models):
 
 @pytest.mark.parametrize("bits,group", [(4, 64), (8, 32), (3, 64), (2, 32)])
 def test_lean_matmul_kept_weights_give_the_same_bits_as_packed_slices(bits, group):
-    """Slices follow the quantized layout, so the kept fp32 copy is multiplied in exactly the same pieces."""
+    """Slices follow the quantized layout, so the kept fp32 copy is multiplied (and summed) in exactly the same pieces."""
     lin = nn.QuantizedLinear.from_linear(nn.Linear(256, 384, bias=False), group, bits)
     set_compute_path(lin, "dequant")
     x, g = mx.random.normal((2, 9, 256)), mx.random.normal((2, 9, 384))
