@@ -15,6 +15,8 @@ The allocator cache is not part of MLX's peak; the governor caps it separately (
 Over budget, the planner tries settings from the cheapest in speed to the most costly: stream the weights, mmap the
 checkpoints, MeSP instead of MeBP, smaller loss chunks, shorter sequences, and MeZO (forward only) as the last
 resort; it returns the first that fits. (LCSB saves time, not memory: its working set is MeSP's block.)
+Memory the budget leaves above that peak is spent on speed levers (kept contexts, attention probabilities, fp32
+weights): speed_plan.py.
 """
 
 from __future__ import annotations
