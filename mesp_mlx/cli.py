@@ -222,34 +222,26 @@ def cmd_make_data(args) -> int:
 
 
 def cmd_plan(args) -> int:
-    import dataclasses
-
     from .config import build_config
     from .governor import resolve_budget
     from .methods import method_for
     from .planner import fitting_advice, predict
-    from .speed_plan import HEADROOM, default_budget_mb, fastest, measure, sweep
+    from .speed_plan import HEADROOM, plan_levers, sweep
     from .train import prepare_model
 
     overrides = {k: v for k, v in vars(args).items() if k not in ("command", "config", "func", "sweep", "sweep_out")}
     cfg = build_config(args.config, overrides)
     cfg.validate()
     budget, text = resolve_budget(cfg.device_profile, cfg.budget_mb)
-    lean = dataclasses.replace(cfg, keep_activations=0, keep_attention=False, keep_dequantized=0)
-    prep = prepare_model(lean)  # sets lean.max_seq_length when it was left to the model's context
-    cfg.max_seq_length = lean.max_seq_length
-    plan = predict(lean, prep)
+    prep = prepare_model(cfg)  # sets cfg.max_seq_length when it was left to the model's context
+    plan = predict(cfg, prep)  # the leanest plan (the levers do not enter it)
     print(f"plan for {cfg.method}, seq {cfg.max_seq_length - 1}, batch {cfg.batch_size}, stream weights "
           f"{cfg.stream_weights}, checkpoints {cfg.checkpoint_storage} ({text}):")
     print("\n".join(plan.lines(budget)))
     if budget is not None and plan.peak_mb > budget:
         print(fitting_advice(cfg, budget))
         return 5
-    method = method_for(lean)
-    costs = measure(lean, prep, method, plan.components_mb)
-    planned = budget if budget is not None else default_budget_mb()
-    fixed = {k: getattr(cfg, k) for k in ("keep_activations", "keep_attention", "keep_dequantized")}
-    levers = fastest(costs, HEADROOM * planned - plan.peak_mb, fixed)
+    levers, costs, planned = plan_levers(cfg, prep, method_for(cfg), budget, plan)
     print(f"speed levers, the fastest within {HEADROOM:.0%} of {planned:.0f} MB"
           f"{'' if budget is not None else ' (no budget given: a quarter of this machine RAM)'}:")
     print("\n".join(costs.lines(levers)))

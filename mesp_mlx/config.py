@@ -66,7 +66,7 @@ class TrainConfig:
     checkpoint_dir: str | None = None
     vocab_chunk: int | None = None
     clear_cache: str = "block"  # block | step | never
-    # speed levers (planner.py): None = the planner picks the fastest that fits the budget; a value = this, as given
+    # speed levers (speed_plan.py): None = the planner picks the fastest that fits the budget; a value = this, as given
     keep_activations: int | None = None  # MeSP: blocks (from the top) whose forward context is kept, not recomputed
     keep_attention: bool | None = None  # MeSP: those blocks keep their attention probabilities too
     keep_dequantized: int | None = None  # CPU path: blocks (from the top) whose fp32 weights stay resident

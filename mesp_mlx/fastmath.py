@@ -71,20 +71,23 @@ CHUNK = 1 << 16  # values per piece: the compiled chain's intermediates stay ~1 
 
 
 def chunked(fn, *xs):
-    """fn (element-wise, one or more outputs) over xs in pieces of CHUNK values written into preallocated outputs:
-    the same values as fn(*xs), with the working set of one piece."""
-    shape, n = xs[0].shape, xs[0].size
-    if n <= CHUNK:
+    """fn (element-wise, one or more outputs shaped as xs[0]) over blocks of rows of ~CHUNK values, written into
+    preallocated outputs: the same values as fn(*xs), with the working set of one block. The inputs share their
+    leading axes; a later input may have a last axis of 1 (broadcast along a row, as the loss's row maxima)."""
+    shape = xs[0].shape
+    rows2d = [x.reshape(-1, x.shape[-1] if x.ndim > 1 else 1) for x in xs]  # 1-D: a column
+    n, width = rows2d[0].shape
+    rows = max(1, CHUNK // max(width, 1))
+    if n <= rows:
         return fn(*xs)
-    flat = [x.reshape(-1) for x in xs]
     outs = None
-    for a in range(0, n, CHUNK):
-        piece = fn(*(f[a:a + CHUNK] for f in flat))
+    for a in range(0, n, rows):
+        piece = fn(*(x[a:a + rows] for x in rows2d))
         pieces = piece if isinstance(piece, tuple) else (piece,)
         if outs is None:
-            outs = [mx.zeros((n,), p.dtype) for p in pieces]
+            outs = [mx.zeros((n, width), p.dtype) for p in pieces]
         for out, p in zip(outs, pieces):
-            out[a:a + CHUNK] = p
+            out[a:a + rows] = p
         mx.eval(outs)
     outs = tuple(o.reshape(shape) for o in outs)
     return outs if len(outs) > 1 else outs[0]
@@ -103,17 +106,7 @@ def exp(x: mx.array) -> mx.array:
 def exp_minus(x: mx.array, m: mx.array) -> mx.array:
     """exp(x - m[:, None]) for x [n, c] (the loss's shifted logits), row block by row block: no [n, c] temporary
     beside the output."""
-    if not enabled():
-        return mx.exp(x - m[:, None])
-    n, c = x.shape
-    rows = max(1, CHUNK // max(c, 1))
-    if n <= rows:
-        return _exp_minus_c(x, m[:, None])
-    out = mx.zeros(x.shape, mx.float32)
-    for a in range(0, n, rows):
-        out[a:a + rows] = _exp_minus_c(x[a:a + rows], m[a:a + rows, None])
-        mx.eval(out)
-    return out
+    return _fp32(_exp_minus_c, x, m[:, None]) if enabled() else mx.exp(x - m[:, None])
 
 
 def silu_mul(gate: mx.array, up: mx.array) -> mx.array:

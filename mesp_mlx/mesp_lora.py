@@ -59,10 +59,7 @@ def lean_matmul(x, linear: nn.Module, transpose: bool, chunk_bytes: int = 4 << 2
         return y
     out_dim, in_dim = linear["weight"].shape[0], linear["scales"].shape[-1] * linear.group_size
     step = max(1, chunk_bytes // (in_dim * 4))
-    kept = kept_dense(linear)
-    base, quant = frozen_operands(linear)
-    if kept is not None:
-        base, quant = (kept,), None
+    base, quant = frozen_operands(linear)  # the kept fp32 copy when the plan keeps one
     pieces, acc = [], None
     for a in range(0, out_dim, step):
         rows = tuple(t[a:a + step] for t in base)

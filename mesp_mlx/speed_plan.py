@@ -42,6 +42,14 @@ def default_budget_mb() -> float:
     return DEFAULT_SHARE * ram / MB
 
 
+LEVERS = ("keep_activations", "keep_attention", "keep_dequantized")
+
+
+def given_levers(values: dict, blocks: int) -> dict:
+    """The levers a user set ({name: value}, None = the planner's), with a count of -1 resolved to every block."""
+    return {k: (blocks if v == -1 and k != "keep_attention" else v) for k, v in values.items() if v is not None}
+
+
 @dataclass
 class Levers:
     keep_activations: int = 0  # blocks from the top (-1 never appears here: it is resolved to the count)
@@ -88,10 +96,12 @@ class LeverCosts:
             backward of a lean block:  the leanest plan's backward (every context is freed by then)"""
         held = min(lv.keep_activations, int(np.ceil(self.backward_blocks)))
         dense = lv.keep_dequantized * self.dense_mb
-        ws = self.ws
-        if not held or not ws:
-            return dense + (held * (self.context_mb + (self.probs_mb if lv.keep_attention else 0.0)) if held else 0.0)
         c = self.context_mb + (self.probs_mb if lv.keep_attention else 0.0)
+        ws = self.ws
+        if not held:
+            return dense
+        if not ws:  # no working sets measured: every kept context on top of the leanest peak
+            return dense + held * c
         lean = max(ws["forward"], ws["loss"], ws["backward"])
         kept = max(ws["forward"], (held - 1) * c + ws[("forward kept", lv.keep_attention)], ws["loss"] + held * c,
                    (held - 1) * c + ws[("backward kept", lv.keep_attention)],
@@ -142,7 +152,7 @@ def measure(cfg, prep, method, lean_components: dict | None = None) -> LeverCost
     planner's components of the leanest plan (its working sets), for the levers' memory model."""
     from .engine.loss import chunked_cross_entropy
     from .methods.mesp import MeSP
-    from .models.compute import keep_dequantized
+    from .models.compute import DequantLinear, keep_dequantized
 
     parts, layers = prep.parts, prep.parts.layers
     n = len(layers)
@@ -157,11 +167,10 @@ def measure(cfg, prep, method, lean_components: dict | None = None) -> LeverCost
     inner = getattr(method, "inner", method)
     rule = inner if isinstance(inner, MeSP) and not zeroth_order else None
     activations = rule is not None and rule._use_hand_rule(block, x, mask)
-    dense_applies = prep.compute_path == "dequant" and any(
-        type(m).__name__ == "DequantLinear" for _, m in block.named_modules())
+    dense_applies = prep.compute_path == "dequant" and any(isinstance(m, DequantLinear) for _, m in block.named_modules())
 
     def forward(keep=False):
-        return method.block_forward(block, x, mask, keep=keep) if not zeroth_order else method.block_forward(block, x, mask)
+        return method.block_forward(block, x, mask, keep=keep)
 
     ws = {}
 
@@ -237,9 +246,8 @@ def measure(cfg, prep, method, lean_components: dict | None = None) -> LeverCost
 
 def fastest(costs: LeverCosts, room_mb: float, fixed: dict | None = None) -> Levers:
     """The levers with the least predicted step time whose extra MB fit in room_mb (ties: the least memory).
-    fixed: levers the user set ({name: value}; -1 counts mean every block)."""
-    fixed = {k: (costs.blocks if v == -1 and k != "keep_attention" else v) for k, v in (fixed or {}).items()
-             if v is not None}
+    fixed: levers the user set ({name: value}; None: free; -1 counts mean every block)."""
+    fixed = given_levers(fixed or {}, costs.blocks)
     n = costs.blocks
     ctx_counts = [fixed["keep_activations"]] if "keep_activations" in fixed else \
         (range(n + 1) if costs.activations_apply and costs.backward_blocks else [0])
@@ -263,13 +271,12 @@ def fastest(costs: LeverCosts, room_mb: float, fixed: dict | None = None) -> Lev
     return best
 
 
-def plan_levers(cfg, prep, method, budget_mb: float | None, base_peak_mb: float,
-                lean_components: dict | None = None) -> tuple[Levers, LeverCosts, float]:
-    """(levers, their measured costs, the budget planned for) for a prepared run; budget None: the default."""
+def plan_levers(cfg, prep, method, budget_mb: float | None, lean) -> tuple[Levers, LeverCosts, float]:
+    """(levers, their measured costs, the budget planned for) of a prepared run whose leanest plan the planner
+    predicted as `lean` (a PlanResult); the levers cfg sets are kept; budget None: the default."""
     planned = budget_mb if budget_mb is not None else default_budget_mb()
-    costs = measure(cfg, prep, method, lean_components)
-    fixed = {k: getattr(cfg, k) for k in ("keep_activations", "keep_attention", "keep_dequantized")}
-    levers = fastest(costs, HEADROOM * planned - base_peak_mb, fixed)
+    costs = measure(cfg, prep, method, lean.components_mb)
+    levers = fastest(costs, HEADROOM * planned - lean.peak_mb, {k: getattr(cfg, k) for k in LEVERS})
     return levers, costs, planned
 
 

@@ -406,21 +406,16 @@ def choose_levers(cfg: TrainConfig, prep: Prepared, method, budget_mb: float | N
     planned for its longest batch (seq_len, at most max_seq_length). Also sets the method's keep_attention and records
     the choice in cfg (adapter_config.json)."""
     from .planner import predict
-    from .speed_plan import Levers, plan_levers
+    from .speed_plan import LEVERS, Levers, given_levers, plan_levers
 
-    n = len(prep.parts.layers)
-    given = {k: getattr(cfg, k) for k in ("keep_activations", "keep_attention", "keep_dequantized")}
-    if all(v is not None for v in given.values()):
-        levers = Levers(n if given["keep_activations"] == -1 else given["keep_activations"], given["keep_attention"],
-                        n if given["keep_dequantized"] == -1 else given["keep_dequantized"])
+    fixed = given_levers({k: getattr(cfg, k) for k in LEVERS}, len(prep.parts.layers))
+    if len(fixed) == len(LEVERS):
+        levers = Levers(**fixed)
         note = "as set"
-    else:
-        at = dataclasses.replace(cfg, keep_activations=0, keep_attention=False, keep_dequantized=0,
-                                 max_seq_length=min(seq_len or cfg.max_seq_length, cfg.max_seq_length))
+    else:  # the leanest plan's peak and the levers' costs, at the longest batch
+        at = dataclasses.replace(cfg, max_seq_length=min(seq_len or cfg.max_seq_length, cfg.max_seq_length))
         base = predict(at, prep)
-        levers, costs, planned = plan_levers(dataclasses.replace(at, **{k: getattr(cfg, k) for k in (
-            "keep_activations", "keep_attention", "keep_dequantized")}), prep, method, budget_mb, base.peak_mb,
-            base.components_mb)
+        levers, costs, planned = plan_levers(at, prep, method, budget_mb, base)
         cfg.predicted_step_s = costs.step_s(levers)
         cfg.predicted_peak_mb = base.peak_mb + costs.extra_mb(levers)
         note = (f"fastest under {'the budget' if budget_mb is not None else 'the default budget'} of {planned:.0f} MB: "
@@ -428,8 +423,8 @@ def choose_levers(cfg: TrainConfig, prep: Prepared, method, budget_mb: float | N
     inner = getattr(method, "inner", method)
     if hasattr(inner, "keep_attention"):
         inner.keep_attention = levers.keep_attention
-    cfg.keep_activations, cfg.keep_attention, cfg.keep_dequantized = (levers.keep_activations, levers.keep_attention,
-                                                                       levers.keep_dequantized)
+    for k in LEVERS:
+        setattr(cfg, k, getattr(levers, k))
     log(f"[mesp-mlx] speed levers ({note}): {levers.flags()}")
     return levers
 

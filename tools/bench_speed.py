@@ -10,8 +10,7 @@ block (one YAML's lora_parameters for both trainers), AdamW lr 1e-4, iters = ste
 (MLX's compile, caches) and is not counted.
 
 Rows:
-  mesp-mlx train, tightest      --keep-activations 0 --keep-dequantized 0 (the leanest plan; a build whose `train
-                                --help` lacks these flags runs its default plan, which is today's leanest, and says so)
+  mesp-mlx train, tightest      --keep-activations 0 --no-keep-attention --keep-dequantized 0 (the leanest plan)
   mesp-mlx train, budget N MB   --budget-mb N (the planner picks the fastest levers that fit)
   mlx_lm lora, 4-bit            the same 4-bit folder (mlx-lm's CPU quantized matmul: slow; --skip-4bit leaves it out)
   mlx_lm lora, fp32             the model dequantized once by `python -m mlx_lm convert --dequantize --dtype float32`
@@ -29,7 +28,7 @@ its process started), and the achieved GFLOP/s of this FLOP model, an ESTIMATE t
                              + 2 V d (the head's logits) + 2 V d (their gradient)
     P = the dense parameter count of the decoder blocks' linears, read from config.json:
         layers * (d * h*hd (q) + 2 * d * kv*hd (k, v) + h*hd * d (o) + 3 * d * ffn (gate, up, down))
-    recomputed: ours with keep-activations 0 (every run before that lever existed recomputes each block's forward),
+    recomputed: ours, the share of blocks not kept (keep_activations in the run's adapter_config.json),
                 mlx_lm lora --grad-checkpoint
     (SmolLM2-135M: P = 106.2 M, V d = 28.3 M: 4P + 4Vd = 538 MFLOP per token, 750 MFLOP with the recompute)
 
@@ -92,12 +91,6 @@ def prepare(work: Path) -> tuple[Path, Path, Path]:
     return model4, model32, data
 
 
-def has_tightest_flags() -> bool:
-    text = subprocess.run([sys.executable, "-m", "mesp_mlx.cli", "train", "--help"], capture_output=True, text=True,
-                          env=ENV).stdout
-    return "--keep-activations" in text and "--keep-dequantized" in text
-
-
 def flop_model(model: Path) -> dict:
     c = json.loads((model / "config.json").read_text())
     d, layers, ffn, vocab = c["hidden_size"], c["num_hidden_layers"], c["intermediate_size"], c["vocab_size"]
@@ -154,20 +147,16 @@ def run_ours(name: str, extra: list[str], model: Path, data: Path, lora_yaml: Pa
     timed = [r for r in records if r["step"] > 1]
     if not timed:
         return failed(name, "ours", cmd, "no timed step in metrics.jsonl")
-    recompute, note = our_recompute(adapters, records[-1])
+    recompute, note = our_recompute(adapters)
     return summarize(name, "ours", cmd, [(r["tokens"], r["step_s"]) for r in timed], max(r["peak_mb"] for r in timed),
                      recompute, note, flops, wall)
 
 
-def our_recompute(adapters: Path, last_record: dict) -> tuple[float, str]:
+def our_recompute(adapters: Path) -> tuple[float, str]:
     """The share of blocks whose forward the run recomputed in its backward: 1 - keep_activations / blocks, from the
-    adapter_config.json the run wrote (the planner's choice is recorded there); a build without that lever always
-    recomputes (MeSP)."""
+    adapter_config.json the run wrote (the planner's choice is recorded there)."""
     config = json.loads((adapters / "adapter_config.json").read_text())
-    kept, blocks = config.get("keep_activations"), config.get("num_layers")
-    if kept is None or not blocks:
-        return 1.0, "this build always recomputes (no keep-activations lever)"
-    kept = blocks if kept == -1 else min(kept, blocks)
+    kept, blocks = config["keep_activations"], config["num_layers"]
     return 1.0 - kept / blocks, f"keep_activations={kept} of {blocks} blocks"
 
 
@@ -253,12 +242,7 @@ def main() -> int:
     notes, rows = [], []
 
     if args.only in (None, "ours"):
-        tightest = ["--keep-activations", "0", "--keep-dequantized", "0"]
-        if not has_tightest_flags():
-            tightest = []
-            notes.append("this build's `mesp-mlx train` has no --keep-activations / --keep-dequantized: the "
-                         "'tightest' row ran its default plan (today's leanest)")
-            print(f"note: {notes[-1]}", flush=True)
+        tightest = ["--keep-activations", "0", "--no-keep-attention", "--keep-dequantized", "0"]
         for budget in args.budgets.split(","):
             budget = budget.strip()
             if budget == "tightest":

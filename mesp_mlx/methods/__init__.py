@@ -15,7 +15,7 @@ def make_method(name: str, **options) -> Method:
 
 def method_for(cfg) -> Method:
     """The method a TrainConfig asks for, with its options."""
-    keep_attention = bool(getattr(cfg, "keep_attention", False))
+    keep_attention = bool(cfg.keep_attention)  # None: the speed plan decides (train.choose_levers sets it)
     if cfg.method == "mesp":
         return MeSP(store_h=cfg.store_h, keep_attention=keep_attention)
     if cfg.method == "lcsb":

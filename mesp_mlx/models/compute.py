@@ -82,8 +82,7 @@ def keep_dequantized(block: nn.Module, keep: bool = True) -> int:
         if not isinstance(module, nn.QuantizedLinear):
             continue
         if keep:
-            dense = dequantize(module["weight"], module["scales"], module["biases"] if "biases" in module else None,
-                               module.group_size, module.bits, getattr(module, "mode", "affine"), mx.float32)
+            dense = dequantized_weight(module, mx.float32)
             mx.eval(dense)
             module.__dict__["_kept_dense"] = dense
             total += dense.nbytes
