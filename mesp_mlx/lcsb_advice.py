@@ -109,15 +109,21 @@ def advice_lines(cfg, step_s: dict, rows: list[StudyRow] | None = None) -> list[
         if row.diverged():
             out.append(f"  {name:<30}{seconds:8.3f}{speedup:9.2f}x   diverged: {row.lcsb[-1]:.3f} vs MeSP "
                        f"{row.mesp[-1]:.3f} {where}")
-            verdicts.append(False)
+            verdicts.append((name, False, row))
             continue
         equal = row.equal_minutes_gap(speedup)
         out.append(f"  {name:<30}{seconds:8.3f}{speedup:9.2f}x   {100 * row.same_steps_gap():+.1f} % / "
                    f"{100 * equal:+.1f} % {where}")
-        verdicts.append(equal < 0)
-    if any(verdicts):
-        out.append("  verdict: LCSB is worth it here — at equal minutes it ends below MeSP's held-out loss "
-                   "(--method lcsb with the fraction above)")
+        verdicts.append((name, equal < 0, row))
+    unstable = next((r for _, _, r in verdicts if r.mesp[-1] > r.mesp[0]), None)
+    winners = [name for name, wins, _ in verdicts if wins]
+    if unstable is not None:
+        out.append(f"  verdict: too hot — at this lr x scale the study's MeSP diverged as well (held-out "
+                   f"{unstable.mesp[0]:.3f} -> {unstable.mesp[-1]:.3f}); lower the learning rate or the LoRA scale "
+                   "before choosing a method")
+    elif winners:
+        out.append(f"  verdict: LCSB is worth it here — {', '.join(winners)} ends below MeSP's held-out loss at "
+                   "equal minutes (--method lcsb with that fraction)")
     elif verdicts:
         out.append("  verdict: MeSP is the better use of the same minutes — LCSB's cheaper steps do not make up for "
                    "its partial gradients at this setting")

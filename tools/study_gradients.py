@@ -259,8 +259,8 @@ def report(result: dict) -> str:
         cells = [f"{run['heldout'][str(s)]:.3f}" if str(s) in run["heldout"] else "" for s in steps]
         last = run["heldout"][str(max(int(k) for k in run["heldout"]))]
         speed = gap = equal = ""
-        if mesp is not None and mesp is not run:
-            mesp_last = mesp["heldout"][str(max(int(k) for k in mesp["heldout"]))]
+        if mesp is not None and mesp is not run and str(max(int(k) for k in run["heldout"])) in mesp["heldout"]:
+            mesp_last = mesp["heldout"][str(max(int(k) for k in run["heldout"]))]  # after as many steps as the run
             speed = f"{mesp['s_per_step'] / run['s_per_step']:.2f}x"
             gap = f"{100 * (last - mesp_last) / mesp_last:+.1f} %"
             at = _heldout_at_seconds(mesp, run["seconds"][-1])

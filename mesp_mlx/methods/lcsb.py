@@ -8,8 +8,9 @@ block-coordinate descent on the LoRA parameters.
 Schedules over the trainable blocks, split into K = round(1 / fraction) contiguous groups:
     cyclic     : group (step mod K) at step `step` — every block within K steps
     random     : ceil(fraction * N) blocks drawn from a key of (seed, step)
-    importance : the blocks with the largest running mean of their gradient norm, where a block not updated for K
-                 steps is chosen first (so none starves)
+    importance : ceil(fraction * N) blocks: first any block not updated for 2K steps (so none starves), then the
+                 largest running mean of their gradient norm (a block never measured counts as the largest). The
+                 bound is 2K, not K: with K the starving blocks alone fill every step and the schedule is cyclic
 Skipped blocks' optimizer state: `freeze` (default: not stepped, AdamW's moments wait) or `momentum` (stepped with a
 zero gradient, so AdamW's momentum and weight decay keep moving them, as the paper discusses). Both are sensible;
 freeze is the cheaper and the one that makes "only the selected blocks change" true.
@@ -57,8 +58,8 @@ class LCSB(Method):
         if self.schedule == "random":
             rng = np.random.default_rng([self.seed, step])
             return {int(b) for b in rng.choice(blocks, size=m, replace=False)}
-        k = len(self.groups(blocks))
-        starving = [b for b in blocks if step - self.last_update.get(b, -10**9) >= k]
+        bound = 2 * len(self.groups(blocks))
+        starving = [b for b in blocks if step - self.last_update.get(b, -10**9) >= bound]
         ranked = sorted(blocks, key=lambda b: -self.importance.get(b, float("inf")))
         chosen = (starving + [b for b in ranked if b not in starving])[:m]
         return set(chosen)
