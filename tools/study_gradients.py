@@ -251,8 +251,8 @@ def report(result: dict) -> str:
     held-out loss after as many seconds as the run took in all (interpolated between MeSP's evaluations)."""
     curves_ = {k: v for k, v in result["curves"].items() if v.get("heldout")}
     steps = sorted({int(k) for v in curves_.values() for k in v["heldout"]})
-    rows = ["| run | " + " | ".join(f"{s}" for s in steps) + " | s/step | speed-up | gap to MeSP | MeSP at equal seconds |",
-            "|---" * (len(steps) + 5) + "|"]
+    rows = ["| run | " + " | ".join(f"{s}" for s in steps)
+            + " | best (step) | s/step | speed-up | gap to MeSP | MeSP at equal seconds |", "|---" * (len(steps) + 6) + "|"]
     for name, run in curves_.items():
         _, extra = parse_run(name)
         mesp = curves_.get("mesp" + (f"@{name.partition('@')[2]}" if "@" in name else ""))
@@ -265,7 +265,9 @@ def report(result: dict) -> str:
             gap = f"{100 * (last - mesp_last) / mesp_last:+.1f} %"
             at = _heldout_at_seconds(mesp, run["seconds"][-1])
             equal = f"{at:.3f} ({100 * (last - at) / at:+.1f} %)" if at is not None else ""
-        rows.append(f"| {name} | " + " | ".join(cells) + f" | {run['s_per_step']:.2f} | {speed} | {gap} | {equal} |")
+        best = min(run["heldout"], key=run["heldout"].get)  # what a run stopped at its best evaluation keeps
+        rows.append(f"| {name} | " + " | ".join(cells) + f" | {run['heldout'][best]:.3f} ({best}) | "
+                    f"{run['s_per_step']:.2f} | {speed} | {gap} | {equal} |")
     return "\n".join(rows) + "\n"
 
 
