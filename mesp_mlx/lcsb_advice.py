@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 STUDY = Path(__file__).with_name("lcsb_study.json")
+NEAR = 3.0  # a study row speaks for a run whose lr x scale is within this factor of its own
 ADAM_LIKE = ("adam", "adamw")
 
 
@@ -73,9 +74,11 @@ def load_study(path: Path = STUDY) -> list[StudyRow]:
 def nearest(rows: list[StudyRow], lr: float, scale: float, fraction: float, schedule: str,
             skipped: str = "freeze") -> StudyRow | None:
     """The row of this fraction, schedule and skipped-block state (falling back to what was studied: the cyclic
-    schedule, frozen skipped blocks) whose lr x scale is nearest the run's."""
+    schedule, frozen skipped blocks) whose lr x scale is nearest the run's, within a factor NEAR (None: not measured
+    near this setting)."""
+    near = [r for r in rows if abs(math.log(r.effective_lr) - math.log(lr * scale)) <= math.log(NEAR)]
     for want in dict.fromkeys([(schedule, skipped), (schedule, "freeze"), ("cyclic", skipped), ("cyclic", "freeze")]):
-        same = [r for r in rows if abs(r.fraction - fraction) < 1e-9 and (r.schedule, r.skipped) == want]
+        same = [r for r in near if abs(r.fraction - fraction) < 1e-9 and (r.schedule, r.skipped) == want]
         if same:
             return min(same, key=lambda r: abs(math.log(r.effective_lr) - math.log(lr * scale)))
     return None

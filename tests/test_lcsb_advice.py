@@ -43,6 +43,8 @@ def test_nearest_matches_log_lr_times_scale_and_falls_back_to_cyclic():
     assert nearest(rows, 1e-4, 20.0, 0.25, "importance").schedule == "cyclic"
     assert nearest(rows, 1e-4, 20.0, 0.5, "cyclic").fraction == 0.5
     assert nearest(rows, 1e-4, 20.0, 0.1, "cyclic") is None
+    assert nearest(rows, 1e-5, 20.0, 0.5, "cyclic") is None  # the only 1/2 row is 10x hotter: not this setting
+    assert nearest(rows, 1e-6, 20.0, 0.25, "cyclic") is None
 
 
 def test_verdicts():
