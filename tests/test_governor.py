@@ -92,13 +92,15 @@ def test_prediction_is_within_15_percent_of_the_measured_peak(small_model, tmp_p
     measured = max(r["peak_mb"] for r in records[1:])  # from step 2 AdamW's state exists, as the plan assumes
     assert abs(predicted - measured) <= 0.15 * measured, (predicted, measured)
     # the speed plan's levers under a budget that holds some of them: its recorded prediction (lean peak + the
-    # levers' MB) against the run's measured peak
+    # levers' MB) against the run's measured peak. One block's fp32 weights are pinned (whether the probes' timings
+    # find a lever worth its memory depends on this shared box's load: a memory test must not); the rest is the
+    # planner's choice
     budget = predicted + 6.0
     fast = _cfg(model, data, tmp_path / "f", method=method, stream_weights=stream, checkpoint_storage=storage,
-                budget_mb=budget)
+                budget_mb=budget, keep_dequantized=1)
     records = train(fast, log=lambda *a: None).records
     config = json.loads((tmp_path / "f" / "adapter_config.json").read_text())
-    assert config["keep_dequantized"] + config["keep_activations"] > 0  # something was worth its memory
+    assert config["keep_dequantized"] == 1
     measured = max(r["peak_mb"] for r in records[1:])
     assert measured <= budget
     assert abs(config["predicted_peak_mb"] - measured) <= 0.15 * measured, (config["predicted_peak_mb"], measured)
