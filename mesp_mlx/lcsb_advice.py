@@ -20,6 +20,8 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 STUDY = Path(__file__).with_name("lcsb_study.json")
 NEAR = 3.0  # a study row speaks for a run whose lr x scale is within this factor of its own
 ADAM_LIKE = ("adam", "adamw")
@@ -50,10 +52,7 @@ class StudyRow:
 
     def mesp_at(self, step: float) -> float:
         """MeSP's held-out loss after `step` steps, linear between the evaluations."""
-        for (s0, v0), (s1, v1) in zip(zip(self.steps, self.mesp), zip(self.steps[1:], self.mesp[1:])):
-            if s0 <= step <= s1:
-                return v0 + (v1 - v0) * (step - s0) / (s1 - s0)
-        return self.mesp[-1]
+        return float(np.interp(step, self.steps, self.mesp))  # past the last evaluation: the last
 
     def equal_minutes_gap(self, speedup: float) -> float:
         """LCSB's final held-out loss relative to MeSP's after the minutes LCSB's steps take at `speedup` (fraction:
@@ -76,11 +75,14 @@ def nearest(rows: list[StudyRow], lr: float, scale: float, fraction: float, sche
     """The row of this fraction, schedule and skipped-block state (falling back to what was studied: the cyclic
     schedule, frozen skipped blocks) whose lr x scale is nearest the run's, within a factor NEAR (None: not measured
     near this setting)."""
-    near = [r for r in rows if abs(math.log(r.effective_lr) - math.log(lr * scale)) <= math.log(NEAR)]
+    def distance(r: StudyRow) -> float:
+        return abs(math.log(r.effective_lr) - math.log(lr * scale))
+
+    near = [r for r in rows if distance(r) <= math.log(NEAR)]
     for want in dict.fromkeys([(schedule, skipped), (schedule, "freeze"), ("cyclic", skipped), ("cyclic", "freeze")]):
         same = [r for r in near if abs(r.fraction - fraction) < 1e-9 and (r.schedule, r.skipped) == want]
         if same:
-            return min(same, key=lambda r: abs(math.log(r.effective_lr) - math.log(lr * scale)))
+            return min(same, key=distance)
     return None
 
 

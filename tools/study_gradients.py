@@ -120,10 +120,10 @@ def parse_run(name: str) -> tuple[str, dict]:
 
 def run_settings(settings, name: str) -> dict:
     """What a curve was trained with (kept with it, so that combined studies stay self-describing)."""
-    get = (lambda k: settings.get(k)) if isinstance(settings, dict) else (lambda k: getattr(settings, k))
     method, extra = parse_run(name)
-    return {"lr": get("lr") if method != "mezo" else get("mezo_lr"), "optimizer": get("optimizer"),
-            "scale": extra.get("scale", get("scale") or 20.0), "seq": get("seq"), "rank": get("rank")}
+    return {"lr": settings.get("mezo_lr" if method == "mezo" else "lr"), "optimizer": settings.get("optimizer"),
+            "scale": extra.get("scale", settings.get("scale") or 20.0), "seq": settings.get("seq"),
+            "rank": settings.get("rank")}
 
 
 def advice_rows(curves_: dict, source: str) -> list[dict]:
@@ -172,7 +172,7 @@ def curves(args):
                 print(f"  {name} step {step + 1}: train {np.mean(losses[-args.eval_every:]):.4f} "
                       f"held-out {evals[step + 1]:.4f}", flush=True)
         yield name, {"loss": losses, "seconds": seconds, "s_per_step": t / args.steps,
-                     "heldout": {str(k): v for k, v in evals.items()}, **run_settings(args, name)}
+                     "heldout": {str(k): v for k, v in evals.items()}, **run_settings(vars(args), name)}
         print(f"{name}: loss {losses[0]:.3f} -> {np.mean(losses[-5:]):.3f} (mean of last 5), {t / args.steps:.2f} s/step"
               + (f", held-out {evals[args.steps]:.4f}" if valid is not None else ""), flush=True)
 
@@ -199,15 +199,8 @@ def plot(result: dict, path: Path) -> None:
             top.set_title(f"LoRA scale {scale:g}")
             top.set_xlabel("step")
             bottom.set_xlabel("seconds (this CPU)")
-            for a in (top, bottom):
-                a.set_ylabel("held-out loss (log scale)")
-                a.set_yscale("log")
-                a.grid(alpha=0.3)
-                a.legend(fontsize=8)
-        fig.suptitle(f"SmolLM2-135M, Shakespeare: {result['settings'].get('title', '')}")
-        fig.tight_layout()
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
+            _log_axes((top, bottom), "held-out loss (log scale)", fontsize=8)
+        _save(fig, f"SmolLM2-135M, Shakespeare: {result['settings'].get('title', '')}", path)
         return
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
     for name, r in result["curves"].items():
@@ -219,18 +212,25 @@ def plot(result: dict, path: Path) -> None:
                     label=f"{name} held-out")
     a1.set_xlabel("step")
     a2.set_xlabel("seconds (this CPU)")
-    for a in (a1, a2):
-        a.set_ylabel("loss (log scale)")
+    _log_axes((a1, a2), "loss (log scale)")
+    c = result.get("cosines")
+    _save(fig, "SmolLM2-135M, Shakespeare: " + (
+        "cos to the exact gradient — MeZO n=1/4/16: " + ", ".join(f"{np.mean(c['mezo'][k]):.3f}" for k in ("1", "4", "16"))
+        + f"; LCSB 1/4: {np.mean(c['lcsb_all']):.2f}" if c else result["settings"].get("title", "")), path)
+
+
+def _log_axes(axes, ylabel: str, **legend) -> None:
+    for a in axes:
+        a.set_ylabel(ylabel)
         a.set_yscale("log")
         a.grid(alpha=0.3)
-        a.legend()
-    c = result.get("cosines")
-    if c:
-        fig.suptitle("SmolLM2-135M, Shakespeare: cos to the exact gradient — MeZO n=1/4/16: "
-                     + ", ".join(f"{np.mean(c['mezo'][k]):.3f}" for k in ("1", "4", "16"))
-                     + f"; LCSB 1/4: {np.mean(c['lcsb_all']):.2f}")
-    else:
-        fig.suptitle(f"SmolLM2-135M, Shakespeare: {result['settings'].get('title', '')}")
+        a.legend(**legend)
+
+
+def _save(fig, title: str, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -239,10 +239,8 @@ def plot(result: dict, path: Path) -> None:
 def _heldout_at_seconds(run: dict, seconds: float) -> float | None:
     """The run's held-out loss after `seconds` of training, linear between its evaluation points (None: past its end)."""
     points = sorted((run["seconds"][int(k) - 1] if int(k) else 0.0, v) for k, v in run["heldout"].items())
-    for (t0, v0), (t1, v1) in zip(points, points[1:]):
-        if t0 <= seconds <= t1:
-            return v0 + (v1 - v0) * (seconds - t0) / max(t1 - t0, 1e-9)
-    return None
+    at = np.interp(seconds, [t for t, _ in points], [v for _, v in points], right=np.nan)
+    return None if np.isnan(at) else float(at)
 
 
 def report(result: dict) -> str:
@@ -254,13 +252,13 @@ def report(result: dict) -> str:
     rows = ["| run | " + " | ".join(f"{s}" for s in steps)
             + " | best (step) | s/step | speed-up | gap to MeSP | MeSP at equal seconds |", "|---" * (len(steps) + 6) + "|"]
     for name, run in curves_.items():
-        _, extra = parse_run(name)
         mesp = curves_.get("mesp" + (f"@{name.partition('@')[2]}" if "@" in name else ""))
         cells = [f"{run['heldout'][str(s)]:.3f}" if str(s) in run["heldout"] else "" for s in steps]
-        last = run["heldout"][str(max(int(k) for k in run["heldout"]))]
+        end = str(max(int(k) for k in run["heldout"]))
+        last = run["heldout"][end]
         speed = gap = equal = ""
-        if mesp is not None and mesp is not run and str(max(int(k) for k in run["heldout"])) in mesp["heldout"]:
-            mesp_last = mesp["heldout"][str(max(int(k) for k in run["heldout"]))]  # after as many steps as the run
+        if mesp is not None and mesp is not run and end in mesp["heldout"]:
+            mesp_last = mesp["heldout"][end]  # after as many steps as the run
             speed = f"{mesp['s_per_step'] / run['s_per_step']:.2f}x"
             gap = f"{100 * (last - mesp_last) / mesp_last:+.1f} %"
             at = _heldout_at_seconds(mesp, run["seconds"][-1])
@@ -318,7 +316,7 @@ def main():
             Path(args.advice_out).write_text(json.dumps({"rows": rows}, indent=1) + "\n")
             print(f"wrote {len(rows)} rows to {args.advice_out}")
         return
-    args.data = OUT / ("shakespeare" if args.plays == "hamlet,macbeth,othello" else f"shakespeare_{len(args.plays.split(','))}")
+    args.data = OUT / ("shakespeare" if args.plays == "hamlet,macbeth,othello" else f"shakespeare_{args.plays.replace(',', '-')}")
     write_text_jsonl(shakespeare_passages(args.plays.split(",")), args.data)
     old = json.loads((OUT / f"{args.name}.json").read_text()) if (OUT / f"{args.name}.json").is_file() else {}
     result = {"settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
