@@ -254,7 +254,7 @@ def cmd_plan(args) -> int:
         print(f"memory <-> step time ({args.sweep_out}):")
         print(f"  {'budget MB':>10}{'peak MB':>10}{'step s':>9}  levers")
         for r in rows:
-            print(f"  {r['budget_mb']:10.0f}{r['peak_mb']:10.1f}{r['step_s']:9.2f}  {r['flags']}")
+            print(f"  {r['budget_mb']:10.0f}{r['peak_mb']:10.1f}{r['step_s']:9.3f}  {r['flags']}")
     return 0
 
 
