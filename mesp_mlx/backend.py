@@ -62,6 +62,39 @@ def blas_in_use() -> str:
     return ", ".join(sorted(libs))
 
 
+_OPENBLAS: list = []  # [ctypes library or None], found once
+
+
+def _openblas():
+    """MLX's OpenBLAS as a ctypes library (None when MLX uses another BLAS)."""
+    if not _OPENBLAS:
+        import ctypes
+
+        lib = None
+        for path in blas_in_use().split(", "):
+            if "openblas" in os.path.basename(path).lower():
+                try:
+                    lib = ctypes.CDLL(path)
+                    lib.openblas_get_num_threads()
+                    break
+                except (OSError, AttributeError):
+                    lib = None
+        _OPENBLAS.append(lib)
+    return _OPENBLAS[0]
+
+
+def set_blas_threads(n: int) -> int | None:
+    """Set the threads of MLX's OpenBLAS GEMMs; returns the previous count (None: not OpenBLAS, nothing done). Lanes
+    (engine/lanes.py) run one GEMM per core at once, each single-threaded: two threads each oversubscribe the cores."""
+    lib = _openblas()
+    if lib is None:
+        return None
+    old = lib.openblas_get_num_threads()
+    if old != n:
+        lib.openblas_set_num_threads(n)
+    return old
+
+
 def is_reference_blas(name: str) -> bool:
     """True when the BLAS in use is the slow netlib reference build bundled in the mlx-cpu wheel."""
     return bool(name) and "openblas" not in name.lower() and ("mlx_cpu.libs" in name or "libblas" in name.lower())

@@ -90,6 +90,9 @@ def _train_parser(sub, name="train", help="LoRA fine-tune within a memory budget
                        help="MeSP: blocks that keep their tensors keep their attention probabilities too")
     speed.add_argument("--keep-dequantized", type=int, metavar="N",
                        help="CPU path: the top N blocks keep fp32 copies of their 4-bit weights (-1: all; 0: none)")
+    speed.add_argument("--lanes", type=int, metavar="N",
+                       help="split each block's rows over N CPU threads (default: one per core, at most 4, on the CPU; "
+                            "1 on a GPU); results depend on N in the last bits only")
     output = p.add_argument_group("output: what is written, how often, and resuming")
     output.add_argument("--adapter-path", help="output folder (adapters.safetensors, adapter_config.json, metrics.jsonl)")
     output.add_argument("--save-every", type=int)

@@ -70,6 +70,7 @@ class TrainConfig:
     keep_activations: int | None = None  # MeSP: blocks (from the top) whose forward context is kept, not recomputed
     keep_attention: bool | None = None  # MeSP: those blocks keep their attention probabilities too
     keep_dequantized: int | None = None  # CPU path: blocks (from the top) whose fp32 weights stay resident
+    lanes: int | None = None  # a block's rows split over this many CPU threads (engine/lanes.py); None: one per core
     # demo: prompts answered before and after training
     demo_prompts: list = field(default_factory=list)
     demo_max_tokens: int = 48

@@ -13,7 +13,7 @@ INT = {  # name: (lowest allowed, extra allowed values)
     "save_every": (0, ()), "steps_per_report": (1, ()), "steps_per_eval": (0, ()), "val_batches": (1, (-1,)),
     "test_batches": (1, (-1,)), "zo_samples": (1, ()), "quantize_bits": (1, ()), "quantize_group_size": (1, ()),
     "demo_max_tokens": (1, ()), "grad_accumulation_steps": (1, ()), "vocab_chunk": (1, ()),
-    "keep_activations": (0, (-1,)), "keep_dequantized": (0, (-1,)),
+    "keep_activations": (0, (-1,)), "keep_dequantized": (0, (-1,)), "lanes": (1, ()),
 }
 FLOAT = {  # name: (low, low inclusive, high or None)
     "learning_rate": (0.0, True, None), "lcsb_fraction": (0.0, False, 1.0), "zo_eps": (0.0, False, None),
@@ -28,7 +28,7 @@ CHOICES = {
 }
 STRINGS = ("model", "data", "adapter_path", "resume_adapter_file", "checkpoint_dir", "device_profile")
 NULLABLE = ("vocab_chunk", "budget_mb", "max_seq_length", "keep_activations", "keep_dequantized",
-            "keep_attention") + STRINGS  # max_seq_length None: the model's context
+            "keep_attention", "lanes") + STRINGS  # max_seq_length None: the model's context
 
 
 def _number(v) -> bool:

@@ -29,6 +29,8 @@ from dataclasses import dataclass
 import mlx.core as mx
 import numpy as np
 
+from .engine.lanes import Lanes, lane_count
+
 MB = 1024 * 1024
 DEFAULT_SHARE = 0.25  # of physical RAM, when no budget is given
 HEADROOM = 0.92  # plan to this share of the budget: the planner's memory predictions are within a few %
@@ -169,8 +171,10 @@ def measure(cfg, prep, method, lean_components: dict | None = None) -> LeverCost
     activations = rule is not None and rule._use_hand_rule(block, x, mask)
     dense_applies = prep.compute_path == "dequant" and any(isinstance(m, DequantLinear) for _, m in block.named_modules())
 
+    lanes = Lanes(lane_count(getattr(cfg, "lanes", None)))  # timed on the run's threads
+
     def forward(keep=False):
-        return method.block_forward(block, x, mask, keep=keep)
+        return lanes.forward(method, block, x, mask, keep=keep)
 
     ws = {}
 
@@ -178,7 +182,7 @@ def measure(cfg, prep, method, lean_components: dict | None = None) -> LeverCost
         """Seconds of the backward, with (keep) the context its forward kept; and that context's MB (the bytes of
         the arrays it holds, counted directly). Also records the kept variant's forward and backward working sets."""
         if not keep:
-            return _timed(lambda: method.block_backward(block, x, g, mask)), 0.0
+            return _timed(lambda: lanes.backward(method, block, x, g, mask)), 0.0
         rule.keep_attention = probs
         best, held = float("inf"), 0.0
         for _ in range(3):
@@ -187,11 +191,11 @@ def measure(cfg, prep, method, lean_components: dict | None = None) -> LeverCost
             mx.reset_peak_memory()
             mx.eval(forward(keep=True))
             ws[("forward kept", probs)] = mx.get_peak_memory() / MB - start_mb
-            held = rule._kept[id(block)].nbytes() / MB
+            held = sum(ctx.nbytes() for key, ctx in rule._kept.items() if key[0] == id(block)) / MB
             mx.clear_cache()
             mx.reset_peak_memory()
             start = time.perf_counter()
-            mx.eval(method.block_backward(block, x, g, mask))
+            mx.eval(lanes.backward(method, block, x, g, mask))
             best = min(best, time.perf_counter() - start)
             ws[("backward kept", probs)] = mx.get_peak_memory() / MB - start_mb
         rule.keep_attention = False

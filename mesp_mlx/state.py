@@ -69,6 +69,17 @@ def read_state(path: Path) -> tuple[dict, dict]:
     return tensors, meta
 
 
+def saved_setting(path: Path, key: str):
+    """One setting of the state saved in `path` (None when there is no state or it does not record `key`); reads the
+    metadata only."""
+    file = path / STATE_FILE
+    try:
+        _, meta = mx.load(str(file), return_metadata=True)
+        return json.loads(meta["settings"]).get(key)
+    except Exception:  # noqa: BLE001 - no readable state: load_state says why, later
+        return None
+
+
 def load_state(path: Path, model, optimizers: list, settings: dict, state: tuple[dict, dict] | None = None) -> dict:
     """Restore adapters and optimizer states in place; return {step, data, method}. Refuses another run's state.
     `state` is (tensors, metadata) already read (a distributed run's ranks get rank 0's); else the file is read."""

@@ -18,6 +18,7 @@ from . import backend
 from .config import ConfigError, TrainConfig
 from .data import BatchIterator, DataError, load_splits
 from .engine import Batch, BlockEngine, NonFiniteError, WeightStreamer
+from .engine.lanes import lane_count
 from .governor import BudgetExceeded, Governor, resolve_budget
 from .io import check_free_space, check_writable, remove_stale_temp_files
 from .lock import FolderLock
@@ -27,7 +28,7 @@ from .methods import method_for
 from .optimizers import LearningRate, make_optimizer
 from .metrics import MetricsLog, block_peaks, plot_block_memory, plot_metrics
 from .distributed import Ranks
-from .state import STATE_FILE, load_state, save_state, shared_settings
+from .state import STATE_FILE, load_state, save_state, saved_setting, shared_settings
 from .models import ModelParts, cast_float_params, context_length, family_lora_parameters, load_model, set_compute_path
 from .models.compute import keep_dequantized_blocks
 
@@ -221,6 +222,9 @@ class StopSignals:
 
 def _train(cfg: TrainConfig, adapter_path: Path, stop: StopSignals, log, ranks: Ranks) -> TrainResult:
     writer = ranks.is_writer
+    if cfg.lanes is None and cfg.resume:  # the interrupted run's lanes: the continuation stays bit-exact
+        cfg.lanes = saved_setting(adapter_path, "lanes")
+    cfg.lanes = lane_count(cfg.lanes)
     budget_mb, budget_text = resolve_budget(cfg.device_profile, cfg.budget_mb)
     if budget_mb is not None and not cfg.skip_plan:  # the budget is each rank's: it holds batch / ranks rows
         check_plan(dataclasses.replace(cfg, batch_size=cfg.batch_size // ranks.size), budget_mb, budget_text, log)
@@ -236,7 +240,7 @@ def _train(cfg: TrainConfig, adapter_path: Path, stop: StopSignals, log, ranks: 
                             world=ranks.size)
     log(f"[mesp-mlx] model {prep.path} | {len(prep.parts.layers)} blocks | method {cfg.method} | ranks {ranks.size} | "
         f"compute {prep.compute_path} | LoRA params {prep.n_trainable / 1e6:.3f} M | stream weights {cfg.stream_weights} | "
-        f"checkpoints {cfg.checkpoint_storage} | BLAS {backend.blas_in_use().split(',')[0] or 'n/a'}")
+        f"checkpoints {cfg.checkpoint_storage} | lanes {cfg.lanes} | BLAS {backend.blas_in_use().split(',')[0] or 'n/a'}")
 
     answers_before = _show_answers(prep, cfg, "before", log) if cfg.demo_prompts and writer else []
     prep.model.train()
@@ -254,11 +258,11 @@ def _train(cfg: TrainConfig, adapter_path: Path, stop: StopSignals, log, ranks: 
     engine = BlockEngine(prep.parts, method, optimizers, cfg.checkpoint_storage, cfg.checkpoint_dir,
                          prep.streamer, cfg.vocab_chunk, cfg.clear_cache, cfg.seed, on_block_done=governor,
                          accumulation=cfg.grad_accumulation_steps, learning_rate=lr, ranks=ranks,
-                         keep_activations=levers.keep_activations)
+                         keep_activations=levers.keep_activations, lanes=cfg.lanes)
     if writer:
         check_free_space(adapter_path, _state_bytes(prep.model), "the training state")  # before anything is written
     adapter_file = adapter_path / "adapters.safetensors"
-    settings = shared_settings(cfg)
+    settings = {**shared_settings(cfg), "lanes": cfg.lanes}  # lanes: recorded for --resume, not compared
     first_step = 1
     if cfg.resume:
         restored = load_state(adapter_path, prep.model, optimizers, settings, _shared_state(adapter_path, ranks))

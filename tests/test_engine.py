@@ -35,9 +35,9 @@ def _batch(vocab, seed=1):
     return Batch.from_mlx_lm(tokens, lengths)
 
 
-def _engine_grads(model, batch, streamer=None, storage="memory", vocab_chunk=None, method="mebp"):
-    engine = BlockEngine(ModelParts(model, streamer=streamer), make_method(method), None, checkpoint_storage=storage, streamer=streamer,
-                         vocab_chunk=vocab_chunk)
+def _engine_grads(model, batch, streamer=None, storage="memory", vocab_chunk=None, method="mebp", lanes=1):
+    engine = BlockEngine(ModelParts(model, streamer=streamer), make_method(method), None, checkpoint_storage=storage,
+                         streamer=streamer, vocab_chunk=vocab_chunk, lanes=lanes)
     stats, grads = engine.step(batch, apply_update=False)
     out = {}
     for i, g in grads.items():
@@ -161,3 +161,20 @@ def test_embedding_compute_dtype_is_per_model():
         cast_float_params(model, dtype)
         models.append(emb)
     assert models[0](mx.array([3])).dtype == mx.float16 and models[1](mx.array([3])).dtype == mx.float32
+
+
+@pytest.mark.parametrize("method", ["mebp", "mesp", "lcsb"])
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_lanes_gradients_equal_autodiff(tiny_models, family, method):
+    """A block's rows split over 2 and 3 threads (engine/lanes.py, 3 rows: 2+1 and 1+1+1): still autodiff's
+    gradients, equal to one lane's."""
+    model, _ = _prepared(tiny_models[family])
+    batch = _batch(model.args.vocab_size)
+    one = _engine_grads(model, batch, method=method)[1]
+    for lanes in (2, 3):
+        stats, grads = _engine_grads(model, batch, method=method, lanes=lanes)
+        if method != "lcsb":
+            _assert_grads_match(model, batch, stats, grads)
+        assert set(grads) == set(one)
+        for k in one:
+            assert max_rel_err(grads[k], one[k]) <= 1e-5, (lanes, k)

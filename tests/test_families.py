@@ -53,10 +53,10 @@ def _batch(vocab=384, seed=1):
     return Batch.from_mlx_lm(tokens, mx.array([[3, T + 1], [0, 15]]))  # prompt masking and padding
 
 
-def _engine(model, method, streamer=None):
+def _engine(model, method, streamer=None, lanes=1):
     parts = ModelParts(model, streamer=streamer)
-    stats, grads = BlockEngine(parts, method, None, streamer=streamer, vocab_chunk=100).step(_batch(),
-                                                                                            apply_update=False)
+    stats, grads = BlockEngine(parts, method, None, streamer=streamer, vocab_chunk=100,
+                               lanes=lanes).step(_batch(), apply_update=False)
     out = {}
     for i, g in grads.items():
         out.update({f"model.layers.{i}.{k}": v for k, v in flat(g).items()})
@@ -66,9 +66,10 @@ def _engine(model, method, streamer=None):
 RULES = {"mebp": lambda: MeBP(), "mesp-hand": lambda: MeSP(), "mesp-generic": lambda: MeSP(hand_rules=False)}
 
 
+@pytest.mark.parametrize("lanes", [1, 2])
 @pytest.mark.parametrize("rule", list(RULES))
 @pytest.mark.parametrize("family", TINY_FAMILIES)
-def test_engine_equals_mlx_lm_autodiff(family_models, family, rule):
+def test_engine_equals_mlx_lm_autodiff(family_models, family, rule, lanes):
     model, _ = _prepared(family_models[family])
     assert type(model.layers[0].self_attn.o_proj) is LoRALinear
     loss_ref, ref = nn.value_and_grad(model, masked_ce)(model, _batch())  # mlx-lm's model, mlx-lm's LoRALinear
@@ -79,7 +80,7 @@ def test_engine_equals_mlx_lm_autodiff(family_models, family, rule):
         assert unsupported_reason(model.layers[0]) is None, family
     with warnings.catch_warnings():
         warnings.simplefilter("error" if rule == "mesp-hand" else "ignore")  # the hand rule itself, no fallback
-        loss, grads = _engine(model, RULES[rule]())
+        loss, grads = _engine(model, RULES[rule](), lanes=lanes)  # lanes 2: one row per thread (engine/lanes.py)
     assert abs(loss - loss_ref.item()) <= TOL * abs(loss_ref.item())
     assert set(grads) == set(ref) and ref
     for k in ref:
@@ -107,7 +108,7 @@ def test_streamed_weights_give_the_same_gradients(family_models, family):
     loss_ref, ref = nn.value_and_grad(model, masked_ce)(model, _batch())
     model, streamer = _prepared(family_models[family], stream=True)
     to_mesp_lora(model)
-    loss, grads = _engine(model, MeSP(), streamer)
+    loss, grads = _engine(model, MeSP(), streamer, lanes=2)  # blocks read from disk, then split over two threads
     assert abs(loss - loss_ref.item()) <= TOL * abs(loss_ref.item())
     for k, v in flat(ref).items():
         assert max_rel_err(grads[k], v) <= TOL, k

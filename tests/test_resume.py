@@ -1,5 +1,6 @@
 """Crash-safe training: SIGKILL / Ctrl-C at any point, then --resume, ends with the uninterrupted run's adapter."""
 
+import json
 import os
 import signal
 import subprocess
@@ -94,6 +95,24 @@ def test_ctrl_c_sigterm_sighup_save_exit_cleanly_and_resume(run_setup, tmp_path,
     _assert_same(out, ref_adapters, ref_records)
 
 
+def test_resume_continues_with_the_interrupted_runs_lanes(run_setup, tmp_path, capsys):
+    """A run on one lane, interrupted and resumed without --lanes on a machine whose default is another count, keeps
+    its one lane (engine/lanes.py): the continuation equals the uninterrupted one-lane run bit for bit."""
+    model, data, _, _ = run_setup
+    ref, out = tmp_path / "ref1", tmp_path / "one"
+    assert main(_args(model, data, ref, "--lanes", "1")) == 0
+    assert json.loads((ref / "adapter_config.json").read_text())["lanes"] == 1
+    ref_adapters, ref_records = mx.load(str(ref / "adapters.safetensors")), MetricsLog.read(ref / "metrics.jsonl")
+    proc = _spawn(_args(model, data, out, "--lanes", "1"))
+    _wait_for_steps(proc, out / "metrics.jsonl", 3)
+    proc.send_signal(signal.SIGINT)
+    assert proc.communicate(timeout=120)[0] and proc.returncode == 130
+    capsys.readouterr()
+    assert main(_args(model, data, out, "--resume")) == 0
+    assert "lanes 1 |" in capsys.readouterr().out
+    _assert_same(out, ref_adapters, ref_records)
+
+
 def test_a_kill_during_the_state_write_leaves_the_previous_state(run_setup, tmp_path, monkeypatch):
     """os.replace is the commit point: fail it on the third state save and the second save's state still loads."""
     model, data, ref_adapters, ref_records = run_setup
@@ -136,8 +155,8 @@ def test_nonfinite_gradient_stops_or_skips_naming_step_and_block(tiny_models, tm
     real = MeSP.block_backward
     state = {"calls": 0}
 
-    def poisoned(self, block, h_in, g_out, mask):
-        g, grads = real(self, block, h_in, g_out, mask)
+    def poisoned(self, block, h_in, g_out, mask, lane=0):
+        g, grads = real(self, block, h_in, g_out, mask, lane)
         state["calls"] += 1
         if state["calls"] == 5:  # step 2 (3 blocks a step), block 1
             grads["mlp"]["up_proj"]["lora_b"] = grads["mlp"]["up_proj"]["lora_b"] * float("nan")
@@ -149,7 +168,8 @@ def test_nonfinite_gradient_stops_or_skips_naming_step_and_block(tiny_models, tm
     logs = []
     cfg = TrainConfig(model=str(tiny_models["qwen2"]), data=str(data), iters=4, save_every=1, optimizer="sgd",
                       learning_rate=0.1, adapter_path=str(out), plot=False, on_nonfinite=policy,
-                      keep_activations=0, keep_attention=False, keep_dequantized=0)  # no speed probes: calls count
+                      keep_activations=0, keep_attention=False, keep_dequantized=0,  # no speed probes: calls count
+                      lanes=1)
     result = train(cfg, log=logs.append)
     text = "\n".join(logs)
     assert "step 2: NaN or inf in the LoRA gradient of block 1" in text

@@ -42,7 +42,7 @@ def _batches(vocab, n=3):
     return out
 
 
-def _train(path, keep_activations, keep_attention, keep_dequantized, method="mesp", dropout=0.0):
+def _train(path, keep_activations, keep_attention, keep_dequantized, method="mesp", dropout=0.0, lanes=1):
     """Three AdamW steps; returns (losses, final adapter as numpy)."""
     model = _model(path, dropout)
     model.train()
@@ -52,7 +52,7 @@ def _train(path, keep_activations, keep_attention, keep_dequantized, method="mes
     rule = MeSP(keep_attention=keep_attention)
     chosen = rule if method == "mesp" else LCSB(0.5, inner=rule)
     opts = [make_optimizer(_Cfg()) for _ in parts.layers]
-    engine = BlockEngine(parts, chosen, opts, keep_activations=keep_activations)
+    engine = BlockEngine(parts, chosen, opts, keep_activations=keep_activations, lanes=lanes)
     losses = [engine.step(b, s + 1)[0].loss for s, b in enumerate(_batches(parts.vocab_size))]
     return losses, {k: np.array(v) for k, v in flat(model.trainable_parameters()).items()}
 
@@ -73,12 +73,14 @@ def plan_models(tmp_path_factory):
             for name in ("llama", "gemma3_text", "phi3")}
 
 
+@pytest.mark.parametrize("dropout,lanes", [(0.1, 1), (0.1, 2), (0.0, 2)])
 @pytest.mark.parametrize("family", ["llama", "gemma3_text", "phi3"])
-def test_every_plan_trains_bit_identically(plan_models, family):
-    """Kept contexts, kept attention probabilities and kept fp32 weights change time and memory, never a bit."""
-    lean_losses, lean = _train(plan_models[family], 0, False, 0, dropout=0.1)
+def test_every_plan_trains_bit_identically(plan_models, family, dropout, lanes):
+    """Kept contexts, kept attention probabilities and kept fp32 weights change time and memory, never a bit; also
+    with the rows split over two threads (engine/lanes.py; with dropout the lanes run one after the other)."""
+    lean_losses, lean = _train(plan_models[family], 0, False, 0, dropout=dropout, lanes=lanes)
     for levers in [(-1, False, 0), (-1, True, 0), (0, False, -1), (1, True, 1), (-1, True, -1)]:
-        losses, adapter = _train(plan_models[family], *levers, dropout=0.1)
+        losses, adapter = _train(plan_models[family], *levers, dropout=dropout, lanes=lanes)
         assert losses == lean_losses, levers
         assert all(np.array_equal(adapter[k], lean[k]) for k in lean), levers
 
@@ -158,8 +160,13 @@ def test_train_picks_levers_records_them_and_respects_flags(tiny_models, tmp_pat
                  "--batch-size", "2", "--adapter-path", str(out), "--no-plot"]) == 0
     config = json.loads((out / "adapter_config.json").read_text())
     n = config["num_layers"]
-    assert (config["keep_activations"], config["keep_attention"], config["keep_dequantized"]) == (n, True, n)
-    assert config["predicted_step_s"] > 0 and "speed levers (fastest under the default budget" in capsys.readouterr().out
+    # which levers are worth their memory on a tiny model is the probes' timing call (load-dependent); that the
+    # choice is the one printed and recorded, and that it changes no bit, is not
+    chosen = Levers(config["keep_activations"], config["keep_attention"], config["keep_dequantized"])
+    assert 0 <= chosen.keep_activations <= n and 0 <= chosen.keep_dequantized <= n
+    text = capsys.readouterr().out
+    assert config["predicted_step_s"] > 0 and "speed levers (fastest under the default budget" in text
+    assert f"): {chosen.flags()}" in text
     lean = tmp_path / "lean"
     assert main(["train", "--model", str(tiny_models["llama"]), "--data", str(data), "--iters", "2",
                  "--batch-size", "2", "--adapter-path", str(lean), "--no-plot", "--keep-activations", "0",
@@ -182,7 +189,9 @@ def test_plan_prints_levers_and_sweeps(tiny_models, tmp_path, capsys):
         next(l for l in text.splitlines() if l.strip().startswith("budget MB"))) + 1:]]
     assert len(rows) == 10
     seconds = [float(r[2]) for r in rows]
-    assert seconds == sorted(seconds, reverse=True) and seconds[-1] < seconds[0]
+    # more room never makes the fastest plan slower (by construction); whether it makes it faster on a tiny model is
+    # the probes' timing on a loaded box, so it is not asserted
+    assert seconds == sorted(seconds, reverse=True)
     assert png.read_bytes()[:4] == b"\x89PNG"
     # a budget below every lever: the leanest plan
     assert main(["plan", "--model", str(tiny_models["qwen2"]), "--data", str(data), "--batch-size", "2",

@@ -27,6 +27,7 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from ..distributed import Ranks
 from .checkpoints import make_checkpoints
+from .lanes import Lanes
 from .loss import chunked_cross_entropy
 
 MB = 1024 * 1024
@@ -113,6 +114,7 @@ class BlockEngine:
         learning_rate=None,
         ranks=None,
         keep_activations: int = 0,
+        lanes: int = 1,
     ):
         self.parts = parts
         self.method = method
@@ -130,6 +132,8 @@ class BlockEngine:
         # the plan's lever: the top `keep_activations` blocks keep their forward's context for their backward (no
         # recompute; same tensors, so the same results); -1 keeps every block's
         self.keep_activations = keep_activations
+        # a block's rows split over this many CPU threads (engine/lanes.py): the same plan, run on more cores
+        self.lanes = Lanes(lanes)
         self.learning_rate = learning_rate  # optimizers.LearningRate (a schedule) or None (the optimizers' own)
         self.accum: dict[int, dict] = {}  # block -> summed LoRA gradient of this accumulation window
         layers = parts.layers
@@ -138,9 +142,13 @@ class BlockEngine:
         self.lowest_trainable = min(trainable) if trainable else len(layers)
 
     # --- helpers ----------------------------------------------------------------------------------------------------
-    def _block_key(self, step: int, i: int) -> None:
-        # same random stream for a block's forward and its recomputation in backward (LoRA dropout stays exact)
-        mx.random.seed((self.seed * 1_000_003 + step * 1009 + i) % (2**31))
+    def _block_key(self, step: int, i: int, lane: int = 0) -> None:
+        # same random stream for a block's forward and its recomputation in backward (LoRA dropout stays exact);
+        # each lane of rows its own
+        mx.random.seed((self.seed * 1_000_003 + step * 1009 + i + lane * 7_919_993) % (2**31))
+
+    def _seeder(self, step: int, i: int) -> Callable[[int], None]:
+        return lambda lane: self._block_key(step, i, lane)
 
     def _after_loss(self, meter: _PeakMeter) -> None:
         if self.clear_cache != "never":
@@ -211,8 +219,7 @@ class BlockEngine:
         for i, layer in enumerate(self.parts.layers):
             if before_block is not None:
                 before_block(i, layer)
-            self._block_key(step, i)
-            h = self.method.block_forward(layer, h, self.parts.block_mask(layer, h))
+            h = self.lanes.forward(self.method, layer, h, self.parts.block_mask(layer, h), seed=self._seeder(step, i))
             mx.eval(h)
             if after_block is not None:
                 after_block(i, layer)
@@ -266,8 +273,7 @@ class BlockEngine:
         masks = []
         for i, layer in enumerate(layers):
             masks.append(self.parts.block_mask(layer, h))
-            self._block_key(step, i)
-            h = self.method.block_forward(layer, h, masks[i], keep=i in keep)
+            h = self.lanes.forward(self.method, layer, h, masks[i], keep=i in keep, seed=self._seeder(step, i))
             mx.eval(h)
             self.checkpoints.put(i + 1, h)
             if self.streamer is not None:
@@ -304,8 +310,8 @@ class BlockEngine:
                 self.checkpoints.drop(i)
             else:
                 h_in = self.checkpoints.get(i)
-                self._block_key(step, i)
-                g, block_grads = self.method.block_backward(layers[i], h_in, g, masks[i])
+                g, block_grads = self.lanes.backward(self.method, layers[i], h_in, g, masks[i],
+                                                     seed=self._seeder(step, i))
                 block_grads = self.ranks.sum_tree(block_grads)  # the global batch's gradient: Σ over ranks
                 norm2 = _squared_norm(block_grads)  # NaN / inf anywhere make it non-finite: one reduction for both
                 mx.eval(g, block_grads, norm2)

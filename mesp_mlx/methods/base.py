@@ -23,14 +23,20 @@ class Method:
     def load_state_dict(self, state: dict) -> None:
         pass
 
-    def block_forward(self, block: nn.Module, h: mx.array, mask, keep: bool = False) -> mx.array:
+    def prepare(self, block: nn.Module, h: mx.array, mask) -> None:
+        """Called on the engine's thread before a block's rows are split over lanes (engine/lanes.py): whatever the
+        method does once per block class (checks that switch the module's compute path) happens here, never in a lane."""
+
+    def block_forward(self, block: nn.Module, h: mx.array, mask, keep: bool = False, lane: int = 0) -> mx.array:
         """The forward through one block (the module's own by default). keep: the engine will back-propagate this
-        block in this step and the plan has room to keep what its backward needs (methods that can, do)."""
+        block in this step and the plan has room to keep what its backward needs (methods that can, do), under the
+        key of this `lane` (the rows' slice, engine/lanes.py)."""
         return block(h, mask)
 
     def release_kept(self) -> None:
         """Drop whatever block_forward kept and no backward used (end of a step, or a step that stopped early)."""
 
-    def block_backward(self, block: nn.Module, h_in: mx.array, g_out: mx.array, mask) -> tuple[mx.array, dict]:
+    def block_backward(self, block: nn.Module, h_in: mx.array, g_out: mx.array, mask,
+                       lane: int = 0) -> tuple[mx.array, dict]:
         """Return (dL/dh_in, gradient tree of the block's trainable parameters) given dL/dh_out."""
         raise NotImplementedError

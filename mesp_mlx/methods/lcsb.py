@@ -65,14 +65,17 @@ class LCSB(Method):
         return set(chosen)
 
     # --- the rule inside a selected block ---------------------------------------------------------------------------
-    def block_forward(self, block, h, mask, keep: bool = False):
-        return self.inner.block_forward(block, h, mask, keep)
+    def prepare(self, block, h, mask) -> None:
+        self.inner.prepare(block, h, mask)
+
+    def block_forward(self, block, h, mask, keep: bool = False, lane: int = 0):
+        return self.inner.block_forward(block, h, mask, keep, lane)
 
     def release_kept(self) -> None:
         self.inner.release_kept()
 
-    def block_backward(self, block, h_in, g_out, mask):
-        return self.inner.block_backward(block, h_in, g_out, mask)
+    def block_backward(self, block, h_in, g_out, mask, lane: int = 0):
+        return self.inner.block_backward(block, h_in, g_out, mask, lane)
 
     def observe(self, step: int, block: int, grad_norm: float) -> None:
         """The engine reports each computed block's gradient norm (used by the importance schedule)."""

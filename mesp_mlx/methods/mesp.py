@@ -148,7 +148,7 @@ class MeSP(Method):
     def __init__(self, store_h: bool = False, verify: bool = True, hand_rules: bool = True,
                  keep_attention: bool = False):
         self.keep_attention = keep_attention  # kept blocks also keep their attention probabilities
-        self._kept: dict = {}  # id(block) -> _Context of this step's forward, for blocks the plan keeps
+        self._kept: dict = {}  # (id(block), lane) -> _Context of this step's forward, for blocks the plan keeps
         self.store_h = store_h  # keep h = xA from the recompute instead of recomputing it (the paper's Table 5)
         self.hand_rules = hand_rules  # False: every block gets the generic rule (autodiff, MeSP's LoRA VJP inside)
         self.verify = verify  # check the rule's forward against the module once per block class
@@ -262,7 +262,10 @@ class MeSP(Method):
     def _norm_backward(self, block, spec, name, x, g):
         return g if name is None else rms_norm_backward(getattr(block, name), x, g, spec.norm_offset)
 
-    def block_forward(self, block, h, mask, keep: bool = False):
+    def prepare(self, block, h, mask) -> None:
+        self._use_hand_rule(block, h, mask)
+
+    def block_forward(self, block, h, mask, keep: bool = False, lane: int = 0):
         """The engine's forward through a block: the rule's own staged forward (lean matmuls, chunked attention).
         keep: hold the block's context (and, with keep_attention, its attention probabilities) for its backward
         in this step, which then skips the recompute: the same tensors, so the same gradients bit for bit."""
@@ -271,14 +274,14 @@ class MeSP(Method):
         ctx = self._forward(block, h, mask, keep_probs=keep and self.keep_attention)
         out, ctx.out = ctx.out, None
         if keep:
-            self._kept[id(block)] = ctx
+            self._kept[(id(block), lane)] = ctx
         return out
 
     def release_kept(self) -> None:
         self._kept.clear()
 
     # --- the rule ---------------------------------------------------------------------------------------------------
-    def block_backward(self, block, h_in, g_out, mask):
+    def block_backward(self, block, h_in, g_out, mask, lane: int = 0):
         if not self._use_hand_rule(block, h_in, mask):
             return self._fallback.block_backward(block, h_in, g_out, mask)
         attn = block.self_attn
@@ -289,7 +292,7 @@ class MeSP(Method):
 
         # the forward's context if the plan kept it, else recomputed up to the MLP (the down projection's output only
         # under a post-MLP norm)
-        ctx = self._kept.pop(id(block), None)
+        ctx = self._kept.pop((id(block), lane), None)
         if ctx is None:
             ctx = self._forward(block, x, mask, output=False)
             kept = [ctx.q, ctx.k, ctx.v, ctx.op.x, ctx.op.y, ctx.h, ctx.gate, ctx.up, ctx.dp.x, ctx.dp.y]

@@ -38,7 +38,10 @@ class MeZO(Method):
         keys = mx.random.split(key, max(2, len(shapes)))
         return [mx.random.normal(shape, key=keys[j]) for j, shape in enumerate(shapes)]
 
-    def block_forward(self, block, h, mask, keep: bool = False):
+    def prepare(self, block, h, mask) -> None:
+        self.inner.prepare(block, h, mask)
+
+    def block_forward(self, block, h, mask, keep: bool = False, lane: int = 0):
         return self.inner.block_forward(block, h, mask)  # forward only: nothing to keep
 
     def zo_step(self, engine, batch, step: int, meter, apply_update: bool):
