@@ -142,6 +142,15 @@ class _Context:
                 self.mlp_projs, self.gate, self.up, self.dp)
 
 
+def _compact(ctx: "_Context") -> "_Context":
+    """A context to keep until the block's backward, without the three projection inputs that are cheap to recompute
+    from what it keeps (the pre-attention and pre-MLP norms' outputs, the gated activation a): about a third less
+    memory per kept block (SmolLM2: 32 -> 21 MB at 1024 tokens) for two norms and one gating in the backward."""
+    for p in (*ctx.projs, *ctx.mlp_projs, ctx.dp):
+        p.x = None
+    return ctx
+
+
 class MeSP(Method):
     name = "mesp"
 
@@ -274,11 +283,23 @@ class MeSP(Method):
         ctx = self._forward(block, h, mask, keep_probs=keep and self.keep_attention)
         out, ctx.out = ctx.out, None
         if keep:
-            self._kept[(id(block), lane)] = ctx
+            self._kept[(id(block), lane)] = _compact(ctx)
         return out
 
     def release_kept(self) -> None:
         self._kept.clear()
+
+    def _rehydrate(self, block, ctx: "_Context", x: mx.array) -> None:
+        """Give a compact kept context back the projections' inputs it dropped, recomputed by the forward's own calls
+        on the same tensors (so the same bits): n1 = pre_attn(x), n2 = pre_mlp(h), a = act(gate) * up."""
+        spec = ctx.spec
+        n1 = self._norm(block, spec.pre_attn_norm, x)
+        n2 = self._norm(block, spec.pre_mlp_norm, ctx.h)
+        for p in ctx.projs:
+            p.x = n1
+        for p in ctx.mlp_projs:
+            p.x = n2
+        ctx.dp.x = gated_forward(spec.activation, ctx.gate, ctx.up)
 
     # --- the rule ---------------------------------------------------------------------------------------------------
     def block_backward(self, block, h_in, g_out, mask, lane: int = 0):
@@ -293,7 +314,9 @@ class MeSP(Method):
         # the forward's context if the plan kept it, else recomputed up to the MLP (the down projection's output only
         # under a post-MLP norm)
         ctx = self._kept.pop((id(block), lane), None)
-        if ctx is None:
+        if ctx is not None:
+            self._rehydrate(block, ctx, x)
+        else:
             ctx = self._forward(block, x, mask, output=False)
             kept = [ctx.q, ctx.k, ctx.v, ctx.op.x, ctx.op.y, ctx.h, ctx.gate, ctx.up, ctx.dp.x, ctx.dp.y]
             mx.eval(*(t for t in kept if t is not None),
