@@ -32,11 +32,19 @@ from mlx.utils import tree_map
 from ..backend import set_blas_threads
 
 
+def cores() -> int:
+    """The cores this process may run on (a container's or taskset's share, not the host's count)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # macOS has no sched_getaffinity
+        return max(1, os.cpu_count() or 1)
+
+
 def default_lanes() -> int:
     """One lane per core on the CPU, at most 4 (measured on 2 cores only); one on a GPU."""
     if mx.default_device() != mx.cpu:
         return 1
-    return max(1, min(4, os.cpu_count() or 1))
+    return min(4, cores())
 
 
 def draws_random(block: nn.Module) -> bool:
@@ -110,7 +118,7 @@ class Lanes:
         if len(args) == 1 or not parallel:
             return [lane(k) for k in range(len(args))]
         # the cores are shared out among the lanes: each lane's GEMMs get cores // lanes BLAS threads
-        before = set_blas_threads(max(1, (os.cpu_count() or 1) // len(args)))
+        before = set_blas_threads(max(1, cores() // len(args)))
         try:
             futures = [self._threads[k - 1].submit(lane, k) for k in range(1, len(args))]
             try:
