@@ -8,6 +8,7 @@ without any variable set. `blas_in_use` reads the process's memory map to tell w
 from __future__ import annotations
 
 import argparse
+import functools
 import glob
 import os
 import platform
@@ -62,25 +63,20 @@ def blas_in_use() -> str:
     return ", ".join(sorted(libs))
 
 
-_OPENBLAS: list = []  # [ctypes library or None], found once
-
-
+@functools.cache
 def _openblas():
-    """MLX's OpenBLAS as a ctypes library (None when MLX uses another BLAS)."""
-    if not _OPENBLAS:
-        import ctypes
+    """MLX's OpenBLAS as a ctypes library (None when MLX uses another BLAS); looked up once."""
+    import ctypes
 
-        lib = None
-        for path in blas_in_use().split(", "):
-            if "openblas" in os.path.basename(path).lower():
-                try:
-                    lib = ctypes.CDLL(path)
-                    lib.openblas_get_num_threads()
-                    break
-                except (OSError, AttributeError):
-                    lib = None
-        _OPENBLAS.append(lib)
-    return _OPENBLAS[0]
+    for path in blas_in_use().split(", "):
+        if "openblas" in os.path.basename(path).lower():
+            try:
+                lib = ctypes.CDLL(path)
+                lib.openblas_get_num_threads()
+                return lib
+            except (OSError, AttributeError):
+                continue
+    return None
 
 
 def set_blas_threads(n: int) -> int | None:

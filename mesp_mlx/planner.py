@@ -28,8 +28,6 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
-from .engine.lanes import Lanes
-
 MB = 1024 * 1024
 
 
@@ -113,14 +111,14 @@ def predict(cfg, prep=None) -> PlanResult:
     method.block_forward(block, x, mask)  # the once-per-class check of MeSP happens here, outside the probes
     if prep.streamer is not None:
         prep.streamer.release(len(layers) - 1)
-    # probed on one lane: n lanes hold n working sets of 1/n of the rows each, whose peaks coincide or not by thread
-    # timing; the whole batch's working set on one thread is their worst case, and it does not depend on timing
-    lanes = Lanes(1)
-    forward = _probe(lambda: lanes.forward(method, block, x, mask))
+    # probed on one thread, whatever the run's lanes (engine/lanes.py): n lanes hold n working sets of 1/n of the rows
+    # each, whose peaks coincide or not by thread timing; the whole batch's working set is their worst case, and it
+    # does not depend on timing
+    forward = _probe(lambda: method.block_forward(block, x, mask))
     if prep.streamer is not None:
         prep.streamer.release(len(layers) - 1)
     zeroth_order = getattr(method, "zeroth_order", False)
-    backward = 0.0 if zeroth_order else _probe(lambda: lanes.backward(method, block, x, g, mask))
+    backward = 0.0 if zeroth_order else _probe(lambda: method.block_backward(block, x, g, mask))
     if zeroth_order:  # forward only: no checkpoints, no optimizer state (MeZO's update is its own)
         checkpoints, optimizer = 0.0, 0.0
     n = B * T

@@ -131,7 +131,7 @@ class Lanes:
             if before is not None:
                 set_blas_threads(before)
 
-    def _run(self, block: nn.Module, inputs: list[mx.array], mask, seed: Callable[[int], None] | None,
+    def _run(self, method, block: nn.Module, inputs: list[mx.array], mask, seed: Callable[[int], None] | None,
              work: Callable) -> list:
         """work(lane, *row slices of inputs) on each lane; returns the lanes' results in lane order."""
         bounds = row_slices(inputs[0].shape[0], self.n)
@@ -139,6 +139,7 @@ class Lanes:
             if seed is not None:
                 seed(0)
             return [work(0, *inputs)]
+        method.prepare(block, inputs[0], mask)  # once-per-class work, on this thread, before any lane
         # what every lane reads must exist before the lanes start: a lazy array belongs to the stream that made it
         mx.eval(*inputs, *(mask,) if isinstance(mask, mx.array) else (), block.parameters())
         sliced = [tuple(x[a:b] for x in inputs) for a, b in bounds]
@@ -155,9 +156,7 @@ class Lanes:
     def forward(self, method, block: nn.Module, h: mx.array, mask, keep: bool = False,
                 seed: Callable[[int], None] | None = None) -> mx.array:
         """method.block_forward over the rows of h, lane by lane; the outputs concatenated."""
-        if self.n > 1 and h.shape[0] > 1:
-            method.prepare(block, h, mask)
-        outs = self._run(block, [h], mask, seed,
+        outs = self._run(method, block, [h], mask, seed,
                          lambda k, x: method.block_forward(block, x, mask, keep=keep, lane=k))
         return outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=0)
 
@@ -165,9 +164,7 @@ class Lanes:
                  seed: Callable[[int], None] | None = None) -> tuple[mx.array, dict]:
         """method.block_backward over the rows, lane by lane: the input gradients concatenated, the parameter
         gradients summed in lane order (each lane's is already the sum over its rows)."""
-        if self.n > 1 and h_in.shape[0] > 1:
-            method.prepare(block, h_in, mask)
-        results = self._run(block, [h_in, g_out], mask, seed,
+        results = self._run(method, block, [h_in, g_out], mask, seed,
                             lambda k, x, g: method.block_backward(block, x, g, mask, lane=k))
         if len(results) == 1:
             return results[0]
