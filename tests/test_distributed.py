@@ -67,9 +67,11 @@ def _max_rel(a: dict, b: dict) -> float:
     return max((mx.abs(a[k] - b[k]).max() / (mx.abs(b[k]).max() + 1e-30)).item() for k in a)
 
 
-# MeZO divides loss differences by 2 eps: exact only because the engine sums per-token losses in float64 (loss.py)
+# MeZO divides loss differences by 2 eps: exact only because the engine sums per-token losses in float64 (loss.py),
+# and only up to the fp32 rounding of each row's logits, which a batch split changes (other GEMM shapes, on AVX-512
+# OpenBLAS other kernels): at eps 1e-3 the 1/(2 eps) amplification left the adapters 2.1e-5 apart, at 1e-2 1.6e-6
 METHOD_ARGS = {"mesp": [], "mebp": [], "lcsb": ["--lcsb-fraction", "0.5"],
-               "mezo": ["--zo-eps", "1e-3", "--learning-rate", "1e-3"],
+               "mezo": ["--zo-eps", "1e-2", "--learning-rate", "1e-3"],
                "mesp-accumulated": ["--grad-accumulation-steps", "2"]}
 
 

@@ -76,10 +76,18 @@ class _LaneThread:
         while True:
             fn, args, future = self._jobs.get()
             try:
-                future.set_result(fn(*args))
+                box, error = [fn(*args)], None
             except BaseException as e:  # noqa: BLE001 - handed to the caller, who re-raises it
-                future.set_exception(e)
-            del fn, args, future  # an idle thread holds no arrays (they would count against the next step)
+                box, error = [], e
+            # the job (its closure holds every lane's inputs) is dropped before the caller wakes: an idle thread holds
+            # no arrays, which would otherwise count, for as long as the thread took to get here, against what the
+            # caller does next (seen: a 0.7 MB higher loss-phase peak, now and then)
+            del fn, args
+            if error is None:
+                future.set_result(box.pop())
+            else:
+                future.set_exception(error)
+            del future, error
 
     def submit(self, fn, *args) -> Future:
         future: Future = Future()

@@ -126,12 +126,14 @@ class _Context:
     mlp_projs: tuple
     gate: mx.array
     up: mx.array
+    act_state: mx.array | None  # what the gating's backward reuses (GELU-tanh's tanh), see vjp.gated_forward
     dp: object
     out: mx.array | None
 
     def nbytes(self) -> int:
         """Bytes of the arrays held (each once: q, k and v's projections share their input)."""
-        arrays = [self.q_lin, self.k_lin, self.q, self.k, self.v, self.h, self.gate, self.up, *(self.probs or [])]
+        arrays = [self.q_lin, self.k_lin, self.q, self.k, self.v, self.h, self.gate, self.up, self.act_state,
+                  *(self.probs or [])]
         for p in (*self.projs, self.op, *self.mlp_projs, self.dp):
             arrays += [getattr(p, name, None) for name in ("x", "y", "h", "mask", "u", "norm")]
         unique = {id(a): a for a in arrays if isinstance(a, mx.array)}
@@ -139,16 +141,17 @@ class _Context:
 
     def parts(self) -> tuple:
         return (self.spec, self.projs, self.q_lin, self.k_lin, self.q, self.k, self.v, self.probs, self.op, self.h,
-                self.mlp_projs, self.gate, self.up, self.dp)
+                self.mlp_projs, self.gate, self.up, self.act_state, self.dp)
 
 
 def _compact(ctx: "_Context") -> "_Context":
     """A context to keep until the block's backward, without the three projection inputs that are cheap to recompute
     from what it keeps (the pre-attention and pre-MLP norms' outputs, the gated activation a): about a third less
     memory per kept block (SmolLM2, batch 4, seq 256: 30.6 -> 20.2 MB by `mesp-mlx plan`) for two norms and one
-    gating in the backward."""
+    gating in the backward (which gives the gating's state back with a)."""
     for p in (*ctx.projs, *ctx.mlp_projs, ctx.dp):
         p.x = None
+    ctx.act_state = None
     return ctx
 
 
@@ -245,7 +248,9 @@ class MeSP(Method):
         else:
             mlp_projs = (_Proj(mlp.gate_proj, n2, self.store_h), _Proj(mlp.up_proj, n2, self.store_h))
             gate, up = (p.y for p in mlp_projs)
-        a = gated_forward(spec.activation, gate, up)
+        a, act_state = gated_forward(spec.activation, gate, up)
+        if output:
+            act_state = None  # only the backward's recompute keeps it (a kept context gets it back from _rehydrate)
         dp = _Proj(mlp.down_proj, a, self.store_h, output or spec.post_mlp_norm is not None)
         out = None
         if output:
@@ -259,7 +264,7 @@ class MeSP(Method):
             dp.y = None
         if not spec.qk_norm:
             q_lin = k_lin = None
-        return _Context(spec, projs, q_lin, k_lin, q, k, v, probs, op, h, mlp_projs, gate, up, dp, out)
+        return _Context(spec, projs, q_lin, k_lin, q, k, v, probs, op, h, mlp_projs, gate, up, act_state, dp, out)
 
     @staticmethod
     def _norm(block, name, t):
@@ -292,7 +297,8 @@ class MeSP(Method):
 
     def _rehydrate(self, block, ctx: "_Context", x: mx.array) -> None:
         """Give a compact kept context back the projections' inputs it dropped, recomputed by the forward's own calls
-        on the same tensors (so the same bits): n1 = pre_attn(x), n2 = pre_mlp(h), a = act(gate) * up."""
+        on the same tensors (so the same bits): n1 = pre_attn(x), n2 = pre_mlp(h), a = act(gate) * up (and the
+        gating's state)."""
         spec = ctx.spec
         n1 = self._norm(block, spec.pre_attn_norm, x)
         n2 = self._norm(block, spec.pre_mlp_norm, ctx.h)
@@ -300,7 +306,7 @@ class MeSP(Method):
             p.x = n1
         for p in ctx.mlp_projs:
             p.x = n2
-        ctx.dp.x = gated_forward(spec.activation, ctx.gate, ctx.up)
+        ctx.dp.x, ctx.act_state = gated_forward(spec.activation, ctx.gate, ctx.up)
 
     # --- the rule ---------------------------------------------------------------------------------------------------
     def block_backward(self, block, h_in, g_out, mask, lane: int = 0):
@@ -319,10 +325,10 @@ class MeSP(Method):
             self._rehydrate(block, ctx, x)
         else:
             ctx = self._forward(block, x, mask, output=False)
-            kept = [ctx.q, ctx.k, ctx.v, ctx.op.x, ctx.op.y, ctx.h, ctx.gate, ctx.up, ctx.dp.x, ctx.dp.y]
+            kept = [ctx.q, ctx.k, ctx.v, ctx.op.x, ctx.op.y, ctx.h, ctx.gate, ctx.up, ctx.act_state, ctx.dp.x, ctx.dp.y]
             mx.eval(*(t for t in kept if t is not None),
                     *(p.h for p in (*ctx.projs, ctx.op, *ctx.mlp_projs, ctx.dp) if p.h is not None))
-        spec, projs, q_lin, k_lin, q, k, v, probs, op, h, mlp_projs, gate, up, dp = ctx.parts()
+        spec, projs, q_lin, k_lin, q, k, v, probs, op, h, mlp_projs, gate, up, act_state, dp = ctx.parts()
         del ctx
 
         # MLP: out = h + m post_mlp(down(a))
@@ -332,8 +338,8 @@ class MeSP(Method):
         g_a = dp.backward(g_r, grads, "mlp.down_proj")
         mx.eval(g_a, grads)
         del dp, g_r
-        g_gate, g_up = gated_backward(spec.activation, gate, up, g_a)
-        del g_a, gate, up
+        g_gate, g_up = gated_backward(spec.activation, gate, up, g_a, act_state)
+        del g_a, gate, up, act_state
         if spec.fused_gate_up:
             g_n2 = mlp_projs[0].backward(mx.concatenate([g_gate, g_up], axis=-1), grads, "mlp.gate_up_proj")
         else:
