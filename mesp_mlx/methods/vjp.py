@@ -97,6 +97,12 @@ def gated_forward(activation: str, gate: mx.array, up: mx.array) -> tuple[mx.arr
     1B's [256, 6912] gate)."""
     if activation == "silu":
         return fastmath.silu_mul(gate, up), None
+    if fastmath.enabled():  # row block by row block, one block per core
+        return fastmath.chunked(_gelu_tanh_pair, gate, up, parallel=True)
+    return _gelu_tanh_pair(gate, up)
+
+
+def _gelu_tanh_pair(gate, up):
     t = mx.tanh(_gelu_tanh_arg(gate))
     return _gelu_tanh_gate(gate, t, up), t
 
