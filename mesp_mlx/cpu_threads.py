@@ -121,6 +121,13 @@ def spread_width() -> int:
     return cores()
 
 
+def slice_share() -> int:
+    """Into how many slices work that is cut to a memory budget cuts each budget's worth, so that the slices one per
+    core at once hold the budget: the cores on the CPU, 1 on a GPU. It does not depend on whether they run at once
+    (lanes, SPREAD), so neither do the slices' results."""
+    return cores() if mx.default_device() == mx.cpu else 1
+
+
 def spread(fn: Callable, items: list, width: int | None = None) -> list:
     """fn(item) for each item, evaluated, the results in order; up to `width` (at most spread_width()) items at once,
     each on its own thread. The items' arrays must be evaluated."""
