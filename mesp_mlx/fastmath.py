@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from .cpu_threads import spread, spread_width
-
 _LOG2E = 1.442695
 _ROUND = 12582912.0  # 1.5 * 2^23: y + _ROUND rounds y to an integer kept in the low mantissa bits
 _ROUND_BITS = 0x4B400000  # the bit pattern of _ROUND
@@ -72,34 +70,24 @@ CHUNK = 1 << 16  # values per piece: the compiled chain's intermediates stay ~1 
 # materialises several [size] temporaries of a chain this long, 5x the output on a [256, 4864] gate)
 
 
-def chunked(fn, *xs, parallel: bool = False):
+def chunked(fn, *xs):
     """fn (element-wise, one or more outputs shaped as xs[0]) over blocks of rows of ~CHUNK values, written into
     preallocated outputs: the same values as fn(*xs), with the working set of one block. The inputs share their
-    leading axes; a later input may have a last axis of 1 (broadcast along a row, as the loss's row maxima).
-    parallel: blocks run one per core at once outside lanes (cpu_threads.spread; MLX's CPU runs a chain on one core),
-    for chains costly enough to repay the hand-over (GELU-tanh's tanh: 41 -> 24 ms on Gemma3-1B's [256, 6912] gate;
-    SiLU's chain and the loss's exp gained nothing measurable), at one more block's working set per core."""
+    leading axes; a later input may have a last axis of 1 (broadcast along a row, as the loss's row maxima)."""
     shape = xs[0].shape
     rows2d = [x.reshape(-1, x.shape[-1] if x.ndim > 1 else 1) for x in xs]  # 1-D: a column
     n, width = rows2d[0].shape
     rows = max(1, CHUNK // max(width, 1))
     if n <= rows:
         return fn(*xs)
-    starts = list(range(0, n, rows))
-    at_once = spread_width() if parallel else 1
-    if at_once > 1:
-        mx.eval(rows2d)  # what every thread reads exists before they start
     outs = None
-    for i in range(0, len(starts), at_once):
-        group = starts[i:i + at_once]
-        pieces = spread(lambda a: fn(*(x[a:a + rows] for x in rows2d)), group, at_once)
-        for a, piece in zip(group, pieces):
-            piece = piece if isinstance(piece, tuple) else (piece,)
-            if outs is None:
-                outs = [mx.zeros((n, width), p.dtype) for p in piece]
-            for out, p in zip(outs, piece):
-                out[a:a + rows] = p
-        del pieces, piece
+    for a in range(0, n, rows):
+        piece = fn(*(x[a:a + rows] for x in rows2d))
+        pieces = piece if isinstance(piece, tuple) else (piece,)
+        if outs is None:
+            outs = [mx.zeros((n, width), p.dtype) for p in pieces]
+        for out, p in zip(outs, pieces):
+            out[a:a + rows] = p
         mx.eval(outs)
     outs = tuple(o.reshape(shape) for o in outs)
     return outs if len(outs) > 1 else outs[0]

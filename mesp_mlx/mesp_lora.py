@@ -21,8 +21,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.tuner.lora import LoRALinear
 
-from .cpu_threads import slice_share, spread, spread_width
-from .models.compute import DequantLinear, dequantize, frozen_matmul, kept_dense
+from .models.compute import DequantLinear, frozen_matmul, kept_dense
 
 
 def frozen_operands(linear: nn.Module) -> tuple[tuple, tuple | None]:
@@ -40,17 +39,13 @@ def frozen_operands(linear: nn.Module) -> tuple[tuple, tuple | None]:
     return (linear["weight"],), None
 
 
-SLICE_BYTES = 4 << 20  # dequantized W0 per slice in lean_matmul
-
-
-def lean_matmul(x, linear: nn.Module, transpose: bool, chunk_bytes: int | None = None) -> mx.array:
-    """x @ W0^T (transpose=True) or x @ W0 of a frozen linear, evaluated now, never holding more than ~chunk_bytes
-    (SLICE_BYTES) of dequantized W0. A quantized W0 [out, in] is dequantized in slices r of its rows:
+def lean_matmul(x, linear: nn.Module, transpose: bool, chunk_bytes: int = 4 << 20) -> mx.array:
+    """x @ W0^T (transpose=True) or x @ W0 of a frozen linear, evaluated now, never holding more than ~chunk_bytes of
+    dequantized W0. A quantized W0 [out, in] is dequantized in slices r of its rows:
         x @ W0^T = concat_r (x @ W0[r]^T)          g @ W0 = sum_r g[:, r] @ W0[r]
     (row slices are contiguous in the packed layout and keep every product wide). The slices depend only on the
     quantized layout: when the plan keeps W0 dequantized (compute.keep_dequantized) the very same slices of the kept
-    copy are multiplied and summed in the same order, so results are bit-identical whichever plan runs. On the CPU
-    outside lanes the forward product's slices run one per core at once (cpu_threads.spread).
+    copy are multiplied and summed in the same order, so results are bit-identical whichever plan runs.
     Unquantized weights and the fused path run as one product. (MLX would otherwise dequantize every independent
     matrix of a lazy graph before the first product.)"""
     if isinstance(linear, nn.QuantizedLinear) and not isinstance(linear, DequantLinear):  # fused: no copy at all
@@ -63,44 +58,21 @@ def lean_matmul(x, linear: nn.Module, transpose: bool, chunk_bytes: int | None =
         mx.eval(y)
         return y
     out_dim, in_dim = linear["weight"].shape[0], linear["scales"].shape[-1] * linear.group_size
+    step = max(1, chunk_bytes // (in_dim * 4))
     base, quant = frozen_operands(linear)  # the kept fp32 copy when the plan keeps one
-    if not transpose:  # g @ W0: partial sums, one after the other
-        step = max(1, (chunk_bytes or SLICE_BYTES) // (in_dim * 4))
-        acc = None
-        for a in range(0, out_dim, step):
-            part = frozen_matmul(x[..., a:a + step], tuple(t[a:a + step] for t in base), quant, False)
+    pieces, acc = [], None
+    for a in range(0, out_dim, step):
+        rows = tuple(t[a:a + step] for t in base)
+        if transpose:
+            pieces.append(frozen_matmul(x, rows, quant, True))
+            mx.eval(pieces[-1])
+        else:
+            part = frozen_matmul(x[..., a:a + step], rows, quant, False)
             acc = part if acc is None else acc + part
             mx.eval(acc)
+    if not transpose:
         return acc
-    # x @ W0^T: column blocks of the output. Dequantization runs on one core a slice, so the slices are dequantized
-    # one per core at once (cpu_threads.py) and multiplied one by one with every BLAS thread (single-threaded GEMMs side
-    # by side were slower than one after the other). Each slice is a core's share of the budget: the slices in flight
-    # hold what one did. The slicing depends on the machine's cores only, never on whether the slices are dequantized
-    # at once (inside lanes they are not), so spread and serial runs compute the same bits. The input gradient g @ W0
-    # stays as it was: its slices are partial sums of the whole output, and thinner slices meant more of them.
-    step = max(1, (chunk_bytes or SLICE_BYTES) // slice_share() // (in_dim * 4))
-    starts = list(range(0, out_dim, step))
-    width = spread_width() if quant is not None else 1  # a kept fp32 copy has nothing to dequantize
-    if width > 1 and len(starts) > 1:
-        mx.eval(x, *base)  # what every thread reads exists before they start
-    pieces = []
-    for i in range(0, len(starts), width):
-        group = starts[i:i + width]
-        weights = spread(lambda a: _dequantized_rows(base, quant, a, step, x.dtype), group, width)
-        for w0 in weights:
-            pieces.append(x @ w0.T)
-            mx.eval(pieces[-1])
-        del weights, w0
     return pieces[0] if len(pieces) == 1 else mx.concatenate(pieces, axis=-1)
-
-
-def _dequantized_rows(base: tuple, quant: tuple | None, a: int, step: int, dtype) -> mx.array:
-    """Rows a : a + step of a frozen weight in `dtype` (base, quant as frozen_operands gives them; dequant path)."""
-    rows = tuple(t[a:a + step] for t in base)
-    if quant is None:
-        return rows[0].astype(dtype)
-    group_size, bits, mode, _ = quant
-    return dequantize(*rows, group_size, bits, mode, dtype)
 
 
 def frozen_input_grad(linear: nn.Module, g: mx.array, lean: bool = False) -> mx.array:

@@ -207,6 +207,7 @@ def test_gemma_norm_and_gelu_gate_backward_equal_autodiff():
     """The pieces Gemma 3 adds: RMSNorm with weight 1 + w, and act(gate) * up with GELU-tanh."""
     from mlx_lm.models.gemma3_text import RMSNorm
 
+    from mesp_mlx import fastmath
     from mesp_mlx.methods.vjp import gated_backward, gated_forward, rms_norm_backward
 
     mx.random.seed(7)
@@ -218,8 +219,14 @@ def test_gemma_norm_and_gelu_gate_backward_equal_autodiff():
     gate, up, g = (mx.random.normal((3, 7, 40)) * 3 for _ in range(3))
     _, refs = mx.vjp(lambda a, b: nn.gelu_approx(a) * b, [gate, up], [g])
     a, t = gated_forward("gelu_tanh", gate, up)
-    if mx.default_device() == mx.cpu:  # the same bits as mlx-lm's MLP (its compiled gelu_approx)
+    if mx.default_device() == mx.cpu:  # the same bits as mlx-lm's MLP (its compiled gelu_approx), whole or in blocks
         assert mx.array_equal(a, nn.gelu_approx(gate) * up)
+        old, fastmath.CHUNK = fastmath.CHUNK, 40  # 21 row blocks of one row
+        try:
+            a_blocks, t_blocks = gated_forward("gelu_tanh", gate, up)
+        finally:
+            fastmath.CHUNK = old
+        assert mx.array_equal(a_blocks, a) and mx.array_equal(t_blocks, t)
     assert max_rel_err(a, nn.gelu_approx(gate) * up) <= 1e-6
     for state in (None, t):  # recomputed, or the forward's tanh reused
         for ours, theirs in zip(gated_backward("gelu_tanh", gate, up, g, state), refs):

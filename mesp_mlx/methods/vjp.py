@@ -97,8 +97,8 @@ def gated_forward(activation: str, gate: mx.array, up: mx.array) -> tuple[mx.arr
     1B's [256, 6912] gate)."""
     if activation == "silu":
         return fastmath.silu_mul(gate, up), None
-    if fastmath.enabled():  # row block by row block, one block per core
-        return fastmath.chunked(_gelu_tanh_pair, gate, up, parallel=True)
+    if fastmath.enabled():  # row block by row block: no [T, ffn] temporaries beside a and t
+        return fastmath.chunked(_gelu_tanh_pair, gate, up)
     return _gelu_tanh_pair(gate, up)
 
 
