@@ -83,7 +83,7 @@ def gated_backward(activation: str, gate: mx.array, up: mx.array, g: mx.array,
     if activation == "silu":
         fn, xs = _SWIGLU_BACKWARD[on], (gate, up, g)
     else:
-        t = gated_forward(activation, gate, up)[1] if state is None else state
+        t = mx.tanh(_gelu_tanh_arg(gate)) if state is None else state
         fn, xs = _gelu_tanh_gate_backward, (gate, up, t, g)
     g_gate, g_up = fastmath.chunked(fn, *xs) if on else fn(*xs)
     return g_gate.astype(gate.dtype), g_up.astype(up.dtype)
