@@ -94,7 +94,54 @@ def test_block_vjp_equals_autodiff(tiny_models, family, store_h):
         assert max_rel_err(grads[k], grads_ref[k]) <= TOL, k
 
 
-def test_dropout_masks_are_reproduced(tiny_models):
+@pytest.fixture
+def spy_sliced(monkeypatch):
+    """Counts the MLP backwards the sliced rule (mlp_slices.py) takes."""
+    from mesp_mlx.methods import mesp as mesp_module
+
+    calls = []
+    real = mesp_module.sliced_mlp_backward
+    monkeypatch.setattr(mesp_module, "sliced_mlp_backward", lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
+
+
+@pytest.mark.parametrize("chunk", [None, 8 << 10])  # one ffn slice / five (32 rows of a 64-wide matrix in 8 KB)
+@pytest.mark.parametrize("keys", [None, ["mlp.up_proj", "mlp.down_proj", "self_attn.v_proj"], ["mlp.gate_proj"]])
+@pytest.mark.parametrize("store_h", [False, True])
+def test_sliced_mlp_backward_equals_autodiff(tiny_models, monkeypatch, spy_sliced, chunk, keys, store_h):
+    """The MLP backward slice by slice of the ffn axis (each frozen matrix dequantized once): every gradient as
+    autodiff's, with LoRA on all, some or one of the MLP's projections, and the slices cutting the packed down
+    matrix's columns on its quantization groups."""
+    from mesp_mlx import mesp_lora
+
+    if chunk:
+        monkeypatch.setattr(mesp_lora, "LEAN_CHUNK", chunk)
+    model, _ = _prepared(tiny_models["llama"], keys=keys)
+    block = model.layers[1]
+    if chunk:
+        gate = block.mlp.gate_proj
+        assert len(mesp_lora.lean_slices(getattr(gate, "linear", gate))) == 5  # ffn 160 in slices of 32
+    mx.random.seed(4)
+    x, g = mx.random.normal((2, 10, 64)), mx.random.normal((2, 10, 64))
+    gx, grads = _block_vjp(MeSP(store_h=store_h), block, x, g, "causal")
+    gx_ref, grads_ref = _block_vjp(MeBP(), block, x, g, "causal")
+    assert spy_sliced, "the sliced MLP rule did not run"
+    assert set(grads) == set(grads_ref) and grads
+    assert max_rel_err(gx, gx_ref) <= TOL
+    for k in grads_ref:
+        assert max_rel_err(grads[k], grads_ref[k]) <= TOL, k
+
+
+@pytest.mark.parametrize("chunk", [None, 8 << 10])
+def test_dropout_masks_are_reproduced(tiny_models, monkeypatch, chunk):
+    from mesp_mlx import mesp_lora
+
+    if chunk:
+        monkeypatch.setattr(mesp_lora, "LEAN_CHUNK", chunk)
+    _dropout_masks_are_reproduced(tiny_models)
+
+
+def _dropout_masks_are_reproduced(tiny_models):
     """With LoRA dropout the hand rule's recompute draws the forward's Bernoulli masks (engine seeds per block)."""
     batch = _batch(384)
     grads = {}

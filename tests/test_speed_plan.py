@@ -85,6 +85,38 @@ def test_every_plan_trains_bit_identically(plan_models, family, dropout, lanes):
         assert all(np.array_equal(adapter[k], lean[k]) for k in lean), levers
 
 
+def test_plans_are_bit_identical_with_the_mlp_in_ffn_slices(plan_models, monkeypatch):
+    """The sliced MLP backward (five ffn slices here) recomputes gate and up slice by slice where a kept context holds
+    the forward's whole tensors: the same bits either way, and with kept fp32 weights."""
+    from mesp_mlx import mesp_lora
+
+    monkeypatch.setattr(mesp_lora, "LEAN_CHUNK", 8 << 10)
+    lean_losses, lean = _train(plan_models["llama"], 0, False, 0, dropout=0.1)
+    for levers in [(-1, False, 0), (0, False, -1), (-1, True, -1)]:
+        losses, adapter = _train(plan_models["llama"], *levers, dropout=0.1)
+        assert losses == lean_losses, levers
+        assert all(np.array_equal(adapter[k], lean[k]) for k in lean), levers
+
+
+def test_sliced_mlp_is_taken_only_where_it_applies(plan_models, monkeypatch):
+    """Llama on the dequantizing path takes the sliced MLP rule; Gemma 3 (a norm after the MLP), Phi-3 (fused gate_up)
+    and the fused quantized path (Metal's) keep the whole-tensor rule."""
+    from mesp_mlx.methods import mesp as mesp_module
+
+    calls = []
+    real = mesp_module.sliced_mlp_backward
+    monkeypatch.setattr(mesp_module, "sliced_mlp_backward", lambda *a, **k: calls.append(1) or real(*a, **k))
+    for family, compute, expected in (("llama", "dequant", 1), ("gemma3_text", "dequant", 0), ("phi3", "dequant", 0),
+                                      ("llama", "fused", 0)):
+        model = _model(plan_models[family])
+        set_compute_path(model, compute)
+        mx.random.seed(4)
+        x, g = mx.random.normal((1, 6, 64)), mx.random.normal((1, 6, 64))
+        calls.clear()
+        mx.eval(MeSP().block_backward(model.layers[1], x, g, "causal"))
+        assert len(calls) == expected, (family, compute)
+
+
 def test_lcsb_with_kept_contexts_is_bit_identical(tiny_models):
     lean_losses, lean = _train(tiny_models["qwen3"], 0, False, 0, method="lcsb")
     losses, adapter = _train(tiny_models["qwen3"], -1, True, -1, method="lcsb")

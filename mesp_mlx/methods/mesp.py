@@ -36,6 +36,7 @@ from ..models.families import block_spec
 from ..mesp_lora import dropout_active, frozen_input_grad, lean_matmul, lora_linear_backward
 from .base import Method
 from .mebp import MeBP
+from .mlp_slices import sliced_mlp_backward, supported as sliced_mlp_supported
 from .vjp import (attention_backward, attention_forward, gated_backward, gated_forward, rms_norm_backward,
                   rope_backward)
 
@@ -74,11 +75,6 @@ def unsupported_reason(block: nn.Module) -> str | None:
     return None
 
 
-def _frozen_forward(linear: nn.Module, x: mx.array) -> mx.array:
-    y = lean_matmul(x, linear, True)
-    return y + linear["bias"] if "bias" in linear else y
-
-
 class _Proj:
     """One projection's forward, remembering what its backward needs: its input, the dropout mask, optionally h.
     A DoRA projection gets DoRA's context instead (mesp_dora.DoRAProj, the same interface)."""
@@ -89,18 +85,42 @@ class _Proj:
     def __init__(self, layer: nn.Module, x: mx.array, store_h: bool, output: bool = True):
         self.layer, self.x = layer, x
         self.mask = self.h = self.y = None
+        h = None
+        if isinstance(layer, LoRALinear):
+            if dropout_active(layer):
+                # the same Bernoulli draw as LoRALinear's dropout(x) (same key, same shape): x * mask == dropout(x)
+                self.mask = layer.dropout(mx.ones_like(x))
+            h = self.lora_h()
+            self.h = h if store_h else None
         if output:
-            self.y = _frozen_forward(layer.linear if isinstance(layer, LoRALinear) else layer, x)
-        if not isinstance(layer, LoRALinear):
-            return
-        if dropout_active(layer):
-            # the same Bernoulli draw as LoRALinear's dropout(x) (same key, same shape): x * mask == dropout(x)
-            self.mask = layer.dropout(mx.ones_like(x))
-        xd = x if self.mask is None else x * self.mask
-        h = xd @ layer.lora_a
-        if output:
-            self.y = self.y + (layer.scale * (h @ layer.lora_b)).astype(x.dtype)
-        self.h = h if store_h else None
+            frozen = layer.linear if isinstance(layer, LoRALinear) else layer
+            self.y = lean_matmul(x, frozen, True, finish=lambda y, a, b: self.finish(y, a, b, h))
+
+    def lora_h(self) -> mx.array:
+        """h = dropout(x) A (the LoRA branch's rank-r intermediate)."""
+        x = self.x if self.mask is None else self.x * self.mask
+        return x @ self.layer.lora_a
+
+    def finish(self, y: mx.array, a: int, b: int, h: mx.array | None) -> mx.array:
+        """Output columns [a, b) from the frozen product's: + bias, + the LoRA branch s (h B[:, a:b]). The forward
+        adds them slice by slice of lean_matmul, so a recompute of one slice (mlp_slices.py) has the same bits."""
+        layer = self.layer
+        frozen = layer.linear if isinstance(layer, LoRALinear) else layer
+        if "bias" in frozen:
+            y = y + frozen["bias"][a:b]
+        if h is not None:
+            y = y + (layer.scale * (h @ layer.lora_b[:, a:b])).astype(y.dtype)
+        return y
+
+    @classmethod
+    def deferred(cls, layer: nn.Module, shape: tuple, dtype) -> "_Proj":
+        """A projection whose input is not computed here (the sliced MLP's down: its input a never exists whole):
+        only its dropout mask, drawn as the forward draws it (mask = dropout(ones_like(a)))."""
+        p = object.__new__(cls)
+        p.layer, p.x, p.h, p.y = layer, None, None, None
+        p.mask = layer.dropout(mx.ones(shape, dtype)) if isinstance(layer, LoRALinear) and dropout_active(layer) \
+            else None
+        return p
 
     def backward(self, g: mx.array, grads: dict, name: str) -> mx.array:
         layer = self.layer
@@ -207,10 +227,13 @@ class MeSP(Method):
         return None if err <= tol else f"its forward differs from the hand rule's by {err:.1e}"
 
     # --- forward (and its recompute) -------------------------------------------------------------------------------
-    def _forward(self, block, x, mask, output: bool = True, keep_probs: bool = False) -> "_Context":
+    def _forward(self, block, x, mask, output: bool = True, keep_probs: bool = False,
+                 sliced_mlp: bool = False) -> "_Context":
         """The block's forward from its input x, keeping each projection's context. With output=False (the backward's
         recompute) the last projection is computed only when a post-MLP norm needs its output. keep_probs: the
-        attention probabilities are kept too (the backward then does not recompute them)."""
+        attention probabilities are kept too (the backward then does not recompute them). sliced_mlp (a recompute
+        for mlp_slices.py): the MLP stops at its input n2 and its dropout draws; the sliced backward recomputes the
+        rest slice by slice."""
         spec = block_spec(block)
         attn, mlp = block.self_attn, block.mlp
         B, L, _ = x.shape
@@ -240,6 +263,19 @@ class MeSP(Method):
         op = _Proj(attn.o_proj, o, self.store_h)
         h = x + self._residual(spec, self._norm(block, spec.post_attn_norm, op.y))
         n2 = self._norm(block, spec.pre_mlp_norm, h)
+        if sliced_mlp:
+            mlp_projs = (_Proj(mlp.gate_proj, n2, self.store_h, output=False),
+                         _Proj(mlp.up_proj, n2, self.store_h, output=False))
+            gate_w = (mlp.gate_proj.linear if isinstance(mlp.gate_proj, LoRALinear) else mlp.gate_proj)["weight"]
+            ffn = gate_w.shape[0]
+            dp = _Proj.deferred(mlp.down_proj, (*n2.shape[:-1], ffn), n2.dtype)  # its dropout draw, in order
+            for p in mlp_projs:
+                p.y = None
+            if not spec.qk_norm:
+                q_lin = k_lin = None
+            if spec.post_attn_norm is None:
+                op.y = None
+            return _Context(spec, projs, q_lin, k_lin, q, k, v, probs, op, h, mlp_projs, None, None, None, dp, None)
         if spec.fused_gate_up:
             gu = _Proj(mlp.gate_up_proj, n2, self.store_h)
             gate, up = mx.split(gu.y, 2, axis=-1)
@@ -294,10 +330,10 @@ class MeSP(Method):
     def release_kept(self) -> None:
         self._kept.clear()
 
-    def _rehydrate(self, block, ctx: "_Context", x: mx.array) -> None:
+    def _rehydrate(self, block, ctx: "_Context", x: mx.array, need_a: bool = True) -> None:
         """Give a compact kept context back the projections' inputs it dropped, recomputed by the forward's own calls
         on the same tensors (so the same bits): n1 = pre_attn(x), n2 = pre_mlp(h), a = act(gate) * up (and the
-        gating's state)."""
+        gating's state) unless the sliced MLP backward, which recomputes a slice by slice, takes the block."""
         spec = ctx.spec
         n1 = self._norm(block, spec.pre_attn_norm, x)
         n2 = self._norm(block, spec.pre_mlp_norm, ctx.h)
@@ -305,9 +341,31 @@ class MeSP(Method):
             p.x = n1
         for p in ctx.mlp_projs:
             p.x = n2
-        ctx.dp.x, ctx.act_state = gated_forward(spec.activation, ctx.gate, ctx.up)
+        if need_a:
+            ctx.dp.x, ctx.act_state = gated_forward(spec.activation, ctx.gate, ctx.up)
 
     # --- the rule ---------------------------------------------------------------------------------------------------
+    @staticmethod
+    def _sliced_mlp(block, spec) -> bool:
+        """Whether the MLP's backward runs slice by slice of the ffn axis (mlp_slices.py): separate gate and up, no
+        norm after the MLP (its backward needs the whole output first), LoRA or frozen projections on the
+        dequantizing or dense path."""
+        return (not spec.fused_gate_up and spec.post_mlp_norm is None
+                and sliced_mlp_supported(block.mlp, ("gate_proj", "up_proj", "down_proj")))
+
+    @staticmethod
+    def _mlp_backward(spec, dp, g_r, gate, up, act_state, mlp_projs, grads) -> mx.array:
+        """dL/dn2 from the whole tensors: down's input gradient, the gating's backward, gate's and up's."""
+        g_a = dp.backward(g_r, grads, "mlp.down_proj")
+        mx.eval(g_a, grads)
+        g_gate, g_up = gated_backward(spec.activation, gate, up, g_a, act_state)
+        del g_a
+        if spec.fused_gate_up:
+            return mlp_projs[0].backward(mx.concatenate([g_gate, g_up], axis=-1), grads, "mlp.gate_up_proj")
+        g_n2 = mlp_projs[0].backward(g_gate, grads, "mlp.gate_proj")
+        mx.eval(g_n2, grads)
+        return g_n2 + mlp_projs[1].backward(g_up, grads, "mlp.up_proj")
+
     def block_backward(self, block, h_in, g_out, mask, lane: int = 0):
         if not self._use_hand_rule(block, h_in, mask):
             return self._fallback.block_backward(block, h_in, g_out, mask)
@@ -319,12 +377,15 @@ class MeSP(Method):
 
         # the forward's context if the plan kept it, else recomputed up to the MLP (the down projection's output only
         # under a post-MLP norm)
+        spec = block_spec(block)
+        sliced = self._sliced_mlp(block, spec)
         ctx = self._kept.pop((id(block), lane), None)
         if ctx is not None:
-            self._rehydrate(block, ctx, x)
+            self._rehydrate(block, ctx, x, need_a=not sliced)
         else:
-            ctx = self._forward(block, x, mask, output=False)
-            kept = [ctx.q, ctx.k, ctx.v, ctx.op.x, ctx.op.y, ctx.h, ctx.gate, ctx.up, ctx.act_state, ctx.dp.x, ctx.dp.y]
+            ctx = self._forward(block, x, mask, output=False, sliced_mlp=sliced)
+            kept = [ctx.q, ctx.k, ctx.v, ctx.op.x, ctx.op.y, ctx.h, ctx.gate, ctx.up, ctx.act_state, ctx.dp.x, ctx.dp.y,
+                    ctx.dp.mask, ctx.mlp_projs[0].x, *(p.mask for p in ctx.mlp_projs)]
             mx.eval(*(t for t in kept if t is not None),
                     *(p.h for p in (*ctx.projs, ctx.op, *ctx.mlp_projs, ctx.dp) if p.h is not None))
         spec, projs, q_lin, k_lin, q, k, v, probs, op, h, mlp_projs, gate, up, act_state, dp = ctx.parts()
@@ -332,20 +393,15 @@ class MeSP(Method):
 
         # MLP: out = h + m post_mlp(down(a))
         g_r = self._residual(spec, g_out)
-        if spec.post_mlp_norm is not None:
-            g_r = self._norm_backward(block, spec, spec.post_mlp_norm, dp.y, g_r)
-        g_a = dp.backward(g_r, grads, "mlp.down_proj")
-        mx.eval(g_a, grads)
-        del dp, g_r
-        g_gate, g_up = gated_backward(spec.activation, gate, up, g_a, act_state)
-        del g_a, gate, up, act_state
-        if spec.fused_gate_up:
-            g_n2 = mlp_projs[0].backward(mx.concatenate([g_gate, g_up], axis=-1), grads, "mlp.gate_up_proj")
+        if sliced:  # the recompute and the input gradient in one pass over ffn slices (mlp_slices.py)
+            g_n2 = sliced_mlp_backward(block.mlp, ("gate_proj", "up_proj", "down_proj"), spec.activation,
+                                       mlp_projs[0].x, g_r, mlp_projs, dp.mask, grads,
+                                       None if gate is None else (gate, up))
         else:
-            g_n2 = mlp_projs[0].backward(g_gate, grads, "mlp.gate_proj")
-            mx.eval(g_n2, grads)
-            g_n2 = g_n2 + mlp_projs[1].backward(g_up, grads, "mlp.up_proj")
-        del g_gate, g_up, mlp_projs
+            if spec.post_mlp_norm is not None:
+                g_r = self._norm_backward(block, spec, spec.post_mlp_norm, dp.y, g_r)
+            g_n2 = self._mlp_backward(spec, dp, g_r, gate, up, act_state, mlp_projs, grads)
+        del dp, g_r, gate, up, act_state, mlp_projs
         g_h = g_out + self._norm_backward(block, spec, spec.pre_mlp_norm, h, g_n2)
         mx.eval(g_h, grads)
         del g_n2, h
