@@ -102,6 +102,7 @@ def predict(cfg, prep=None) -> PlanResult:
     checkpoints = (len(layers) + 1) * act if cfg.checkpoint_storage == "memory" else 2 * act
 
     method = method_for(cfg)
+    method.set_side_storage(cfg.checkpoint_storage, getattr(cfg, "checkpoint_dir", None))  # as the engine does
     block = layers[-1]
     mx.random.seed(cfg.seed)
     x = mx.random.normal((B, T, d)).astype(parts.dtype)

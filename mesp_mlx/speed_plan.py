@@ -159,6 +159,7 @@ def measure(cfg, prep, method, lean_components: dict | None = None) -> LeverCost
     parts, layers = prep.parts, prep.parts.layers
     n = len(layers)
     block = layers[-1]
+    method.set_side_storage(cfg.checkpoint_storage, getattr(cfg, "checkpoint_dir", None))  # as the engine does
     B, T = cfg.batch_size, cfg.max_seq_length - 1
     d = parts.inner.norm.weight.shape[0]
     rng = np.random.default_rng(cfg.seed)

@@ -42,7 +42,8 @@ def _batches(vocab, n=3):
     return out
 
 
-def _train(path, keep_activations, keep_attention, keep_dequantized, method="mesp", dropout=0.0, lanes=1):
+def _train(path, keep_activations, keep_attention, keep_dequantized, method="mesp", dropout=0.0, lanes=1,
+           storage="memory", tmp=None):
     """Three AdamW steps; returns (losses, final adapter as numpy)."""
     model = _model(path, dropout)
     model.train()
@@ -52,7 +53,8 @@ def _train(path, keep_activations, keep_attention, keep_dequantized, method="mes
     rule = MeSP(keep_attention=keep_attention)
     chosen = rule if method == "mesp" else LCSB(0.5, inner=rule)
     opts = [make_optimizer(_Cfg()) for _ in parts.layers]
-    engine = BlockEngine(parts, chosen, opts, keep_activations=keep_activations, lanes=lanes)
+    engine = BlockEngine(parts, chosen, opts, checkpoint_storage=storage, checkpoint_dir=tmp,
+                         keep_activations=keep_activations, lanes=lanes)
     losses = [engine.step(b, s + 1)[0].loss for s, b in enumerate(_batches(parts.vocab_size))]
     return losses, {k: np.array(v) for k, v in flat(model.trainable_parameters()).items()}
 
@@ -96,6 +98,54 @@ def test_plans_are_bit_identical_with_the_mlp_in_ffn_slices(plan_models, monkeyp
         losses, adapter = _train(plan_models["llama"], *levers, dropout=0.1)
         assert losses == lean_losses, levers
         assert all(np.array_equal(adapter[k], lean[k]) for k in lean), levers
+
+
+@pytest.mark.parametrize("dropout,lanes", [(0.1, 1), (0.0, 2)])
+def test_gemma_with_mmap_checkpoints_takes_the_sliced_mlp_rule_bit_identically_in_every_plan(
+        plan_models, monkeypatch, tmp_path, dropout, lanes):
+    """With mmap'd checkpoints MeSP keeps Gemma 3's post-MLP norm input beside them (outside MLX memory), so its MLP
+    backward runs in ffn slices too: the same bits in every plan."""
+    from mesp_mlx import mesp_lora
+    from mesp_mlx.methods import mesp as mesp_module
+
+    monkeypatch.setattr(mesp_lora, "LEAN_CHUNK", 8 << 10)  # several ffn slices
+    calls = []
+    real = mesp_module.sliced_mlp_backward
+    monkeypatch.setattr(mesp_module, "sliced_mlp_backward", lambda *a, **k: calls.append(1) or real(*a, **k))
+    path = plan_models["gemma3_text"]
+    lean_losses, lean = _train(path, 0, False, 0, dropout=dropout, lanes=lanes, storage="mmap", tmp=str(tmp_path))
+    assert calls
+    for levers in [(-1, True, 0), (0, False, -1), (1, True, 1)]:
+        losses, adapter = _train(path, *levers, dropout=dropout, lanes=lanes, storage="mmap", tmp=str(tmp_path))
+        assert losses == lean_losses, levers
+        assert all(np.array_equal(adapter[k], lean[k]) for k in lean), levers
+
+
+def test_gemma_sliced_mlp_gradients_equal_autodiff(plan_models, monkeypatch, tmp_path):
+    """Gemma 3 with mmap'd checkpoints (post-MLP norm input from the side store, MLP in ffn slices): one step's
+    gradients as MeBP's autodiff (fp32, rel <= 1e-5)."""
+    from conftest import max_rel_err
+    from mesp_mlx.methods import MeBP
+    from mesp_mlx import mesp_lora
+
+    from mesp_mlx.methods import mesp as mesp_module
+
+    monkeypatch.setattr(mesp_lora, "LEAN_CHUNK", 8 << 10)
+    calls = []
+    real = mesp_module.sliced_mlp_backward
+    monkeypatch.setattr(mesp_module, "sliced_mlp_backward", lambda *a, **k: calls.append(1) or real(*a, **k))
+    batch = _batches(384, 1)[0]
+    grads = {}
+    for name, rule, storage in (("mebp", MeBP(), "memory"), ("mesp", MeSP(), "mmap")):
+        model = _model(plan_models["gemma3_text"])
+        parts = ModelParts(model)
+        engine = BlockEngine(parts, rule, None, checkpoint_storage=storage, checkpoint_dir=str(tmp_path))
+        _, g = engine.step(batch, 0, apply_update=False)
+        grads[name] = {f"{i}.{k}": v for i, t in g.items() for k, v in flat(t).items()}
+    assert len(calls) == 3  # every block's MLP in slices
+    assert set(grads["mesp"]) == set(grads["mebp"]) and grads["mebp"]
+    for k, ref in grads["mebp"].items():
+        assert max_rel_err(grads["mesp"][k], ref) <= 1e-5, k
 
 
 def test_sliced_mlp_is_taken_only_where_it_applies(plan_models, monkeypatch):

@@ -91,6 +91,58 @@ class MmapCheckpoints:
             pass
 
 
+class MmapSide:
+    """Activations a method keeps beside the boundary checkpoints, one file-backed memmap per key (MeSP: a block's
+    post-MLP norm input, keyed by block and lane): outside MLX memory, as mmap'd checkpoints are. An entry is valid
+    from its put() until invalidate() (the engine's release_kept at each step's start and end), so a backward never
+    reads another step's forward."""
+
+    def __init__(self, directory: str | None = None):
+        self._dir = directory or tempfile.gettempdir()
+        self._maps: dict = {}  # key -> (file, memmap)
+        self._valid: dict = {}  # key -> the activation's dtype
+
+    def put(self, key, x: mx.array) -> None:
+        shape = tuple(x.shape)
+        entry = self._maps.get(key)
+        if entry is None or entry[1].shape != shape:
+            self._remove(key)
+            os.makedirs(self._dir, exist_ok=True)
+            fd, file = tempfile.mkstemp(prefix="mesp-side-", suffix=".bin", dir=self._dir)
+            os.close(fd)
+            entry = self._maps[key] = (file, np.memmap(file, dtype=np.float32, mode="w+", shape=shape))
+        entry[1][...] = np.asarray(x.astype(mx.float32))
+        self._valid[key] = x.dtype
+
+    def get(self, key) -> mx.array | None:
+        """The activation put under `key` in this step (its own dtype), or None."""
+        if key not in self._valid:
+            return None
+        return mx.array(self._maps[key][1]).astype(self._valid[key])
+
+    def invalidate(self) -> None:
+        self._valid.clear()
+
+    def _remove(self, key) -> None:
+        entry = self._maps.pop(key, None)
+        self._valid.pop(key, None)
+        if entry is not None:
+            file, mm = entry
+            del entry, mm  # the memmap closes with its last reference
+            if os.path.exists(file):
+                os.remove(file)
+
+    def close(self) -> None:
+        for key in list(self._maps):
+            self._remove(key)
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
 def make_checkpoints(kind: str, directory: str | None = None):
     if kind == "memory":
         return MemoryCheckpoints()

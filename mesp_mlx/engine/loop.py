@@ -120,6 +120,7 @@ class BlockEngine:
         self.method = method
         self.optimizers = optimizers
         self.checkpoints = make_checkpoints(checkpoint_storage, checkpoint_dir)
+        method.set_side_storage(checkpoint_storage, checkpoint_dir)
         self.streamer = streamer
         self.vocab_chunk = vocab_chunk
         if clear_cache not in ("block", "step", "never"):

@@ -33,6 +33,10 @@ class Method:
         key of this `lane` (the rows' slice, engine/lanes.py)."""
         return block(h, mask)
 
+    def set_side_storage(self, kind: str, directory: str | None = None) -> None:
+        """Told by the engine where its checkpoints live ('memory' or 'mmap', in `directory`): a method that keeps
+        activations beside them between a block's forward and its backward keeps them there too."""
+
     def release_kept(self) -> None:
         """Drop whatever block_forward kept and no backward used (end of a step, or a step that stopped early)."""
 

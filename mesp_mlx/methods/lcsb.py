@@ -71,6 +71,9 @@ class LCSB(Method):
     def block_forward(self, block, h, mask, keep: bool = False, lane: int = 0):
         return self.inner.block_forward(block, h, mask, keep, lane)
 
+    def set_side_storage(self, kind: str, directory: str | None = None) -> None:
+        self.inner.set_side_storage(kind, directory)
+
     def release_kept(self) -> None:
         self.inner.release_kept()
 

@@ -187,6 +187,16 @@ class MeSP(Method):
         self._verified: dict = {}
         self._fallback = MeBP()
         self._warned: set = set()
+        # with mmap'd checkpoints: each block's post-MLP norm input r2, kept beside them (engine/checkpoints.MmapSide),
+        # so that a block with that norm (Gemma 3) takes the sliced MLP backward too (it needs g_r2 = norm'(r2) first)
+        self._side = None
+
+    def set_side_storage(self, kind: str, directory: str | None = None) -> None:
+        from ..engine.checkpoints import MmapSide
+
+        if self._side is not None:
+            self._side.close()
+        self._side = MmapSide(directory) if kind == "mmap" else None
 
     def _use_hand_rule(self, block, h_in, mask) -> bool:
         cls = type(block)
@@ -323,12 +333,17 @@ class MeSP(Method):
             return block(h, mask)
         ctx = self._forward(block, h, mask, keep_probs=keep and self.keep_attention)
         out, ctx.out = ctx.out, None
+        spec = ctx.spec
+        if self._side is not None and spec.post_mlp_norm is not None and self._sliced_mlp(block, spec):
+            self._side.put((id(block), lane), ctx.dp.y)
         if keep:
             self._kept[(id(block), lane)] = _compact(ctx)
         return out
 
     def release_kept(self) -> None:
         self._kept.clear()
+        if self._side is not None:
+            self._side.invalidate()
 
     def _rehydrate(self, block, ctx: "_Context", x: mx.array, need_a: bool = True) -> None:
         """Give a compact kept context back the projections' inputs it dropped, recomputed by the forward's own calls
@@ -347,11 +362,10 @@ class MeSP(Method):
     # --- the rule ---------------------------------------------------------------------------------------------------
     @staticmethod
     def _sliced_mlp(block, spec) -> bool:
-        """Whether the MLP's backward runs slice by slice of the ffn axis (mlp_slices.py): separate gate and up, no
-        norm after the MLP (its backward needs the whole output first), LoRA or frozen projections on the
-        dequantizing or dense path."""
-        return (not spec.fused_gate_up and spec.post_mlp_norm is None
-                and sliced_mlp_supported(block.mlp, ("gate_proj", "up_proj", "down_proj")))
+        """Whether the MLP's backward can run slice by slice of the ffn axis (mlp_slices.py): separate gate and up,
+        LoRA or frozen projections on the dequantizing or dense path. Under a norm after the MLP it also needs that
+        norm's input from the side store (its backward needs the whole output first), see block_backward."""
+        return not spec.fused_gate_up and sliced_mlp_supported(block.mlp, ("gate_proj", "up_proj", "down_proj"))
 
     @staticmethod
     def _mlp_backward(spec, dp, g_r, gate, up, act_state, mlp_projs, grads) -> mx.array:
@@ -379,6 +393,10 @@ class MeSP(Method):
         # under a post-MLP norm)
         spec = block_spec(block)
         sliced = self._sliced_mlp(block, spec)
+        r2 = None  # a post-MLP norm's input, from the side store (the sliced rule needs it before any slice)
+        if sliced and spec.post_mlp_norm is not None:
+            r2 = None if self._side is None else self._side.get((id(block), lane))
+            sliced = r2 is not None
         ctx = self._kept.pop((id(block), lane), None)
         if ctx is not None:
             self._rehydrate(block, ctx, x, need_a=not sliced)
@@ -394,6 +412,9 @@ class MeSP(Method):
         # MLP: out = h + m post_mlp(down(a))
         g_r = self._residual(spec, g_out)
         if sliced:  # the recompute and the input gradient in one pass over ffn slices (mlp_slices.py)
+            if spec.post_mlp_norm is not None:
+                g_r = self._norm_backward(block, spec, spec.post_mlp_norm, r2, g_r)
+                del r2
             g_n2 = sliced_mlp_backward(block.mlp, ("gate_proj", "up_proj", "down_proj"), spec.activation,
                                        mlp_projs[0].x, g_r, mlp_projs, dp.mask, grads,
                                        None if gate is None else (gate, up))
