@@ -77,7 +77,14 @@ def _block_vjp(method, block, x, g, mask):
 
 @pytest.mark.parametrize("family", ["qwen2", "llama", "qwen3"])
 @pytest.mark.parametrize("store_h", [False, True])
-def test_block_vjp_equals_autodiff(tiny_models, family, store_h):
+@pytest.mark.parametrize("chunk", [None, 1 << 10])
+def test_block_vjp_equals_autodiff(tiny_models, monkeypatch, family, store_h, chunk):
+    """chunk 1 KB: the recompute's attention probabilities (3.2 KB here) are over one lean slice, so the attention's
+    backward computes them again; the 4-row weight slices miss the down matrix's groups: the whole-tensor MLP rule."""
+    from mesp_mlx import mesp_lora
+
+    if chunk:
+        monkeypatch.setattr(mesp_lora, "LEAN_CHUNK", chunk)
     model, _ = _prepared(tiny_models[family])
     block = model.layers[1]
     assert unsupported_reason(block) is None

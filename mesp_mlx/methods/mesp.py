@@ -33,6 +33,7 @@ from mlx_lm.tuner.lora import LoRALinear
 from ..models.compute import DequantLinear, set_compute_path
 from ..mesp_dora import DoRAProj
 from ..models.families import block_spec
+from .. import mesp_lora
 from ..mesp_lora import dropout_active, frozen_input_grad, lean_matmul, lora_linear_backward
 from .base import Method
 from .mebp import MeBP
@@ -401,7 +402,11 @@ class MeSP(Method):
         if ctx is not None:
             self._rehydrate(block, ctx, x, need_a=not sliced)
         else:
-            ctx = self._forward(block, x, mask, output=False, sliced_mlp=sliced)
+            # the recompute's attention probabilities are kept for the attention's backward (instead of computed a
+            # third time) when they are no bigger than one lean weight slice: the same values either way
+            probs_bytes = B * H * L * L * x.dtype.size
+            ctx = self._forward(block, x, mask, output=False, sliced_mlp=sliced,
+                                keep_probs=probs_bytes <= mesp_lora.LEAN_CHUNK)
             kept = [ctx.q, ctx.k, ctx.v, ctx.op.x, ctx.op.y, ctx.h, ctx.gate, ctx.up, ctx.act_state, ctx.dp.x, ctx.dp.y,
                     ctx.dp.mask, ctx.mlp_projs[0].x, *(p.mask for p in ctx.mlp_projs)]
             mx.eval(*(t for t in kept if t is not None),
