@@ -28,8 +28,7 @@ from mlx_lm.tuner.lora import LoRALinear
 from .. import fastmath
 from ..mesp_lora import dense_cols, dense_rows, lean_slices
 from ..models.compute import DequantLinear
-
-_C = math.sqrt(2 / math.pi)
+from .vjp import _C, _gelu_tanh_arg  # GELU-tanh's constant and tanh argument, the very ops of the whole-tensor rule
 
 
 def _swiglu_both(sigmoid):
@@ -50,11 +49,6 @@ def _gelu_tanh_rest(gate, up, t, g):
     half = 0.5 * gate * (1 + t)
     dgelu = 0.5 * (1 + t) + 0.5 * gate * (1 - t * t) * _C * (1 + 3 * 0.044715 * gate * gate)
     return half * up, g * up * dgelu, g * half
-
-
-@mx.compile
-def _gelu_tanh_arg(z):
-    return _C * (z + 0.044715 * z**3)
 
 
 _SWIGLU = {True: _swiglu_both(fastmath.sigmoid_chain), False: _swiglu_both(mx.sigmoid)}
