@@ -122,8 +122,8 @@ def test_gemma_with_mmap_checkpoints_takes_the_sliced_mlp_rule_bit_identically_i
 
 
 def test_gemma_sliced_mlp_gradients_equal_autodiff(plan_models, monkeypatch, tmp_path):
-    """Gemma 3 with mmap'd checkpoints (post-MLP norm input from the side store, MLP in ffn slices): one step's
-    gradients as MeBP's autodiff (fp32, rel <= 1e-5)."""
+    """Gemma 3 with mmap'd checkpoints (post-MLP norm input, attention output and residual from the side store, MLP in
+    ffn slices): one step's gradients as MeBP's autodiff (fp32, rel <= 1e-5)."""
     from conftest import max_rel_err
     from mesp_mlx.methods import MeBP
     from mesp_mlx import mesp_lora
@@ -131,18 +131,24 @@ def test_gemma_sliced_mlp_gradients_equal_autodiff(plan_models, monkeypatch, tmp
     from mesp_mlx.methods import mesp as mesp_module
 
     monkeypatch.setattr(mesp_lora, "LEAN_CHUNK", 8 << 10)
-    calls = []
+    calls, attention = [], []
     real = mesp_module.sliced_mlp_backward
     monkeypatch.setattr(mesp_module, "sliced_mlp_backward", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real_attention = mesp_module.attention_forward
+    monkeypatch.setattr(mesp_module, "attention_forward",
+                        lambda *a, **k: attention.append(1) or real_attention(*a, **k))
     batch = _batches(384, 1)[0]
     grads = {}
     for name, rule, storage in (("mebp", MeBP(), "memory"), ("mesp", MeSP(), "mmap")):
         model = _model(plan_models["gemma3_text"])
         parts = ModelParts(model)
         engine = BlockEngine(parts, rule, None, checkpoint_storage=storage, checkpoint_dir=str(tmp_path))
+        attention.clear()
         _, g = engine.step(batch, 0, apply_update=False)
         grads[name] = {f"{i}.{k}": v for i, t in g.items() for k, v in flat(t).items()}
     assert len(calls) == 3  # every block's MLP in slices
+    # the forward's three and the once-per-class check's one: the recompute read o and h from beside the checkpoints
+    assert len(attention) == 4
     assert set(grads["mesp"]) == set(grads["mebp"]) and grads["mebp"]
     for k, ref in grads["mebp"].items():
         assert max_rel_err(grads["mesp"][k], ref) <= 1e-5, k

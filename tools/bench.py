@@ -251,6 +251,7 @@ def main():
     ap.add_argument("--mlx-lm", default="", help="sizes (0.5b,1.5b,3b) for which to add the mlx_lm.lora rows to table 1")
     ap.add_argument("--only", choices=["ours", "mlx-lm"], help="run only our rows or only the peer's")
     ap.add_argument("--sizes", help="only rows of these model sizes (e.g. 1.5b,3b)")
+    ap.add_argument("--seqs", help="only rows of these sequence lengths (e.g. 1024)")
     ap.add_argument("--fresh", action="store_true", help="forget earlier results")
     ap.add_argument("--repeat", type=int, default=1,
                     help="run our rows this many times round-robin (each a fresh model) and report the median step "
@@ -267,6 +268,8 @@ def main():
         keys = [k for k in keys if not k[4].startswith("mlx-lm")]
     if args.sizes:
         keys = [k for k in keys if k[1] in args.sizes.split(",")]
+    if args.seqs:
+        keys = [k for k in keys if str(k[2]) in args.seqs.split(",")]
     if args.only != "ours":
         keys += [("t1", s, 256, 8, v) for s in args.mlx_lm.split(",") if s for v in ("mlx-lm", "mlx-lm-gc")]
     measured = {}  # the same run in two tables (e.g. 0.5B, seq 256, r 8) is measured once per round

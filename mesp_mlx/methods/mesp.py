@@ -239,12 +239,13 @@ class MeSP(Method):
 
     # --- forward (and its recompute) -------------------------------------------------------------------------------
     def _forward(self, block, x, mask, output: bool = True, keep_probs: bool = False,
-                 sliced_mlp: bool = False) -> "_Context":
+                 sliced_mlp: bool = False, mid: tuple | None = None) -> "_Context":
         """The block's forward from its input x, keeping each projection's context. With output=False (the backward's
         recompute) the last projection is computed only when a post-MLP norm needs its output. keep_probs: the
         attention probabilities are kept too (the backward then does not recompute them). sliced_mlp (a recompute
         for mlp_slices.py): the MLP stops at its input n2 and its dropout draws; the sliced backward recomputes the
-        rest slice by slice."""
+        rest slice by slice. mid: the forward's attention output o and residual h (from the side store), used instead
+        of recomputing the attention (its backward then computes the probabilities itself)."""
         spec = block_spec(block)
         attn, mlp = block.self_attn, block.mlp
         B, L, _ = x.shape
@@ -268,11 +269,15 @@ class MeSP(Method):
         q = attn.rope(q.transpose(0, 2, 1, 3))
         k = attn.rope(k.transpose(0, 2, 1, 3))
         v = v_lin.reshape(B, L, Hkv, -1).transpose(0, 2, 1, 3)
-        o = attention_forward(q, k, v, attn.scale, mask, keep_probs=keep_probs)
-        o, probs = o if keep_probs else (o, None)
-        o = o.transpose(0, 2, 1, 3).reshape(B, L, -1)
-        op = _Proj(attn.o_proj, o, self.store_h)
-        h = x + self._residual(spec, self._norm(block, spec.post_attn_norm, op.y))
+        if mid is None:
+            o = attention_forward(q, k, v, attn.scale, mask, keep_probs=keep_probs)
+            o, probs = o if keep_probs else (o, None)
+            o = o.transpose(0, 2, 1, 3).reshape(B, L, -1)
+            op = _Proj(attn.o_proj, o, self.store_h)
+            h = x + self._residual(spec, self._norm(block, spec.post_attn_norm, op.y))
+        else:  # the same dropout draw for o_proj; its output only where a post-attention norm's backward needs it
+            (o, h), probs = mid, None
+            op = _Proj(attn.o_proj, o, self.store_h, output=spec.post_attn_norm is not None)
         n2 = self._norm(block, spec.pre_mlp_norm, h)
         if sliced_mlp:
             mlp_projs = (_Proj(mlp.gate_proj, n2, self.store_h, output=False),
@@ -335,8 +340,11 @@ class MeSP(Method):
         ctx = self._forward(block, h, mask, keep_probs=keep and self.keep_attention)
         out, ctx.out = ctx.out, None
         spec = ctx.spec
-        if self._side is not None and spec.post_mlp_norm is not None and self._sliced_mlp(block, spec):
-            self._side.put((id(block), lane), ctx.dp.y)
+        if self._side is not None:  # what the backward's recompute then reads instead of recomputing the attention
+            self._side.put((id(block), lane, "o"), ctx.op.x)
+            self._side.put((id(block), lane, "h"), ctx.h)
+            if spec.post_mlp_norm is not None and self._sliced_mlp(block, spec):
+                self._side.put((id(block), lane), ctx.dp.y)
         if keep:
             self._kept[(id(block), lane)] = _compact(ctx)
         return out
@@ -402,11 +410,16 @@ class MeSP(Method):
         if ctx is not None:
             self._rehydrate(block, ctx, x, need_a=not sliced)
         else:
-            # the recompute's attention probabilities are kept for the attention's backward (instead of computed a
-            # third time) when they are no bigger than one lean weight slice: the same values either way
+            # with mmap'd checkpoints the forward's attention output and residual come from beside them, so the
+            # attention is not recomputed (its backward computes the probabilities once); otherwise the recompute's
+            # probabilities are kept for the attention's backward (instead of computed a third time) when they are no
+            # bigger than one lean weight slice. The same values every way.
+            side = self._side
+            mid = None if side is None else (side.get((id(block), lane, "o")), side.get((id(block), lane, "h")))
+            mid = None if mid is None or any(t is None for t in mid) else mid
             probs_bytes = B * H * L * L * x.dtype.size
-            ctx = self._forward(block, x, mask, output=False, sliced_mlp=sliced,
-                                keep_probs=probs_bytes <= mesp_lora.LEAN_CHUNK)
+            ctx = self._forward(block, x, mask, output=False, sliced_mlp=sliced, mid=mid,
+                                keep_probs=mid is None and probs_bytes <= mesp_lora.LEAN_CHUNK)
             kept = [ctx.q, ctx.k, ctx.v, ctx.op.x, ctx.op.y, ctx.h, ctx.gate, ctx.up, ctx.act_state, ctx.dp.x, ctx.dp.y,
                     ctx.dp.mask, ctx.mlp_projs[0].x, *(p.mask for p in ctx.mlp_projs)]
             mx.eval(*(t for t in kept if t is not None),
