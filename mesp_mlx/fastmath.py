@@ -70,14 +70,14 @@ CHUNK = 1 << 16  # values per piece: the compiled chain's intermediates stay ~1 
 # materialises several [size] temporaries of a chain this long, 5x the output on a [256, 4864] gate)
 
 
-def chunked(fn, *xs, values: int | None = None):
-    """fn (element-wise, one or more outputs shaped as xs[0]) over blocks of rows of ~CHUNK (or `values`) values,
-    written into preallocated outputs: the same values as fn(*xs), with the working set of one block. The inputs share
-    their leading axes; a later input may have a last axis of 1 (broadcast along a row, as the loss's row maxima)."""
+def chunked(fn, *xs):
+    """fn (element-wise, one or more outputs shaped as xs[0]) over blocks of rows of ~CHUNK values, written into
+    preallocated outputs: the same values as fn(*xs), with the working set of one block. The inputs share their
+    leading axes; a later input may have a last axis of 1 (broadcast along a row, as the loss's row maxima)."""
     shape = xs[0].shape
     rows2d = [x.reshape(-1, x.shape[-1] if x.ndim > 1 else 1) for x in xs]  # 1-D: a column
     n, width = rows2d[0].shape
-    rows = max(1, (values or CHUNK) // max(width, 1))
+    rows = max(1, CHUNK // max(width, 1))
     if n <= rows:
         return fn(*xs)
     outs = None

@@ -58,8 +58,8 @@ def lean_slices(linear: nn.Module, chunk_bytes: int | None = None) -> list[tuple
 
 
 def dense_rows(linear: nn.Module, a: int, b: int, dtype=mx.float32) -> mx.array:
-    """Rows [a, b) of a frozen (quantized or dense) linear's weight in full precision, computed exactly as
-    lean_matmul's slice [a, b) is (the kept fp32 copy when the plan keeps one): the same bits."""
+    """Rows [a, b) of a frozen (quantized or dense) linear's weight in full precision (the kept fp32 copy when the
+    plan keeps one): what lean_matmul multiplies for its slice [a, b), and the sliced MLP backward too."""
     base, quant = frozen_operands(linear)
     rows = tuple(t[a:b] for t in base)
     if quant is None:
@@ -104,17 +104,17 @@ def lean_matmul(x, linear: nn.Module, transpose: bool, chunk_bytes: int | None =
         y = finish(y, 0, y.shape[-1]) if transpose else y
         mx.eval(y)
         return y
-    base, quant = frozen_operands(linear)  # the kept fp32 copy when the plan keeps one
     pieces, acc = [], None
     for a, b in lean_slices(linear, chunk_bytes):
-        rows = tuple(t[a:b] for t in base)
+        w0 = dense_rows(linear, a, b, x.dtype)  # from the kept fp32 copy when the plan keeps one
         if transpose:
-            pieces.append(finish(frozen_matmul(x, rows, quant, True), a, b))
+            pieces.append(finish(x @ w0.T, a, b))
             mx.eval(pieces[-1])
         else:
-            part = frozen_matmul(x[..., a:b], rows, quant, False)
+            part = x[..., a:b] @ w0
             acc = part if acc is None else acc + part
             mx.eval(acc)
+        del w0
     if not transpose:
         return acc
     return pieces[0] if len(pieces) == 1 else mx.concatenate(pieces, axis=-1)

@@ -15,6 +15,14 @@ import mlx.core as mx
 import numpy as np
 
 
+def _scratch_memmap(directory: str, prefix: str, shape: tuple, dtype) -> tuple[str, np.memmap]:
+    """(path, memmap) of a new file-backed array in `directory`; the caller removes the file."""
+    os.makedirs(directory, exist_ok=True)
+    fd, file = tempfile.mkstemp(prefix=prefix, suffix=".bin", dir=directory)
+    os.close(fd)
+    return file, np.memmap(file, dtype=dtype, mode="w+", shape=shape)
+
+
 class MemoryCheckpoints:
     kind = "memory"
 
@@ -51,11 +59,8 @@ class MmapCheckpoints:
         if self._mm is not None and self._shape == (count, *shape) and self._dtype == dtype:
             return
         self.close()
-        os.makedirs(self._dir, exist_ok=True)
-        fd, self._file = tempfile.mkstemp(prefix="mesp-ckpt-", suffix=".bin", dir=self._dir)
-        os.close(fd)
         self._shape, self._dtype = (count, *shape), dtype
-        self._mm = np.memmap(self._file, dtype=dtype, mode="w+", shape=self._shape)
+        self._file, self._mm = _scratch_memmap(self._dir, "mesp-ckpt-", self._shape, dtype)
 
     def reserve(self, count: int, shape: tuple) -> None:
         self._ensure(count, tuple(shape), np.dtype(np.float32))
@@ -93,9 +98,9 @@ class MmapCheckpoints:
 
 class MmapSide:
     """Activations a method keeps beside the boundary checkpoints, one file-backed memmap per key (MeSP: a block's
-    post-MLP norm input, keyed by block and lane): outside MLX memory, as mmap'd checkpoints are. An entry is valid
-    from its put() until invalidate() (the engine's release_kept at each step's start and end), so a backward never
-    reads another step's forward."""
+    attention output, mid-block residual and post-MLP norm input, keyed by block and lane): outside MLX memory, as
+    mmap'd checkpoints are. An entry is valid from its put() until invalidate() (the engine's release_kept at each
+    step's start and end), so a backward never reads another step's forward."""
 
     def __init__(self, directory: str | None = None):
         self._dir = directory or tempfile.gettempdir()
@@ -107,10 +112,7 @@ class MmapSide:
         entry = self._maps.get(key)
         if entry is None or entry[1].shape != shape:
             self._remove(key)
-            os.makedirs(self._dir, exist_ok=True)
-            fd, file = tempfile.mkstemp(prefix="mesp-side-", suffix=".bin", dir=self._dir)
-            os.close(fd)
-            entry = self._maps[key] = (file, np.memmap(file, dtype=np.float32, mode="w+", shape=shape))
+            entry = self._maps[key] = _scratch_memmap(self._dir, "mesp-side-", shape, np.float32)
         entry[1][...] = np.asarray(x.astype(mx.float32))
         self._valid[key] = x.dtype
 

@@ -340,13 +340,13 @@ class MeSP(Method):
         ctx = self._forward(block, h, mask, keep_probs=keep and self.keep_attention)
         out, ctx.out = ctx.out, None
         spec = ctx.spec
-        if self._side is not None:  # what the backward's recompute then reads instead of recomputing the attention
+        if keep:  # the kept context holds all the backward reads
+            self._kept[(id(block), lane)] = _compact(ctx)
+        elif self._side is not None:  # what the backward's recompute then reads instead of recomputing the attention
             self._side.put((id(block), lane, "o"), ctx.op.x)
             self._side.put((id(block), lane, "h"), ctx.h)
             if spec.post_mlp_norm is not None and self._sliced_mlp(block, spec):
                 self._side.put((id(block), lane), ctx.dp.y)
-        if keep:
-            self._kept[(id(block), lane)] = _compact(ctx)
         return out
 
     def release_kept(self) -> None:
@@ -402,11 +402,13 @@ class MeSP(Method):
         # under a post-MLP norm)
         spec = block_spec(block)
         sliced = self._sliced_mlp(block, spec)
-        r2 = None  # a post-MLP norm's input, from the side store (the sliced rule needs it before any slice)
-        if sliced and spec.post_mlp_norm is not None:
-            r2 = None if self._side is None else self._side.get((id(block), lane))
-            sliced = r2 is not None
         ctx = self._kept.pop((id(block), lane), None)
+        r2 = None  # a post-MLP norm's input (the sliced rule needs it before any slice): only with mmap'd checkpoints,
+        # whatever the plan keeps, so that every plan takes the same rule
+        if sliced and spec.post_mlp_norm is not None:
+            if self._side is not None:
+                r2 = ctx.dp.y if ctx is not None else self._side.get((id(block), lane))
+            sliced = r2 is not None
         if ctx is not None:
             self._rehydrate(block, ctx, x, need_a=not sliced)
         else:

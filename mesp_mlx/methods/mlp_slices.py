@@ -23,6 +23,7 @@ import math
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx_lm.tuner.dora import DoRALinear
 from mlx_lm.tuner.lora import LoRALinear
 
 from .. import fastmath
@@ -74,8 +75,6 @@ def supported(mlp: nn.Module, names: tuple[str, str, str]) -> bool:
     """Whether the sliced rule takes this MLP: separate gate / up / down projections, each frozen or LoRA (not DoRA),
     computed by just-in-time dequantization or dense (the fused quantized path has no copies to save), and slice
     boundaries that fall on the down matrix's quantization groups."""
-    from mlx_lm.tuner.dora import DoRALinear
-
     layers = [getattr(mlp, n) for n in names]
     if any(isinstance(l, DoRALinear) for l in layers):
         return False
@@ -102,6 +101,7 @@ class _Lora:
         self.proj = proj
         self.layer = proj.layer if isinstance(proj.layer, LoRALinear) else None
         self.h3 = None
+        self.g_h, self.dB = None, []  # Σ_S s g_S B[:, S]^T, and dB's column pieces
         if self.layer is None:
             return
         x = proj.x
@@ -128,7 +128,6 @@ def sliced_mlp_backward(mlp, names: tuple[str, str, str], activation: str, n2: m
     if down_lora:
         g_hd = down_l.scale * (g2 @ down_l.lora_b.T)  # [N, r]
         h_d, dA_d = None, []
-    acc = {id(l): (None, []) for l in (lg, lu) if l.layer is not None}  # g_h and dB column pieces
     g_n2 = None
     for a, b in lean_slices(Wg):
         # g_a = g Wd[:, S] first: its dequantized slice is gone before gate's and up's exist
@@ -152,13 +151,11 @@ def sliced_mlp_backward(mlp, names: tuple[str, str, str], activation: str, n2: m
             h_d = part if h_d is None else h_d + part
             dA_d.append(xd.T @ g_hd)
         for l, gs in ((lg, g_gate), (lu, g_up)):
-            if l.layer is None:
-                continue
-            g_h, dB = acc[id(l)]
-            part = l.layer.scale * (gs @ l.layer.lora_b[:, a:b].T)
-            dB.append(l.layer.scale * (l.h.T @ gs))
-            acc[id(l)] = (part if g_h is None else g_h + part, dB)
-        mx.eval(g_n2, *(t for v in acc.values() for t in (v[0], v[1][-1])),
+            if l.layer is not None:
+                part = l.layer.scale * (gs @ l.layer.lora_b[:, a:b].T)
+                l.g_h = part if l.g_h is None else l.g_h + part
+                l.dB.append(l.layer.scale * (l.h.T @ gs))
+        mx.eval(g_n2, *(t for l in (lg, lu) if l.layer is not None for t in (l.g_h, l.dB[-1])),
                 *((h_d, dA_d[-1]) if down_lora else ()))
         del wg, wu, a_s, g_gate, g_up
     prefix = "mlp."
@@ -168,9 +165,8 @@ def sliced_mlp_backward(mlp, names: tuple[str, str, str], activation: str, n2: m
     for l, name in ((lg, names[0]), (lu, names[1])):
         if l.layer is None:
             continue
-        g_h, dB = acc[id(l)]
-        grads[f"{prefix}{name}.lora_a"] = (l.xd.T @ g_h).astype(l.layer.lora_a.dtype)
-        grads[f"{prefix}{name}.lora_b"] = mx.concatenate(dB, axis=1).astype(l.layer.lora_b.dtype)
-        g_xd = g_h @ l.layer.lora_a.T
+        grads[f"{prefix}{name}.lora_a"] = (l.xd.T @ l.g_h).astype(l.layer.lora_a.dtype)
+        grads[f"{prefix}{name}.lora_b"] = mx.concatenate(l.dB, axis=1).astype(l.layer.lora_b.dtype)
+        g_xd = l.g_h @ l.layer.lora_a.T
         g_n2 = g_n2 + (g_xd if l.mask is None else g_xd * l.mask)
     return g_n2.reshape(shape)
