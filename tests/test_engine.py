@@ -6,7 +6,7 @@ import pytest
 
 from conftest import flat, masked_ce, max_rel_err, randomize_lora
 from mesp_mlx.engine import Batch, BlockEngine, WeightStreamer
-from mesp_mlx.lora import apply_lora
+from mesp_mlx.adapters.lora import apply_lora
 from mesp_mlx.methods import MeBP, make_method
 from mesp_mlx.models import ModelParts, cast_float_params, load_model, set_compute_path
 
@@ -133,8 +133,8 @@ def test_step_reports_memory(tiny_models):
 def test_plain_sgd_keeps_no_state_and_steps_like_mlx_sgd(tiny_models):
     import mlx.optimizers as optim
 
-    from mesp_mlx.config import TrainConfig
-    from mesp_mlx.train import make_optimizer
+    from mesp_mlx.run.config import TrainConfig
+    from mesp_mlx.run.optimizers import make_optimizer
 
     batch = _batch(384)
     m1, _ = _prepared(tiny_models["qwen2"])

@@ -15,8 +15,8 @@ from mlx_lm.tuner.lora import LoRALinear
 
 from conftest import assert_same_adapter, flat, masked_ce, max_rel_err, randomize_lora
 from mesp_mlx.engine import Batch, BlockEngine, WeightStreamer
-from mesp_mlx.lora import apply_lora, save_adapters
-from mesp_mlx.mesp_lora import to_mesp_lora
+from mesp_mlx.adapters.lora import apply_lora, save_adapters
+from mesp_mlx.methods.mesp import to_mesp_lora
 from mesp_mlx.methods import MeBP, MeSP
 from mesp_mlx.methods.mesp import unsupported_reason
 from mesp_mlx.models import ModelParts, cast_float_params, family_lora_parameters, load_model, set_compute_path
@@ -173,7 +173,7 @@ def test_plan_train_streamed_resume_convert_fuse(family, family_models, tmp_path
     """The CLI around a family: plan, train (streamed weights, mmap checkpoints, sequences past the window), resume
     to the same adapter as one run, convert to PEFT and back, fuse. starcoder2 stands for the generic tier."""
     from mesp_mlx.cli import main
-    from mesp_mlx.models.families.sweep import GENERIC_CONFIG
+    from mesp_mlx.support.sweep import GENERIC_CONFIG
     from test_train_cli import write_data
 
     if family in family_models:
@@ -207,7 +207,7 @@ def test_gemma_norm_and_gelu_gate_backward_equal_autodiff():
     """The pieces Gemma 3 adds: RMSNorm with weight 1 + w, and act(gate) * up with GELU-tanh."""
     from mlx_lm.models.gemma3_text import RMSNorm
 
-    from mesp_mlx import fastmath
+    from mesp_mlx.engine import fastmath
     from mesp_mlx.methods.vjp import gated_backward, gated_forward, rms_norm_backward
 
     mx.random.seed(7)

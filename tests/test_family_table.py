@@ -10,8 +10,8 @@ import pytest
 
 from mesp_mlx.cli import main
 from mesp_mlx.models.families import HAND, TABLE_FILE, support_table, supported_types, tier
-from mesp_mlx.models.families.sweep import check_family, model_modules
-from mesp_mlx.models.families.table import render
+from mesp_mlx.support.sweep import check_family, model_modules
+from mesp_mlx.support.table import render
 from mesp_mlx.models.synthetic import model_config
 
 ROOT = Path(__file__).resolve().parent.parent

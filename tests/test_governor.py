@@ -7,11 +7,12 @@ import pytest
 from mlx_lm import load as mlx_lm_load
 
 from mesp_mlx.cli import main
-from mesp_mlx.config import TrainConfig
-from mesp_mlx.governor import PROFILES
-from mesp_mlx.metrics import MetricsLog
-from mesp_mlx.planner import best_fitting_plan, predict
-from mesp_mlx.train import train
+from mesp_mlx.run.config import TrainConfig
+from mesp_mlx.plan.governor import PROFILES
+from mesp_mlx.run.metrics import MetricsLog
+from mesp_mlx.plan.memory import best_fitting_plan
+from mesp_mlx.run.prepare import predict_lean, prepare_model
+from mesp_mlx.run.train import train
 from test_train_cli import write_data
 
 
@@ -86,7 +87,7 @@ def test_prediction_is_within_15_percent_of_the_measured_peak(small_model, tmp_p
     model, data = small_model
     lean = dict(keep_activations=0, keep_attention=False, keep_dequantized=0)
     cfg = _cfg(model, data, tmp_path / "o", method=method, stream_weights=stream, checkpoint_storage=storage, **lean)
-    plan = predict(cfg)
+    plan = predict_lean(cfg)
     predicted = plan.peak_mb
     records = train(cfg, log=lambda *a: None).records
     measured = max(r["peak_mb"] for r in records[1:])  # from step 2 AdamW's state exists, as the plan assumes
@@ -109,8 +110,8 @@ def test_prediction_is_within_15_percent_of_the_measured_peak(small_model, tmp_p
 def test_an_impossible_budget_is_refused_with_a_plan_that_fits_when_run(small_model, tmp_path, capsys):
     model, data = small_model
     cfg = _cfg(model, data, tmp_path / "o", method="mebp", stream_weights=False, checkpoint_storage="memory")
-    first = predict(cfg).peak_mb
-    fix = best_fitting_plan(cfg, 0.6 * first)
+    first = predict_lean(cfg).peak_mb
+    fix = best_fitting_plan(cfg, 0.6 * first, prepare_model)
     assert fix is not None
     budget = 0.6 * first
     args = ["train", "--model", str(model), "--data", str(data), "--iters", "2", "--method", "mebp",

@@ -5,8 +5,8 @@ import math
 
 import pytest
 
-from mesp_mlx.config import TrainConfig
-from mesp_mlx.lcsb_advice import StudyRow, advice_lines, load_study, nearest
+from mesp_mlx.run.config import TrainConfig
+from mesp_mlx.plan.lcsb_advice import StudyRow, advice_lines, load_study, nearest
 
 
 def row(lr=1e-4, scale=20.0, fraction=0.25, schedule="cyclic", mesp=(4.0, 3.8, 3.6), lcsb=(4.0, 3.9, 3.7),

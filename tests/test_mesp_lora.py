@@ -7,7 +7,8 @@ from mlx.utils import tree_flatten
 from mlx_lm.tuner.lora import LoRALinear
 
 from conftest import max_rel_err
-from mesp_mlx.mesp_lora import MeSPLoRALinear, to_mesp_lora
+from mesp_mlx.methods.mesp import to_mesp_lora
+from mesp_mlx.methods.mesp_lora import MeSPLoRALinear
 from mesp_mlx.models.compute import DequantLinear
 
 

@@ -81,7 +81,7 @@ def _block_vjp(method, block, x, g, mask):
 def test_block_vjp_equals_autodiff(tiny_models, monkeypatch, family, store_h, chunk):
     """chunk 1 KB: the recompute's attention probabilities (3.2 KB here) are over one lean slice, so the attention's
     backward computes them again; the 4-row weight slices miss the down matrix's groups: the whole-tensor MLP rule."""
-    from mesp_mlx import mesp_lora
+    from mesp_mlx.methods import mesp_lora
 
     if chunk:
         monkeypatch.setattr(mesp_lora, "LEAN_CHUNK", chunk)
@@ -119,7 +119,7 @@ def test_sliced_mlp_backward_equals_autodiff(tiny_models, monkeypatch, spy_slice
     """The MLP backward slice by slice of the ffn axis (each frozen matrix dequantized once): every gradient as
     autodiff's, with LoRA on all, some or one of the MLP's projections, and the slices cutting the packed down
     matrix's columns on its quantization groups."""
-    from mesp_mlx import mesp_lora
+    from mesp_mlx.methods import mesp_lora
 
     if chunk:
         monkeypatch.setattr(mesp_lora, "LEAN_CHUNK", chunk)
@@ -141,7 +141,7 @@ def test_sliced_mlp_backward_equals_autodiff(tiny_models, monkeypatch, spy_slice
 
 @pytest.mark.parametrize("chunk", [None, 8 << 10])
 def test_dropout_masks_are_reproduced(tiny_models, monkeypatch, chunk):
-    from mesp_mlx import mesp_lora
+    from mesp_mlx.methods import mesp_lora
 
     if chunk:
         monkeypatch.setattr(mesp_lora, "LEAN_CHUNK", chunk)

@@ -70,7 +70,7 @@ def test_deterministic_under_the_seed_and_forward_only_memory(tiny_models):
 @pytest.mark.parametrize("method", ["mezo", "lcsb"])
 def test_train_cli_runs_the_family_and_resumes_it(tiny_models, tmp_path, method):
     from mesp_mlx.cli import main
-    from mesp_mlx.metrics import MetricsLog
+    from mesp_mlx.run.metrics import MetricsLog
     from test_train_cli import write_data
 
     data = write_data(tmp_path / "d")

@@ -17,7 +17,7 @@ import pytest
 
 from conftest import assert_same_adapter
 from mesp_mlx.cli import main
-from mesp_mlx.metrics import MetricsLog
+from mesp_mlx.run.metrics import MetricsLog
 from test_train_cli import CHAT, write_data
 
 FOURTH = {"messages": [{"role": "user", "content": "name a colour of the sky"},

@@ -8,7 +8,7 @@ import mlx.core as mx
 import pytest
 
 from mesp_mlx.cli import main
-from mesp_mlx.data import BatchIterator, DataError, load_splits, read_jsonl
+from mesp_mlx.data.datasets import BatchIterator, DataError, load_splits, read_jsonl
 from mesp_mlx.models import ModelLoadError, compute, load_model, resolve_model
 from mesp_mlx.models.gguf_import import GGUFImportError, import_gguf, unpermute_rows
 from mesp_mlx.models.synthetic import model_config, write_random_model

@@ -13,8 +13,8 @@ import pytest
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import given, strategies as st  # noqa: E402
 
-from mesp_mlx.convert import ConvertError, convert  # noqa: E402
-from mesp_mlx.data import DataError, load_splits  # noqa: E402
+from mesp_mlx.adapters.convert import ConvertError, convert  # noqa: E402
+from mesp_mlx.data.datasets import DataError, load_splits  # noqa: E402
 from mesp_mlx.models.gguf_import import GGUFImportError, import_gguf  # noqa: E402
 from mesp_mlx.personalize.stream import read_dialogues  # noqa: E402
 

@@ -22,7 +22,7 @@ VALID_YAML = (b"learning_rate: 1.0e-4\niters: 3\nbatch_size: 2\nlora_parameters:
 
 
 def _check_config(yaml_bytes: bytes, flags: dict):
-    from mesp_mlx.config import ConfigError, build_config
+    from mesp_mlx.run.config import ConfigError, build_config
 
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "run.yaml"

@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 
 from mesp_mlx.cli import main
-from mesp_mlx.config import build_config
-from mesp_mlx.metrics import MetricsLog
+from mesp_mlx.run.config import build_config
+from mesp_mlx.run.metrics import MetricsLog
 
 RECIPES = sorted(Path(__file__).resolve().parent.parent.joinpath("recipes").glob("*.yaml"))
 

@@ -17,8 +17,8 @@ import pytest
 from mesp_mlx.cli import main
 from mesp_mlx.io import WriteError, atomic_write, atomic_write_json, plain_file_mode, remove_stale_temp_files
 from mesp_mlx.lock import LOCK_FILE, FolderLock
-from mesp_mlx.metrics import MetricsLog
-from mesp_mlx.state import STATE_FILE
+from mesp_mlx.run.metrics import MetricsLog
+from mesp_mlx.run.state import STATE_FILE
 from test_resume import ITERS, _args, _assert_same, run_setup  # noqa: F401 (fixture)
 from test_train_cli import CHAT, write_data
 
@@ -29,7 +29,7 @@ def test_a_second_signal_stops_at_once(signum):
     """The first signal only asks the run to stop after its step; the second one ends the process there and then."""
     script = textwrap.dedent(f"""
         import os, time
-        from mesp_mlx.train import StopSignals
+        from mesp_mlx.run.signals import StopSignals
         stop = StopSignals(log=lambda *a: None)
         os.kill(os.getpid(), {int(signum)})
         assert stop.received == {int(signum)}, stop.received

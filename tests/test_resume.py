@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from mesp_mlx.cli import main
-from mesp_mlx.config import TrainConfig
-from mesp_mlx.metrics import MetricsLog
-from mesp_mlx.state import STATE_FILE
+from mesp_mlx.run.config import TrainConfig
+from mesp_mlx.run.metrics import MetricsLog
+from mesp_mlx.run.state import STATE_FILE
 from test_train_cli import CHAT, write_data
 
 ITERS = 14
@@ -150,7 +150,7 @@ def test_resume_refuses_changed_settings_and_missing_state(run_setup, tmp_path, 
 @pytest.mark.parametrize("policy", ["stop", "skip"])
 def test_nonfinite_gradient_stops_or_skips_naming_step_and_block(tiny_models, tmp_path, monkeypatch, policy):
     from mesp_mlx.methods.mesp import MeSP
-    from mesp_mlx.train import train
+    from mesp_mlx.run.train import train
 
     real = MeSP.block_backward
     state = {"calls": 0}

@@ -3,9 +3,9 @@ is refused."""
 
 import pytest
 
-from mesp_mlx.config import ConfigError, TrainConfig
+from mesp_mlx.run.config import ConfigError, TrainConfig
 from mesp_mlx.models.synthetic import model_config, write_random_model
-from mesp_mlx.train import prepare_model
+from mesp_mlx.run.prepare import prepare_model
 
 
 @pytest.fixture(scope="module")
@@ -19,8 +19,8 @@ def test_default_follows_the_model_context(short_context_model):
     cfg = TrainConfig(model=str(short_context_model), data="unused")
     assert cfg.max_seq_length is None
     cfg.validate()
-    prepare_model(cfg)
-    assert cfg.max_seq_length == 512
+    assert prepare_model(cfg).settings.max_seq_length == 512
+    assert cfg.max_seq_length is None  # resolved into the prepared settings, the user's config untouched
 
 
 def test_explicit_value_over_the_context_is_refused(short_context_model):
@@ -31,5 +31,5 @@ def test_explicit_value_over_the_context_is_refused(short_context_model):
 
 def test_default_is_2048_for_long_context_models(tiny_models):
     cfg = TrainConfig(model=str(tiny_models["qwen2"]))
-    prepare_model(cfg)
-    assert cfg.max_seq_length == 2048
+    assert prepare_model(cfg).settings.max_seq_length == 2048
+    assert cfg.max_seq_length is None

@@ -8,17 +8,18 @@ import numpy as np
 import pytest
 
 from conftest import flat
-from mesp_mlx import fastmath
+from mesp_mlx.engine import fastmath
 from mesp_mlx.cli import main
 from mesp_mlx.engine import Batch, BlockEngine
-from mesp_mlx.lora import apply_lora
-from mesp_mlx.mesp_lora import lean_matmul, to_mesp_lora
+from mesp_mlx.adapters.lora import apply_lora
+from mesp_mlx.methods.mesp import to_mesp_lora
+from mesp_mlx.methods.mesp_lora import lean_matmul
 from mesp_mlx.methods import LCSB, MeSP
 from mesp_mlx.models import ModelParts, cast_float_params, load_model, set_compute_path
 from mesp_mlx.models.families import family_lora_parameters
 from mesp_mlx.models.compute import dequantized_weight, keep_dequantized, keep_dequantized_blocks
-from mesp_mlx.optimizers import make_optimizer
-from mesp_mlx.speed_plan import LeverCosts, Levers, fastest
+from mesp_mlx.run.optimizers import make_optimizer
+from mesp_mlx.plan.speed import LeverCosts, Levers, fastest
 from test_train_cli import write_data
 
 
@@ -90,7 +91,7 @@ def test_every_plan_trains_bit_identically(plan_models, family, dropout, lanes):
 def test_plans_are_bit_identical_with_the_mlp_in_ffn_slices(plan_models, monkeypatch):
     """The sliced MLP backward (five ffn slices here) recomputes gate and up slice by slice where a kept context holds
     the forward's whole tensors: the same bits either way, and with kept fp32 weights."""
-    from mesp_mlx import mesp_lora
+    from mesp_mlx.methods import mesp_lora
 
     monkeypatch.setattr(mesp_lora, "LEAN_CHUNK", 8 << 10)
     lean_losses, lean = _train(plan_models["llama"], 0, False, 0, dropout=0.1)
@@ -105,7 +106,7 @@ def test_gemma_with_mmap_checkpoints_takes_the_sliced_mlp_rule_bit_identically_i
         plan_models, monkeypatch, tmp_path, dropout, lanes):
     """With mmap'd checkpoints MeSP keeps Gemma 3's post-MLP norm input beside them (outside MLX memory), so its MLP
     backward runs in ffn slices too: the same bits in every plan."""
-    from mesp_mlx import mesp_lora
+    from mesp_mlx.methods import mesp_lora
     from mesp_mlx.methods import mesp as mesp_module
 
     monkeypatch.setattr(mesp_lora, "LEAN_CHUNK", 8 << 10)  # several ffn slices
@@ -126,7 +127,7 @@ def test_gemma_sliced_mlp_gradients_equal_autodiff(plan_models, monkeypatch, tmp
     ffn slices): one step's gradients as MeBP's autodiff (fp32, rel <= 1e-5)."""
     from conftest import max_rel_err
     from mesp_mlx.methods import MeBP
-    from mesp_mlx import mesp_lora
+    from mesp_mlx.methods import mesp_lora
 
     from mesp_mlx.methods import mesp as mesp_module
 

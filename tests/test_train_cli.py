@@ -12,7 +12,7 @@ import pytest
 
 from conftest import assert_same_adapter
 from mesp_mlx.cli import main
-from mesp_mlx.metrics import MetricsLog
+from mesp_mlx.run.metrics import MetricsLog
 
 CHAT = [
     {"messages": [{"role": "user", "content": "hello, how are you today?"},
@@ -60,7 +60,7 @@ def test_train_writes_mlx_lm_adapters_and_metrics(tiny_models, tmp_path):
     model, _ = load(str(tiny_models["qwen2"]), adapter_path=str(out))
     weights = mx.load(str(out / "adapters.safetensors"))
     assert any(k.endswith("lora_b") and mx.abs(v).max().item() > 0 for k, v in weights.items())
-    from mesp_mlx.lora import apply_lora, load_adapter_weights
+    from mesp_mlx.adapters.lora import apply_lora, load_adapter_weights
     from mesp_mlx.models import load_model
 
     ours = load_model(str(tiny_models["qwen2"])).model
@@ -141,7 +141,7 @@ def test_one_sgd_step_matches_mlx_lm_lora(tiny_models, tmp_path):
 @pytest.mark.slow
 def test_mesp_and_mebp_train_the_real_smollm2_identically(smollm2, tmp_path):
     """20 SGD steps of MeSP and of MeBP on the real SmolLM2 (30 Llama blocks, 4-bit) with one seed: same losses."""
-    from mesp_mlx.corpora import chatterbot_pairs, write_chat_jsonl
+    from mesp_mlx.data.datasets.corpora import chatterbot_pairs, write_chat_jsonl
 
     data = tmp_path / "data"
     write_chat_jsonl(chatterbot_pairs(["botprofile"])[:40], data)
@@ -162,7 +162,7 @@ def test_validation_and_test_loss_match_mlx_lm_evaluate(tiny_models, tmp_path, c
     from mlx_lm import load
     from mlx_lm.tuner.trainer import evaluate
 
-    from mesp_mlx.data import load_splits
+    from mesp_mlx.data.datasets import load_splits
 
     data = write_data(tmp_path / "data", CHAT + CHAT[:2])
     with open(data / "valid.jsonl", "w") as f:
@@ -202,15 +202,15 @@ def test_validation_and_test_loss_match_mlx_lm_evaluate(tiny_models, tmp_path, c
 
 def test_test_evaluation_over_budget_stops_cleanly(tiny_models, tmp_path, monkeypatch, capsys):
     """A --test evaluation that the governor stops ends the run with exit 4 and a message, the adapters saved."""
-    import mesp_mlx.train as train_module
-    from mesp_mlx.governor import BudgetExceeded
+    import mesp_mlx.run.loop as loop_module
+    from mesp_mlx.plan.governor import BudgetExceeded
 
     def over(*args, **kwargs):
         raise BudgetExceeded("forward", 1, 900 * 2**20, 512)
 
     data = write_data(tmp_path / "data")
     (data / "test.jsonl").write_text(json.dumps(CHAT[2]) + "\n")
-    monkeypatch.setattr(train_module, "evaluate", over)
+    monkeypatch.setattr(loop_module, "evaluate", over)
     out = tmp_path / "a"
     rc = main(["train", "--model", str(tiny_models["qwen2"]), "--data", str(data), "--iters", "2", "--adapter-path",
                str(out), "--steps-per-eval", "0", "--test", "--no-plot"])

@@ -27,12 +27,15 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from mesp_mlx import backend  # noqa: E402
-from mesp_mlx.config import TrainConfig  # noqa: E402
-from mesp_mlx.data import BatchIterator, load_splits  # noqa: E402
+from mesp_mlx.run.config import TrainConfig  # noqa: E402
+from mesp_mlx.data.datasets import BatchIterator, load_splits  # noqa: E402
 from mesp_mlx.engine import Batch, BlockEngine  # noqa: E402
 from mesp_mlx.methods import method_for  # noqa: E402
 from mesp_mlx.models.synthetic import SHAPES, gemma3_1b_config, model_config, write_random_model  # noqa: E402
-from mesp_mlx.train import make_optimizer, prepare_model  # noqa: E402
+from mesp_mlx.models.compute import keep_dequantized_blocks  # noqa: E402
+from mesp_mlx.plan.resolve import plan_run  # noqa: E402
+from mesp_mlx.run.optimizers import make_optimizer  # noqa: E402
+from mesp_mlx.run.prepare import prepare_model  # noqa: E402
 
 OUT = ROOT / "tools" / "out"
 KEYS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj",
@@ -75,18 +78,20 @@ def bench_ours(model: Path, data: Path, method: str, seq: int, rank: int, steps:
     # which row ran before it, and rows' losses after step 0 were not comparable)
     mx.random.seed(0)
     prep = prepare_model(cfg)
+    cfg = prep.settings  # the sequence length and LoRA keys as the run resolves them
     splits = load_splits(cfg.data, prep.tokenizer)
     batches = BatchIterator(splits["train"], 1, cfg.max_seq_length)
     method_rule = method_for(cfg)
     keep = 0
     predicted = None
     if budget_mb is not None:
-        from mesp_mlx.models.compute import keep_dequantized_blocks
-        from mesp_mlx.train import choose_levers
-
-        levers = choose_levers(cfg, prep, method_rule, budget_mb, print, seq_len=cfg.max_seq_length)
+        plan = plan_run(prep.settings, prep, method_rule, budget_mb, f"{budget_mb:.0f} MB", cfg.max_seq_length)
+        levers = plan.levers
+        print(f"speed levers ({plan.lever_note()}): {levers.flags()}")
+        if hasattr(getattr(method_rule, "inner", method_rule), "keep_attention"):
+            getattr(method_rule, "inner", method_rule).keep_attention = levers.keep_attention
         keep_dequantized_blocks(prep.parts.layers, levers.keep_dequantized)
-        keep, predicted = levers.keep_activations, (cfg.predicted_step_s, cfg.predicted_peak_mb)
+        keep, predicted = levers.keep_activations, (plan.predicted_step_s, plan.predicted_peak_mb)
     engine = BlockEngine(prep.parts, method_rule, [make_optimizer(cfg) for _ in prep.parts.layers],
                          cfg.checkpoint_storage, None, prep.streamer, keep_activations=keep)
     resident = mx.get_active_memory() / 2**20

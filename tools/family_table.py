@@ -1,4 +1,4 @@
-"""Regenerate the support table: sweep every module of mlx_lm.models (mesp_mlx/models/families/sweep.py) and write
+"""Regenerate the support table: sweep every module of mlx_lm.models (mesp_mlx/support/sweep.py) and write
 mesp_mlx/models/families/support.json (read at run time: what `train` accepts or refuses, with the reason) and
 docs/model_families.md (linked from the README). tests/test_family_table.py fails when a family listed as supported
 stops matching mlx-lm, or when the two files disagree.
@@ -16,8 +16,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from mesp_mlx.models.families import TABLE_FILE  # noqa: E402
-from mesp_mlx.models.families.sweep import sweep  # noqa: E402
-from mesp_mlx.models.families.table import render  # noqa: E402
+from mesp_mlx.support.sweep import sweep  # noqa: E402
+from mesp_mlx.support.table import render  # noqa: E402
 
 DOC = ROOT / "docs" / "model_families.md"
 

@@ -21,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mesp_mlx.corpora import chatterbot_user_stream, shakespeare_user_stream, write_user_stream  # noqa: E402
+from mesp_mlx.data.datasets.corpora import chatterbot_user_stream, shakespeare_user_stream, write_user_stream  # noqa: E402
 from mesp_mlx.io import atomic_write, atomic_write_json  # noqa: E402
 from mesp_mlx.personalize.buffer import POLICIES  # noqa: E402
 from mesp_mlx.personalize.generation import TextEncoder  # noqa: E402

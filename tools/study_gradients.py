@@ -32,12 +32,14 @@ from mlx.utils import tree_flatten, tree_map
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from mesp_mlx.config import TrainConfig  # noqa: E402
-from mesp_mlx.corpora import shakespeare_passages, write_text_jsonl  # noqa: E402
-from mesp_mlx.data import BatchIterator, load_splits  # noqa: E402
+from mesp_mlx.run.config import TrainConfig  # noqa: E402
+from mesp_mlx.data.datasets.corpora import shakespeare_passages, write_text_jsonl  # noqa: E402
+from mesp_mlx.data.datasets import BatchIterator, load_splits  # noqa: E402
 from mesp_mlx.engine import Batch, BlockEngine  # noqa: E402
 from mesp_mlx.methods import method_for  # noqa: E402
-from mesp_mlx.train import evaluate, make_optimizer, prepare_model  # noqa: E402
+from mesp_mlx.run.loop import evaluate  # noqa: E402
+from mesp_mlx.run.optimizers import make_optimizer  # noqa: E402
+from mesp_mlx.run.prepare import prepare_model  # noqa: E402
 
 OUT = ROOT / "tools" / "out" / "study"
 
@@ -65,6 +67,7 @@ def setup(args, method: str, init: str = "perturbed", **extra):
         **extra)
     mx.random.seed(0)
     prep = prepare_model(cfg)
+    cfg = prep.settings  # the sequence length and LoRA keys as the run resolves them
     if init == "perturbed":
         # a trained-looking start: LoRA B is zero at init (then dL/dA = 0); give it small random values
         prep.model.update(tree_map(lambda x: 0.02 * mx.random.normal(x.shape), prep.model.trainable_parameters()))

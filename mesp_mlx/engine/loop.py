@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import mlx.core as mx
-import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from ..distributed import Ranks

@@ -16,8 +16,8 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 
-from .. import fastmath
 from ..models.compute import frozen_matmul
+from . import fastmath
 
 
 def auto_vocab_chunk(n_tokens: int, vocab: int, hidden: int, budget_elems: int = 1 << 21) -> int:

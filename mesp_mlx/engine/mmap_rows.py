@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import struct
-from pathlib import Path
 
 import mlx.core as mx
 import numpy as np

@@ -18,6 +18,7 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 
+from ..models.families import describe
 from .mmap_rows import MmapRows
 
 
@@ -50,7 +51,6 @@ def _entries(module: nn.Module, prefix: str, index: dict, model_path) -> list[tu
 
 class WeightStreamer:
     def __init__(self, model_path: Path, model: nn.Module, layers: list, layer_prefix: str = "model.layers"):
-        from ..models.families import describe
 
         family = describe(model)  # multimodal folders keep the text model's tensors under a prefix (language_model.)
         text, pre = family.text_model(model), family.weight_prefix

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 FAILED = 6  # exit status of a federation that did not complete (global/ keeps the last complete round)
 
@@ -39,11 +40,10 @@ def add_federate_parser(sub) -> None:
 
 
 def cmd_federate(args) -> int:
-    from pathlib import Path
-
-    from .device import Settings
-    from .fleet import chatterbot_fleet, parse_device
-    from .run import FederateError, federate
+    # Flower is imported when `federate` runs, not each time the CLI starts (flwr's import takes seconds)
+    from .device import Settings  # Flower: see the comment above
+    from .fleet import chatterbot_fleet, parse_device  # Flower: as above
+    from .run import FederateError, federate  # Flower: as above
 
     if bool(args.device) == bool(args.chatterbot_users):
         print("mesp-mlx: error: give either --device (repeated) or --chatterbot-users N", file=sys.stderr)

@@ -21,13 +21,23 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from ..data import DataError, chat_record
+from ..data.datasets import DataError, chat_record
 from ..io import atomic_write, atomic_write_json, write_jsonl
-from ..personalize.pipeline import (PersonalizeConfig, evaluate as rouge_of, load_for_inference, make_candidates,
-                                    select, synthesize, training_config, with_adapters)
 from ..personalize.generation import TextEncoder
+from ..personalize.pipeline import (
+    PersonalizeConfig,
+    load_for_inference,
+    make_candidates,
+    select,
+    synthesize,
+    training_config,
+    with_adapters,
+)
+from ..personalize.pipeline import evaluate as rouge_of
 from ..personalize.scores import load_lexicons
 from ..personalize.stream import read_dialogues
+from ..plan.governor import resolve_budget
+from ..run.train import train
 
 
 class DeviceError(RuntimeError):
@@ -144,7 +154,6 @@ def load_weights(adapter_file: Path) -> dict:
 
 def _train(device: Device, s: Settings, out: Path, iters: int, start: dict | None, log, seed: int
            ) -> tuple[dict, dict]:
-    from ..train import train
 
     extra = {"iters": iters}
     if start:
@@ -158,7 +167,6 @@ def _train(device: Device, s: Settings, out: Path, iters: int, start: dict | Non
     peaks = [r["peak_mb"] for r in result.records]
     budget = train_cfg.budget_mb
     if budget is None and train_cfg.device_profile:
-        from ..governor import resolve_budget
         budget = resolve_budget(train_cfg.device_profile, None)[0]
     metrics = {"steps": len(result.records), "loss_first": float(result.records[0]["loss"]),
                "loss_last": float(result.records[-1]["loss"]), "peak_mb": float(max(peaks)),

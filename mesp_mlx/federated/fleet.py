@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..corpora import chatterbot_user_stream, write_user_stream
+from ..data.corpora import chatterbot_user_stream, write_user_stream
 from .launch import DeviceSpec
 
 # one user per group of chatterbot-corpus categories: what each of them talks about

@@ -23,8 +23,8 @@ from pathlib import Path
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
+from ..adapters.lora import write_adapter_config
 from ..io import atomic_write_json, write_jsonl
-from ..lora import write_adapter_config
 from .aggregation import aggregate, measured_error
 from .device import Settings, save_weights
 from .messages import PrivacyError, arrays_record, check_reply, describe, weights_of

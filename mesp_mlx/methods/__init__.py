@@ -1,6 +1,6 @@
 from .base import Method
-from .mebp import MeBP
 from .lcsb import LCSB
+from .mebp import MeBP
 from .mesp import MeSP
 from .mezo import MeZO
 

@@ -30,16 +30,17 @@ from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.tuner.dora import DoRALinear
 from mlx_lm.tuner.lora import LoRALinear
 
+from ..engine.checkpoints import MmapSide
 from ..models.compute import DequantLinear, set_compute_path
-from ..mesp_dora import DoRAProj
 from ..models.families import block_spec
-from .. import mesp_lora
-from ..mesp_lora import dropout_active, frozen_input_grad, lean_matmul, lora_linear_backward
+from . import mesp_lora
 from .base import Method
 from .mebp import MeBP
-from .mlp_slices import sliced_mlp_backward, supported as sliced_mlp_supported
-from .vjp import (attention_backward, attention_forward, gated_backward, gated_forward, rms_norm_backward,
-                  rope_backward)
+from .mesp_dora import DoRAProj, MeSPDoRALinear
+from .mesp_lora import MeSPLoRALinear, dropout_active, frozen_input_grad, lean_matmul, lora_linear_backward
+from .mlp_slices import sliced_mlp_backward
+from .mlp_slices import supported as sliced_mlp_supported
+from .vjp import attention_backward, attention_forward, gated_backward, gated_forward, rms_norm_backward, rope_backward
 
 
 def _projections(spec) -> tuple[tuple, tuple]:
@@ -193,7 +194,6 @@ class MeSP(Method):
         self._side = None
 
     def set_side_storage(self, kind: str, directory: str | None = None) -> None:
-        from ..engine.checkpoints import MmapSide
 
         if self._side is not None:
             self._side.close()
@@ -477,3 +477,21 @@ class MeSP(Method):
         del dq, dk, dv, projs
         g_x = g_h + self._norm_backward(block, spec, spec.pre_attn_norm, x, g_n1)
         return g_x, tree_unflatten(list(grads.items()))
+
+
+def to_mesp_lora(model: nn.Module) -> int:
+    """Switch every mlx-lm LoRALinear (and DoRALinear) in `model` to MeSP's backward in place (same parameters).
+    Returns the count."""
+    count = 0
+
+    def visit(_, module):
+        nonlocal count
+        if type(module) is LoRALinear:
+            module.__class__ = MeSPLoRALinear
+            count += 1
+        elif type(module) is DoRALinear:
+            module.__class__ = MeSPDoRALinear
+            count += 1
+
+    model.apply_to_modules(visit)
+    return count

@@ -26,9 +26,9 @@ import mlx.nn as nn
 from mlx_lm.tuner.dora import DoRALinear
 from mlx_lm.tuner.lora import LoRALinear
 
-from .. import fastmath
-from ..mesp_lora import dense_cols, dense_rows, lean_slices
+from ..engine import fastmath
 from ..models.compute import DequantLinear
+from .mesp_lora import dense_cols, dense_rows, lean_slices
 from .vjp import _C, _gelu_tanh_arg  # GELU-tanh's constant and tanh argument, the very ops of the whole-tensor rule
 
 

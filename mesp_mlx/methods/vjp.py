@@ -13,7 +13,7 @@ import math
 import mlx.core as mx
 import mlx.nn as nn
 
-from .. import fastmath
+from ..engine import fastmath
 
 
 @mx.compile

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
 
 from ..io import atomic_folder
 from .gguf_header import GGUFHeaderError, check_gguf
@@ -84,7 +85,6 @@ def _quant_of(weights: dict, prefix: str) -> dict | None:
 
 def build_tokenizer_files(meta: dict, out: Path) -> None:
     """tokenizer.json + tokenizer_config.json from the GGUF's byte-level BPE vocabulary, merges and chat template."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 
     model_kind = _scalar(meta, "tokenizer.ggml.model")
     if model_kind != "gpt2":
@@ -102,7 +102,6 @@ def build_tokenizer_files(meta: dict, out: Path) -> None:
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
     # Control tokens (type 3) are special: never split, skipped when decoding with skip_special_tokens.
-    from tokenizers import AddedToken
 
     special = [tokens[i] for i in range(len(tokens)) if types is not None and int(types[i]) == 3]
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special])

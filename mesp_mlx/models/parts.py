@@ -15,14 +15,12 @@ import numpy as np
 from mlx_lm.models.base import create_attention_mask
 
 from .compute import dequantize
-
-
 from .families import UnsupportedFamily as UnsupportedModel  # noqa: E402  (one error type for every refusal)
+from .families import describe
 
 
 class ModelParts:
     def __init__(self, model: nn.Module, compute_path: str = "dequant", streamer=None, family=None):
-        from .families import describe
 
         self.family = family or describe(model)  # an explicit description: the support-table sweep
         text = self.family.text_model(model)

@@ -13,6 +13,8 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
+from mlx_lm.utils import _get_classes
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 CHATML = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
@@ -45,7 +47,6 @@ _CORPUS = (
 
 def write_tokenizer(out: Path, vocab_size: int = 512) -> None:
     """A byte-level BPE trained on a fixed corpus (deterministic), ChatML template, <|im_end|> as EOS."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -83,7 +84,6 @@ def model_config(model_type: str, hidden: int, layers: int, intermediate: int, h
 def write_random_model(out: str | os.PathLike, config: dict, bits: int | None = 4, group_size: int = 64,
                        seed: int = 0, tokenizer_vocab: int = 512, scales_dtype=mx.float32, weight_std: float = 0.02) -> Path:
     """Write a random model folder. bits=None leaves it unquantized (fp32)."""
-    from mlx_lm.utils import _get_classes
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

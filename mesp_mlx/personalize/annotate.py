@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-from ..data import DataError, iter_jsonl
+from ..data.datasets import DataError, iter_jsonl
 from .buffer import Candidate
 
 

@@ -7,6 +7,8 @@ import re
 
 import mlx.core as mx
 import numpy as np
+from mlx_lm.generate import batch_generate
+from mlx_lm.sample_utils import make_sampler
 
 from .scores import rouge1, unit
 
@@ -58,7 +60,6 @@ def generate_batch(model, tokenizer, prompts: list[str], max_tokens: int, sample
                    ) -> list[str]:
     """Replies to many user prompts at once (mlx-lm's batch_generate: the weights are read once per decoding step for
     the whole batch, which is what makes evaluation and synthesis affordable on a CPU)."""
-    from mlx_lm.generate import batch_generate
 
     if not prompts:
         return []
@@ -90,7 +91,6 @@ def paraphrase_all(model, tokenizer, prompts: list[str], n: int, seed: int, min_
     missing; a paraphrase is kept when its ROUGE-1 against the prompt is >= min_rouge (the sanity filter: a rewrite
     that shares too few words has drifted off the message) and it is neither the prompt nor one already kept.
     Deterministic for a seed (sampling is seeded per round)."""
-    from mlx_lm.sample_utils import make_sampler
 
     sampler = make_sampler(temp=temperature, top_p=0.95)
     kept: list[list[str]] = [[] for _ in prompts]

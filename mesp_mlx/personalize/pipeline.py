@@ -16,12 +16,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlx.core as mx
+from mlx_lm.utils import dequantize_model
 
-from ..config import ConfigError, TrainConfig
-from ..data import DataError, chat_record
+from .. import backend
+from ..adapters.lora import apply_lora, cast_lora, load_adapter_weights
+from ..data.datasets import DataError, chat_record
 from ..io import atomic_write_json, write_jsonl
+from ..models import cast_float_params, load_model, set_compute_path
+from ..run.config import ConfigError, TrainConfig
+from ..run.prepare import check_fits
+from ..run.train import train
 from .annotate import annotate, file_annotator, interactive_annotator
-from .buffer import Candidate, SelectionBuffer, make_policy, POLICIES
+from .buffer import POLICIES, Candidate, SelectionBuffer, make_policy
 from .generation import TextEncoder, generate_batch, paraphrase_all
 from .scores import dominant_domain, dss, eoe, load_lexicons, rouge1, words
 from .stream import Dialogue, read_dialogues
@@ -68,10 +74,6 @@ def load_for_inference(model_spec: str | None):
     """The model as the pipeline's own stages use it (embeddings, replies, paraphrases). Per backend: on Metal the
     4-bit weights stay and the fused quantized matmul runs; on CPU the weights are dequantized once to fp32 (decoding
     re-dequantizes every weight per token otherwise: 2.7 vs 15.6 tokens/s on SmolLM2 here)."""
-    from mlx_lm.utils import dequantize_model
-
-    from .. import backend
-    from ..models import cast_float_params, load_model, set_compute_path
 
     loaded = load_model(model_spec, lazy=False)
     if backend.compute_path("auto") == "fused":
@@ -136,7 +138,6 @@ def training_config(cfg: PersonalizeConfig, data_dir: Path, adapter_dir: Path) -
 
 def with_adapters(loaded, train_cfg, adapter_file: Path):
     """The inference model with the trained LoRA applied (mlx-lm's layers and file)."""
-    from ..lora import apply_lora, cast_lora, load_adapter_weights
 
     apply_lora(loaded.model, train_cfg.num_layers, train_cfg.lora_parameters, dora=train_cfg.fine_tune_type == "dora")
     cast_lora(loaded.model, mx.float32)
@@ -158,8 +159,6 @@ def run(cfg: PersonalizeConfig, log=print, ask=input, candidates: list[Candidate
         before: dict | None = None) -> dict:
     """The whole pipeline; `candidates` (make_candidates of the same stream) and `before` (evaluate of the base
     model on the same held-out set) may be given when several runs share them (tools/personalize_demo.py)."""
-    from ..governor import resolve_budget
-    from ..train import check_plan, train
 
     cfg.validate()
     out = Path(cfg.out)
@@ -169,9 +168,8 @@ def run(cfg: PersonalizeConfig, log=print, ask=input, candidates: list[Candidate
     held_out = read_dialogues(cfg.eval, need_response=True) if cfg.eval else []
     train_cfg = training_config(cfg, out / "data", out / "adapters")
     train_cfg.validate()  # bad training settings fail here, before the slow stages
-    budget_mb, budget_text = resolve_budget(train_cfg.device_profile, train_cfg.budget_mb)
-    if budget_mb is not None and not train_cfg.skip_plan:
-        check_plan(train_cfg, budget_mb, budget_text, log)  # a fine-tune that cannot fit is refused now
+    if not train_cfg.skip_plan:
+        check_fits(train_cfg, log)  # a fine-tune that cannot fit is refused now
         train_cfg.skip_plan = True
     report: dict = {"config": dataclasses.asdict(cfg), "stream": len(stream), "held_out": len(held_out)}
 

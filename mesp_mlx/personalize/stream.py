@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..data import DataError, iter_jsonl
+from ..data.datasets import DataError, iter_jsonl
 
 
 @dataclass

@@ -15,6 +15,7 @@ from functools import lru_cache
 from pathlib import Path
 
 import mlx.nn as nn
+from mlx_lm.utils import MODEL_REMAPPING
 
 from .base import LLAMA_LORA_KEYS, BlockSpec, Family
 from .gemma import GEMMA
@@ -49,7 +50,6 @@ def support_table() -> dict:
 
 def _module_name(model_type: str) -> str:
     """mlx-lm's module for a model_type (mistral -> llama, ...)."""
-    from mlx_lm.utils import MODEL_REMAPPING
 
     return MODEL_REMAPPING.get(model_type, model_type)
 

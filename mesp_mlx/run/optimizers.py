@@ -17,6 +17,7 @@ import inspect
 
 import mlx.core as mx
 import mlx.optimizers as optim
+from mlx_lm.tuner.utils import build_schedule
 
 
 class SGD(optim.SGD):
@@ -46,7 +47,6 @@ def make_schedule(spec: dict | None):
     """mlx-lm's build_schedule of an lr_schedule mapping (None: a constant learning rate)."""
     if not spec:
         return None
-    from mlx_lm.tuner.utils import build_schedule
 
     return build_schedule(spec)
 

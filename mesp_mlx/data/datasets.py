@@ -7,11 +7,15 @@ add: every line is checked first, and a bad one is refused with `file:line` and 
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
-import mlx.core as mx
 import numpy as np
+from mlx_lm.tuner.datasets import CacheDataset, create_dataset
+from mlx_lm.tuner.trainer import iterate_batches
 
 
 class DataError(ValueError):
@@ -114,9 +118,6 @@ def read_jsonl(path: Path, keys: dict) -> list[dict]:
 
 def load_splits(data_dir: str | Path, tokenizer, mask_prompt: bool = False, feature_keys: dict | None = None):
     """Return {'train': dataset, 'valid': dataset|None, 'test': dataset|None} of mlx-lm dataset objects."""
-    from types import SimpleNamespace
-
-    from mlx_lm.tuner.datasets import CacheDataset, create_dataset
 
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
@@ -186,8 +187,6 @@ class BatchIterator:
 
     def _draw(self):
         """next() of mlx-lm's generator with its global numpy stream swapped for ours (and its warning held)."""
-        import contextlib
-        import io
 
         outer = np.random.get_state()
         np.random.set_state(self.rng.get_state())
@@ -205,7 +204,6 @@ class BatchIterator:
         return batch
 
     def _new_epoch(self) -> None:
-        from mlx_lm.tuner.trainer import iterate_batches
 
         if self._gen is not None:
             self.epoch += 1

@@ -13,13 +13,22 @@ from __future__ import annotations
 import importlib
 import inspect
 import pkgutil
+import sys
+import time
+import warnings
 
 import mlx.core as mx
 import mlx.nn as nn
+import mlx_lm.models as pkg
 from mlx.utils import tree_flatten, tree_map, tree_map_with_path
 
-from . import HAND, BlockSpec, Family, default_lora_keys
-from .tiny import tiny_config
+from ..adapters.lora import apply_lora
+from ..engine import Batch, BlockEngine
+from ..methods import MeBP, MeSP
+from ..methods.mesp import to_mesp_lora
+from ..models.families import HAND, BlockSpec, Family, default_lora_keys
+from ..models.families.tiny import tiny_config
+from ..models.parts import ModelParts
 
 TOL = 1e-5
 SEQ = 12  # longer than the generic tiny config's sliding window (4): a window mask the walk missed shows up
@@ -40,7 +49,6 @@ GENERIC_CONFIG = dict(
 
 
 def model_modules() -> list[str]:
-    import mlx_lm.models as pkg
 
     return sorted(m.name for m in pkgutil.iter_modules(pkg.__path__) if m.name not in NOT_MODELS)
 
@@ -83,11 +91,6 @@ def _build(name: str):
 
 def check_family(name: str, model=None) -> tuple[str, str]:
     """(tier, reason) of one mlx-lm module, by the checks in the module docstring."""
-    from ...engine import Batch, BlockEngine
-    from ...lora import apply_lora
-    from ...mesp_lora import to_mesp_lora
-    from ...methods import MeBP, MeSP
-    from ..parts import ModelParts
 
     if model is None:
         try:
@@ -157,10 +160,6 @@ def check_family(name: str, model=None) -> tuple[str, str]:
 
 
 def sweep(names: list[str] | None = None, verbose: bool = False) -> dict:
-    import warnings
-
-    import sys
-    import time
 
     table = {}
     for name in names or model_modules():

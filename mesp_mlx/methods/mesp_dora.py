@@ -21,8 +21,8 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.tuner.dora import DoRALinear
 
+from ..models.compute import dequantize, frozen_matmul
 from .mesp_lora import dropout_active, frozen_operands, lean_matmul, lora_branch_grads, lora_linear_backward
-from .models.compute import dequantize
 
 
 def row_sq_norms(linear: nn.Module, chunk_bytes: int = 4 << 20) -> mx.array:
@@ -80,7 +80,6 @@ class DoRAProj:
 
 def _norm_of(a, b, s: float, base: tuple, quant) -> mx.array:
     """dora_norm's arithmetic on raw operands (W0 dequantized for the product and the row norms)."""
-    from .models.compute import frozen_matmul
 
     a32, b32 = a.astype(mx.float32), b.astype(mx.float32)
     wa = frozen_matmul(a32.T, base, quant, True).astype(mx.float32)  # [r, out]
@@ -96,7 +95,6 @@ def _norm_of(a, b, s: float, base: tuple, quant) -> mx.array:
 @lru_cache(maxsize=None)
 def _dora_fn(scale: float, quant):
     """y = (m / n) (x W0^T + s (xd A) B) for primals (x, xd, A, B, m, *base) with the VJP above (n held constant)."""
-    from .models.compute import frozen_matmul
 
     def pre(x, xd, a, b, base):
         y = frozen_matmul(x, base, quant, True)

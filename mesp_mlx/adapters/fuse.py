@@ -19,9 +19,11 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_unflatten
 from mlx_lm.tuner.lora import LoRALinear
+from mlx_lm.utils import dequantize_model, load, save
 
-from .io import atomic_folder
-from .models.compute import dequantized_weight
+from ..io import atomic_folder
+from ..models.compute import dequantized_weight
+from ..models.load import resolve_model
 
 
 class FuseError(ValueError):
@@ -59,9 +61,6 @@ def _fuse_linear(m: LoRALinear, dequantize: bool, bits: int | None, group_size: 
 
 def fuse(model: str | None, adapter_path: str, save_path: str, dequantize: bool = False, bits: int | None = None,
          group_size: int | None = None, warn_below: float = 0.5, log=print) -> dict:
-    from mlx_lm.utils import dequantize_model, load, save
-
-    from .models.load import resolve_model
 
     folder = resolve_model(model)
     if not (Path(adapter_path) / "adapters.safetensors").is_file():

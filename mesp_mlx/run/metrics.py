@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .io import WriteError, atomic_write
+from ..io import WriteError, atomic_write
 
 
 class MetricsLog:
@@ -52,10 +52,10 @@ class MetricsLog:
 
 
 def plot_metrics(records: list[dict], out_png: str | Path, title: str = "") -> Path:
-    import matplotlib
+    import matplotlib  # imported when a plot is drawn: slow to import, and the backend is chosen before pyplot
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # after matplotlib.use: see the line above
 
     steps = [r["step"] for r in records]
     fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
@@ -96,10 +96,10 @@ def block_peaks(block_peak_mb: dict, n_blocks: int) -> dict:
 
 def plot_block_memory(record: dict, out_png: str | Path, budget_mb: float | None = None, title: str = "") -> Path:
     """MLX peak per block over one step: forward blocks, the loss, backward blocks (in the order they run)."""
-    import matplotlib
+    import matplotlib  # imported when a plot is drawn: slow to import, and the backend is chosen before pyplot
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # after matplotlib.use: see the line above
 
     fwd = record["block_peak_mb"].get("forward", [])
     bwd = record["block_peak_mb"].get("backward", [])

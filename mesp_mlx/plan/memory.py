@@ -28,6 +28,9 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
+from ..engine.loss import auto_vocab_chunk, chunked_cross_entropy
+from ..methods import method_for
+
 MB = 1024 * 1024
 
 
@@ -72,16 +75,12 @@ def _probe(fn) -> float:
     return peak / MB
 
 
-def predict(cfg, prep=None) -> PlanResult:
-    """Predict the step peak of run `cfg` (a TrainConfig) by component; loads the model lazily and probes one block
-    (or probes `prep`, a model the run has loaded already: then everything in MLX memory counts as resident)."""
-    from .engine.loss import auto_vocab_chunk, chunked_cross_entropy
-    from .methods import method_for
-    from .train import prepare_model
-
+def predict(cfg, prep, before_bytes: int = 0) -> PlanResult:
+    """Predict the step peak of run `cfg` (a TrainConfig with its sequence length resolved) by component, probing one
+    block of `prep`, the model as the run prepares it (run/prepare.py). Everything in MLX memory above `before_bytes`
+    (what was active before `prep` was loaded) counts as resident."""
     mx.clear_cache()
-    before = 0 if prep is not None else mx.get_active_memory()
-    prep = prep if prep is not None else prepare_model(cfg)
+    before = before_bytes
     parts, layers = prep.parts, prep.parts.layers
     if prep.streamer is not None:
         prep.streamer.release_all()
@@ -169,10 +168,15 @@ def candidates(cfg):
     return steps
 
 
-def best_fitting_plan(cfg, budget_mb: float):
-    """(description, config, prediction) of the first candidate that fits, or None."""
+def best_fitting_plan(cfg, budget_mb: float, prepare):
+    """(description, config, prediction) of the first candidate that fits, or None; `prepare(config)` loads the model
+    as a run with that config would (run/prepare.py's prepare_model)."""
     for description, c in candidates(cfg):
-        p = predict(c)
+        mx.clear_cache()
+        before = mx.get_active_memory()
+        prep = prepare(c)
+        p = predict(prep.settings, prep, before)
+        del prep
         if p.peak_mb <= budget_mb:
             return description, c, p
     return None
@@ -189,9 +193,9 @@ def plan_flags(cfg) -> list[str]:
     return flags
 
 
-def fitting_advice(cfg, budget_mb: float) -> str:
+def fitting_advice(cfg, budget_mb: float, prepare) -> str:
     """One line naming the first plan that fits the budget and its flags (or saying none does)."""
-    best = best_fitting_plan(cfg, budget_mb)
+    best = best_fitting_plan(cfg, budget_mb, prepare)
     if best is None:
         return "no plan within reach fits, not even MeZO's forward-only one"
     description, fitting, prediction = best

@@ -10,11 +10,8 @@ from pathlib import Path
 
 import yaml
 
-from .methods import METHODS
-
-
-class ConfigError(ValueError):
-    pass
+from ..plan.governor import BudgetError, resolve_budget
+from .checks import ConfigError, check_settings
 
 
 @dataclass
@@ -83,9 +80,6 @@ class TrainConfig:
     def validate(self) -> None:
         """Every setting's type and range (naming the YAML file and key, or the flag, that gave it), then the
         settings that depend on each other. Raises ConfigError before anything runs."""
-        from .governor import BudgetError, resolve_budget
-        from .settings_check import check_settings
-
         check_settings(self, getattr(self, "_sources", {}))
         try:
             resolve_budget(self.device_profile, self.budget_mb)

@@ -21,7 +21,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.tuner.lora import LoRALinear
 
-from .models.compute import DequantLinear, dequantize, frozen_matmul, kept_dense
+from ..models.compute import DequantLinear, dequantize, frozen_matmul, kept_dense
 
 
 def frozen_operands(linear: nn.Module) -> tuple[tuple, tuple | None]:
@@ -184,25 +184,3 @@ class MeSPLoRALinear(LoRALinear):
         base, quant = frozen_operands(lin)
         y = _lora_fn(float(self.scale), quant)(x, xd, self.lora_a, self.lora_b, *base)
         return y + lin["bias"] if "bias" in lin else y
-
-
-def to_mesp_lora(model: nn.Module) -> int:
-    """Switch every mlx-lm LoRALinear (and DoRALinear) in `model` to MeSP's backward in place (same parameters).
-    Returns the count."""
-    from mlx_lm.tuner.dora import DoRALinear
-
-    from .mesp_dora import MeSPDoRALinear
-
-    count = 0
-
-    def visit(_, module):
-        nonlocal count
-        if type(module) is LoRALinear:
-            module.__class__ = MeSPLoRALinear
-            count += 1
-        elif type(module) is DoRALinear:
-            module.__class__ = MeSPDoRALinear
-            count += 1
-
-    model.apply_to_modules(visit)
-    return count

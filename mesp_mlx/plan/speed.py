@@ -29,7 +29,11 @@ from dataclasses import dataclass
 import mlx.core as mx
 import numpy as np
 
-from .engine.lanes import Lanes, lane_count
+from ..engine.lanes import Lanes, lane_count
+from ..engine.loss import chunked_cross_entropy
+from ..io import atomic_write
+from ..methods.mesp import MeSP
+from ..models.compute import DequantLinear, keep_dequantized
 
 MB = 1024 * 1024
 DEFAULT_SHARE = 0.25  # of physical RAM, when no budget is given
@@ -152,9 +156,6 @@ def _timed(fn, repeats: int = 2) -> float:
 def measure(cfg, prep, method, lean_components: dict | None = None) -> LeverCosts:
     """Probe the last block and the loss of a prepared model at cfg's shapes (batch, seq). lean_components: the
     planner's components of the leanest plan (its working sets), for the levers' memory model."""
-    from .engine.loss import chunked_cross_entropy
-    from .methods.mesp import MeSP
-    from .models.compute import DequantLinear, keep_dequantized
 
     parts, layers = prep.parts, prep.parts.layers
     n = len(layers)
@@ -297,12 +298,11 @@ def sweep(costs: LeverCosts, lean_peak_mb: float, png: str | None = None, title:
         rows.append({"budget_mb": float(budget), "peak_mb": lean_peak_mb + costs.extra_mb(lv),
                      "step_s": costs.step_s(lv), "flags": lv.flags(), **dataclasses.asdict(lv)})
     if png:
-        from .io import atomic_write
 
-        import matplotlib
+        import matplotlib  # imported when a plot is drawn: slow to import, and the backend is chosen before pyplot
 
         matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        import matplotlib.pyplot as plt  # after matplotlib.use: see the line above
 
         fig, ax = plt.subplots(figsize=(6, 4))
         ax.plot([r["peak_mb"] for r in rows], [r["step_s"] for r in rows], "o-")

@@ -14,8 +14,9 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map
+from mlx_lm.tuner.utils import linear_to_lora_layers
 
-from .io import atomic_write, atomic_write_json
+from ..io import atomic_write, atomic_write_json
 
 DEFAULT_KEYS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                 "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
@@ -35,7 +36,6 @@ def normalize_keys(keys) -> list[str]:
 def apply_lora(model: nn.Module, num_layers: int, lora_parameters: dict, dora: bool = False) -> int:
     """Freeze the base, wrap the chosen linears of the last `num_layers` blocks (-1: all) with mlx-lm's LoRALinear
     (or DoRALinear: dora=True). Returns #trainable params."""
-    from mlx_lm.tuner.utils import linear_to_lora_layers
 
     params = {**DEFAULT_LORA, **(lora_parameters or {})}
     params["keys"] = normalize_keys(params.get("keys") or DEFAULT_KEYS)

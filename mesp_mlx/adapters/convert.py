@@ -20,8 +20,10 @@ from collections import Counter
 from pathlib import Path
 
 import mlx.core as mx
+import mlx.nn as nn
 
-from .io import atomic_folder, atomic_write, atomic_write_json
+from ..io import atomic_folder, atomic_write, atomic_write_json
+from ..models.load import ModelLoadError, load_model
 
 PEFT_WEIGHTS, PEFT_CONFIG = "adapter_model.safetensors", "adapter_config.json"
 MLX_WEIGHTS, MLX_CONFIG = "adapters.safetensors", "adapter_config.json"
@@ -155,9 +157,6 @@ def read_mlx(src: Path) -> tuple[dict, dict, dict]:
 # --- checking against a model -----------------------------------------------------------------------------------------
 def model_linear_shapes(model_path: str) -> tuple[dict, int]:
     """{module path: (in, out)} of every linear of the model (read lazily, nothing computed) and its block count."""
-    import mlx.nn as nn
-
-    from .models.load import load_model
 
     model = load_model(model_path, lazy=True).model
     shapes = {}
@@ -252,7 +251,6 @@ def convert(src: str, out: str, to: str, source_format: str | None = None, model
     fmt = source_format or detect_format(src_p)
     if fmt == to:
         raise ConvertError(f"{src} is already a {fmt} adapter")
-    from .models.load import ModelLoadError
 
     try:
         return _convert(src_p, out_p, to, fmt, model, dtype)

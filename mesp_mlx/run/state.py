@@ -21,7 +21,7 @@ from pathlib import Path
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 
-from .io import atomic_write
+from ..io import atomic_write
 
 STATE_FILE = "training_state.safetensors"
 FORMAT = "mesp_mlx-training-state-1"

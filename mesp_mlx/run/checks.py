@@ -6,7 +6,15 @@ from __future__ import annotations
 import math
 import numbers
 
-from .config import ConfigError
+import mlx.core as mx
+import mlx.optimizers as optim
+
+from ..methods import METHODS
+from .optimizers import OPTIMIZERS, optimizer_arguments
+
+
+class ConfigError(ValueError):
+    """A setting that cannot run: raised before anything runs, naming the file and key or the flag that gave it."""
 
 INT = {  # name: (lowest allowed, extra allowed values)
     "iters": (1, ()), "batch_size": (1, ()), "seed": (0, ()), "max_seq_length": (2, ()), "num_layers": (1, (-1,)),
@@ -36,8 +44,6 @@ def _number(v) -> bool:
 
 
 def check_settings(cfg, sources: dict) -> None:
-    from .methods import METHODS
-    from .optimizers import OPTIMIZERS
 
     def fail(key: str, what: str, value) -> None:
         where = sources.get(key) or f"--{key.replace('_', '-')}"
@@ -104,7 +110,6 @@ def _check_lora(lp, fail) -> None:
 
 
 def _check_optimizer_config(oc, fail) -> None:
-    from .optimizers import OPTIMIZERS, optimizer_arguments
 
     key = "optimizer_config"
     if not isinstance(oc, dict):
@@ -126,7 +131,6 @@ def _check_optimizer_config(oc, fail) -> None:
 
 
 def _check_schedule(spec, fail) -> None:
-    import mlx.optimizers as optim
 
     key = "lr_schedule"
     if spec is None:
@@ -153,7 +157,6 @@ def _check_schedule(spec, fail) -> None:
         fail(key, "warmup_init must be a finite number >= 0", init)
     try:
         fn = getattr(optim.schedulers, spec["name"])(*args)
-        import mlx.core as mx
 
         lr = fn(mx.array(0, mx.uint64)).item()
     except Exception as e:  # noqa: BLE001 - wrong arity or types of a schedule's arguments

@@ -1,0 +1,155 @@
+"""The run's third stage: the steps. Each step is one engine step (engine/loop.py) on the next batch, then the
+held-out loss when due, a metrics record and the progress line; a signal, the budget or a NaN ends the loop early."""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+
+from ..adapters.lora import save_adapters
+from ..data.datasets import BatchIterator
+from ..engine import Batch, BlockEngine, NonFiniteError
+from ..plan.governor import BudgetExceeded
+from .metrics import block_peaks
+from .session import Session
+from .signals import StopSignals
+
+
+class Progress:
+    def __init__(self, total: int, stream=None, silent: bool = False):
+        self.total, self.stream, self.silent = total, stream or sys.stdout, silent
+        self.tty = self.stream.isatty()
+
+    def update(self, step: int, text: str) -> None:
+        if self.silent:
+            return
+        width = 24
+        done = int(width * step / self.total)
+        line = f"[{'#' * done}{'.' * (width - done)}] {step}/{self.total} {text}"
+        if self.tty:
+            self.stream.write("\r" + line + ("\n" if step == self.total else ""))
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+
+def evaluate(engine: BlockEngine, model, dataset, batch_size: int, max_seq_length: int, num_batches: int,
+             rng=None) -> tuple[float, int]:
+    """Mean loss per counted target token over `num_batches` batches of `dataset` (-1: all of it), as mlx-lm's
+    evaluate, on the streamed forward without gradients (so no more memory than a training step's forward), dropout
+    off. The batches' order is drawn from `rng` (training's stream: mlx-lm's order) or, without one, is fixed.
+    Distributed: each rank takes its rows of every batch (uneven shares are exact too) and the losses are summed."""
+    ranks = engine.ranks
+    batches = BatchIterator(dataset, min(batch_size, len(dataset)), max_seq_length, seed=0, rng=rng, rank=ranks.rank,
+                            world=ranks.size, even=False)
+    batches.warned = True  # truncation was announced for the training set already
+    n = batches.n_batches if num_batches == -1 else min(num_batches, batches.n_batches)
+    was_training = model.training
+    model.eval()
+    total = count = 0
+    try:
+        for _ in range(n):
+            tokens, lengths = next(batches)
+            loss, ntoks = engine.loss_of(Batch.from_mlx_lm(tokens, lengths))
+            total, count = total + loss * ntoks, count + ntoks
+    finally:
+        model.train(was_training)
+    return total / max(count, 1), count
+
+
+def held_out(session: Session, step: int, log) -> dict:
+    """The validation loss after `step` ({} fields for the metrics record)."""
+    s, run = session.run.settings, session.run
+    start = time.perf_counter()
+    try:
+        loss, ntoks = evaluate(session.engine, run.prep.model, run.splits["valid"], s.batch_size, s.max_seq_length,
+                               s.val_batches, run.batches.rng)
+    except NonFiniteError:
+        log(f"[mesp-mlx] WARNING: step {step}: the validation loss is NaN or inf")
+        return {"val_loss": None}
+    seconds = time.perf_counter() - start
+    log(f"[mesp-mlx] step {step}: val loss {loss:.4f} | val ppl {math.exp(min(loss, 50)):.2f} | {ntoks} tokens | "
+        f"{seconds:.1f} s")
+    return {"val_loss": loss, "val_tokens": ntoks, "val_s": seconds}
+
+
+def has_validation(session: Session) -> bool:
+    valid = session.run.splits.get("valid")
+    return bool(session.run.settings.steps_per_eval and valid is not None and len(valid))
+
+
+def over_budget(session: Session, step: int, error: BudgetExceeded, log) -> str:
+    log(f"[mesp-mlx] ERROR: step {step}: {error}; stopped as the device would stop the app. The last saved state "
+        f"({session.adapter_file}) is kept; --resume continues it with a larger budget or a leaner plan")
+    return "over_budget"
+
+
+def step_record(session: Session, step: int, stats, tokens, evaluation: dict, at_start: dict) -> dict:
+    ranks = session.ranks
+    record = {"step": step, "loss": stats.loss, "learning_rate": session.lr.of_step(step), "tokens": stats.ntoks,
+              "step_s": stats.step_s, "tokens_per_s": stats.ntoks / stats.step_s, "peak_mb": stats.peak_mb,
+              "active_mb": stats.active_mb, "phase_peak_mb": stats.phase_peak_mb, "phase_s": stats.phase_s,
+              "block_peak_mb": block_peaks(stats.block_peak_mb, len(session.run.prep.parts.layers)),
+              "seq_len": int(tokens.shape[1] - 1), "world_size": ranks.size, **evaluation}
+    if ranks.size > 1:  # what this rank sent to all_sum this step, and the seconds it spent there
+        record.update({"comm_mb": ranks.bytes_sent / 2**20, "comm_s": ranks.seconds})
+    if step == 1 and at_start:
+        record["val_loss_at_start"] = at_start["val_loss"]
+    return record
+
+
+def run_steps(session: Session, stop: StopSignals, log) -> str:
+    """Steps first_step..iters; returns the status: done | interrupted | terminated | hangup | nonfinite |
+    over_budget. Saves on a stop and every save_every steps (the final save is finish()'s)."""
+    s, batches, ranks = session.run.settings, session.run.batches, session.ranks
+    progress = Progress(s.iters, silent=not session.writer)
+    validate = has_validation(session)
+    at_start, first_batch = {}, None
+    if validate and session.first_step == 1:
+        # mlx-lm draws the first training batch before its first evaluation. Each evaluation draws one permutation
+        # from the shared stream; mlx-lm evaluates once per iteration `it` in {1, every steps_per_eval-th, the
+        # last}, before that iteration's update, where we evaluate at the start (its it = 1) and after the
+        # others' updates: the same draws in the same order (step 1 is not evaluated again unless it is the last)
+        first_batch = next(batches)
+        try:
+            at_start = held_out(session, 0, log)
+        except BudgetExceeded as e:
+            return over_budget(session, 0, e, log)
+    for step in range(session.first_step, s.iters + 1):
+        if ranks.any(stop.received is not None):  # a signal came during the last step (or before the first);
+            # distributed: a signal that reached any rank stops every rank after the same step
+            if step > session.first_step:
+                if session.saved_step != step - 1:
+                    session.save(step - 1)
+                log(f"[mesp-mlx] interrupted after step {step - 1}: state saved; continue with --resume")
+            else:
+                log(f"[mesp-mlx] stopped before step {step}: nothing new since the saved state")
+            return stop.status or "terminated"
+        tokens, lengths = first_batch if first_batch is not None else next(batches)
+        first_batch = None
+        ranks.reset_counters()
+        try:
+            stats, _ = session.engine.step(Batch.from_mlx_lm(tokens, lengths), step)
+            due = validate and (step % s.steps_per_eval == 0 or step == s.iters) and \
+                not (step == 1 and at_start and step != s.iters)  # mlx-lm's it = 1 was the start's
+            evaluation = held_out(session, step, log) if due else {}  # after this step's update
+        except BudgetExceeded as e:
+            return over_budget(session, step, e, log)
+        except NonFiniteError as e:
+            if s.on_nonfinite == "stop":
+                log(f"[mesp-mlx] ERROR: {e}; stopping. The last saved adapter ({session.adapter_file}) is kept; "
+                    "--on-nonfinite skip would skip such steps instead")
+                return "nonfinite"
+            log(f"[mesp-mlx] WARNING: {e}; step skipped (blocks above it were already updated this step)")
+            continue
+        record = step_record(session, step, stats, tokens, evaluation, at_start)
+        session.metrics.log(record)
+        if step % s.steps_per_report == 0 or step == s.iters:
+            progress.update(step, f"loss {stats.loss:.4f} | {record['tokens_per_s']:.0f} tok/s | {stats.step_s:.2f} s"
+                                  f" | peak {stats.peak_mb:.1f} MB | active {stats.active_mb:.1f} MB")
+        if s.save_every and step % s.save_every == 0 and step != s.iters:
+            session.save(step)
+            if session.writer:
+                save_adapters(session.run.prep.model, session.adapter_path / f"{step:07d}_adapters.safetensors")
+    return "done"

@@ -1,0 +1,156 @@
+"""The run's first stage: the model with its LoRA, the data and its batches, and the plan the engine will execute.
+
+Nothing here writes into the user's TrainConfig: what the run decides (the sequence length the model allows, the
+family's LoRA keys, the lanes, the speed levers) comes back as `Prepared.settings` and `RunPlan.settings`, copies with
+those values filled in. `mesp-mlx plan` calls `prepare_run` too, so it plans for exactly what `train` would run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlx.core as mx
+
+from .. import backend
+from ..adapters.lora import apply_lora, cast_lora, load_adapter_weights
+from ..data.datasets import BatchIterator, DataError, load_splits
+from ..distributed import Ranks
+from ..engine import WeightStreamer
+from ..engine.lanes import lane_count
+from ..methods import Method, method_for
+from ..methods.mesp import to_mesp_lora
+from ..models import ModelParts, cast_float_params, context_length, family_lora_parameters, load_model, set_compute_path
+from ..models.compute import keep_dequantized_blocks
+from ..plan.governor import resolve_budget
+from ..plan.memory import PlanResult, predict
+from ..plan.resolve import RunPlan, check_budget, plan_run
+from .checks import ConfigError
+from .state import saved_setting
+
+
+@dataclass
+class Prepared:
+    """A model as a run trains it: loaded, on its compute path, LoRA applied (MeSP's VJP layers under MeSP)."""
+    model: object
+    tokenizer: object
+    config: dict  # the model's config.json
+    path: Path
+    parts: ModelParts
+    compute_path: str
+    streamer: WeightStreamer | None
+    n_trainable: int
+    settings: object  # the TrainConfig with max_seq_length and lora_parameters resolved for this model
+
+
+def default_seq_length(cfg, context: int | None) -> int:
+    """The run's sequence length: as given (refused over the model's context), else the smaller of 2048 (mlx-lm's
+    default) and the context."""
+    if cfg.max_seq_length is None:
+        return min(2048, context) if context else 2048
+    if context and cfg.max_seq_length > context:
+        raise ConfigError(f"--max-seq-length {cfg.max_seq_length} exceeds the model's context of {context} tokens")
+    return cfg.max_seq_length
+
+
+def prepare_model(cfg) -> Prepared:
+    """Load, pick the compute path and dtype, set up streaming, wrap with LoRA, resume an adapter if asked."""
+    loaded = load_model(cfg.model, cfg.quantize_bits, cfg.quantize_group_size, lazy=True)
+    model = loaded.model
+    path = backend.compute_path(cfg.compute_path)
+    set_compute_path(model, path)
+    cast_float_params(model, backend.default_dtype() if cfg.dtype == "auto" else cfg.dtype)
+    seq = default_seq_length(cfg, context_length(loaded.config))
+    streamer = None
+    if cfg.stream_weights:
+        streamer = WeightStreamer(loaded.path, model, model.layers)
+        streamer.release_all()
+    lora_parameters = family_lora_parameters(model, cfg.lora_parameters)  # the family's keys unless given
+    n_trainable = apply_lora(model, cfg.num_layers, lora_parameters, dora=cfg.fine_tune_type == "dora")
+    cast_lora(model, mx.float32)
+    if cfg.method == "mesp":
+        to_mesp_lora(model)  # blocks the hand rule cannot take still get MeSP's LoRA VJPs under the fallback
+    if cfg.resume_adapter_file:
+        load_adapter_weights(model, cfg.resume_adapter_file)
+    if streamer is None:
+        mx.eval(model.parameters())
+    else:
+        mx.eval(model.trainable_parameters())
+    settings = dataclasses.replace(cfg, max_seq_length=seq, lora_parameters=lora_parameters)
+    return Prepared(model, loaded.tokenizer, loaded.config, loaded.path, ModelParts(model, path, streamer), path,
+                    streamer, n_trainable, settings)
+
+
+def predict_lean(cfg) -> PlanResult:
+    """The leanest plan of run `cfg` by component, on a freshly prepared model."""
+    mx.clear_cache()
+    before = mx.get_active_memory()
+    prep = prepare_model(cfg)
+    return predict(prep.settings, prep, before)
+
+
+def check_fits(cfg, log) -> None:
+    """Refuse now (OverBudget, naming the settings that fit) a run predicted not to fit its budget: for callers with
+    slow stages before they call train() (personalize)."""
+    budget_mb, budget_text = resolve_budget(cfg.device_profile, cfg.budget_mb)
+    if budget_mb is None:
+        return
+    mx.clear_cache()
+    before = mx.get_active_memory()
+    prep = prepare_model(cfg)
+    check_budget(prep.settings, prep, budget_mb, budget_text, prepare_model, log, before)
+
+
+@dataclass
+class PreparedRun:
+    """Everything the loop needs, built once: the model, the data, the method and the plan."""
+    prep: Prepared
+    splits: dict
+    batches: BatchIterator
+    method: Method
+    plan: RunPlan
+
+    @property
+    def settings(self):
+        return self.plan.settings
+
+
+def resolve_lanes(cfg, adapter_path: Path) -> int:
+    """A resumed run keeps the interrupted run's lanes (so its continuation stays bit-exact); else as given, or one
+    per core."""
+    lanes = cfg.lanes
+    if lanes is None and cfg.resume:
+        lanes = saved_setting(adapter_path, "lanes")
+    return lane_count(lanes)
+
+
+def prepare_run(cfg, ranks: Ranks, log, lever_log=None) -> PreparedRun:
+    """Model, data and plan of run `cfg` for this rank; refuses (OverBudget) a run predicted not to fit its budget
+    before anything is written. `lever_log` reports the speed levers chosen (default: `log`)."""
+    budget_mb, budget_text = resolve_budget(cfg.device_profile, cfg.budget_mb)
+    mx.random.seed(cfg.seed)  # LoRA's initialisation, as mlx_lm.lora's mx.random.seed(seed) before it
+    mx.clear_cache()
+    before = mx.get_active_memory()
+    prep = prepare_model(dataclasses.replace(cfg, lanes=resolve_lanes(cfg, Path(cfg.adapter_path))))
+    if budget_mb is not None and not cfg.skip_plan:  # the budget is each rank's: it holds batch / ranks rows
+        per_rank = dataclasses.replace(prep.settings, batch_size=cfg.batch_size // ranks.size)
+        check_budget(per_rank, prep, budget_mb, budget_text, prepare_model, log, before)
+    settings = prep.settings
+    splits = load_splits(settings.data, prep.tokenizer, settings.mask_prompt)
+    for name in ("valid", "test") if ranks.size > 1 else ():
+        if splits.get(name) is not None and 0 < len(splits[name]) < ranks.size:
+            raise DataError(f"{settings.data}/{name}.jsonl: {len(splits[name])} examples cannot be split over "
+                            f"{ranks.size} ranks (each rank evaluates its share)")
+    # one numpy stream for the training and validation batches' order, as mlx_lm.lora's np.random.seed(seed)
+    batches = BatchIterator(splits["train"], settings.batch_size, settings.max_seq_length, settings.seed,
+                            rank=ranks.rank, world=ranks.size)
+    method = method_for(settings)
+    plan = plan_run(settings, prep, method, budget_mb, budget_text, batches.longest_batch_length())
+    inner = getattr(method, "inner", method)
+    if hasattr(inner, "keep_attention"):
+        inner.keep_attention = plan.levers.keep_attention
+    if prep.compute_path == "dequant" and plan.levers.keep_dequantized:
+        keep_dequantized_blocks(prep.parts.layers, plan.levers.keep_dequantized)
+    (lever_log or log)(f"[mesp-mlx] speed levers ({plan.lever_note()}): {plan.levers.flags()}")
+    return PreparedRun(prep, splits, batches, method, plan)
