@@ -1,5 +1,5 @@
 # The two commands of the README. Both set up .venv first (idempotent).
-.PHONY: setup demo test bench personalize-demo
+.PHONY: setup demo test bench personalize-demo docs-figures
 
 setup:
 	./scripts/setup.sh
@@ -16,3 +16,8 @@ bench: setup
 
 personalize-demo: setup
 	.venv/bin/python tools/personalize_demo.py --seeds 0,1
+
+# The docs' generated figures: `make docs-figures` rewrites them from docs/figures/ (no measuring);
+# MEASURE=cheap | all | a comma list (tools/docs_figures.py --list) measures those first.
+docs-figures: setup
+	.venv/bin/python tools/docs_figures.py --measure "$(MEASURE)"

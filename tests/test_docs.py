@@ -66,3 +66,35 @@ def test_train_help_is_grouped_as_the_docs_are():
     for flag in ("--learning-rate", "--batch-size", "--max-seq-length", "--adapter-path", "--grad-accumulation-steps",
                  "--steps-per-eval", "--val-batches", "--save-every", "--num-layers"):  # mlx-lm's names kept
         assert flag in text
+
+
+def _docs_figures():
+    sys.path.insert(0, str(ROOT / "tools"))
+    import docs_figures
+
+    return docs_figures
+
+
+def test_generated_figures_match_their_snapshots():
+    """Every generated block in README.md and docs/ is what tools/docs_figures.py renders from its snapshot in
+    docs/figures/ (the command's output at a named commit): a figure cannot be edited by hand or drift from it."""
+    figures = _docs_figures()
+    blocks = [m.group(2) for p in figures.doc_files() for m in figures.MARKER.finditer(p.read_text())]
+    assert {"demo", "readme-bench", "bench-family", "personalize", "families"} <= set(blocks), blocks
+    assert figures.render_docs(check=True) == []
+    for block in blocks:  # each names its command and commit
+        measurement = figures.BLOCKS[block][0]
+        if measurement is not None:
+            meta = figures.meta_of(measurement)
+            assert meta["command"] and meta["commit"] and meta["date"], (block, meta)
+
+
+def test_a_hand_edited_figure_is_caught(tmp_path):
+    figures = _docs_figures()
+    doc = tmp_path / "doc.md"
+    doc.write_text("text\n<!-- figures:families -->\n" + figures.render_families() + "\n<!-- /figures:families -->\n")
+    assert figures.render_docs(check=True, paths=[doc]) == []
+    doc.write_text(doc.read_text().replace(" more the exact generic tier", " more (edited) the exact generic tier"))
+    assert figures.render_docs(check=True, paths=[doc]) == ["doc.md: block families differs from its snapshot"]
+    figures.render_docs(check=False, paths=[doc])  # rewriting restores it
+    assert figures.render_docs(check=True, paths=[doc]) == []

@@ -89,7 +89,7 @@ def test_the_top_group_gets_the_exact_gradient(tiny_models):
 
 
 class _IdentityPath(nn.Module):
-    """REFERENCE §1's definition of a skipped block: out = h + stop_gradient(block(h) - h)."""
+    """docs/design.md §5's definition of a skipped block: out = h + stop_gradient(block(h) - h)."""
 
     def __init__(self, block):
         super().__init__()

@@ -57,6 +57,10 @@ def test_verdicts():
     bad = row(lcsb=(4.0, 5.0, 6.0))
     text = "\n".join(advice_lines(cfg, {1.0: 4.0, 0.25: 2.0}, [bad]))
     assert "diverged" in text and "MeSP is the better use" in text
+    behind = row(lcsb=(4.0, 3.98, 3.97))  # trained, but 10 % behind MeSP: behind, not diverged
+    assert not behind.diverged()
+    text = "\n".join(advice_lines(cfg, {1.0: 4.0, 0.25: 2.0}, [behind]))
+    assert "diverged" not in text and "+10.3 %" in text and "MeSP is the better use" in text
     hot = row(mesp=(4.0, 6.0, 6.5), lcsb=(4.0, 7.0, 8.0))  # MeSP diverged too: no method is the answer
     assert "too hot" in "\n".join(advice_lines(cfg, {1.0: 4.0, 0.25: 2.0}, [hot]))
     sgd = TrainConfig(model=None, data="x", method="mesp", optimizer="sgd", learning_rate=1e-4)

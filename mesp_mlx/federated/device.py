@@ -1,4 +1,4 @@
-"""One device of the fleet: the personalization pipeline (REFERENCE §6) run where the user's dialogues live.
+"""One device of the fleet: the personalization pipeline (docs/design.md §6) run where the user's dialogues live.
 
 A device folder holds the user's data — `stream.jsonl` (their dialogue history) and `heldout.jsonl` (their future
 dialogues, for ROUGE-1) — and everything the device makes from it: buffer.jsonl, synthetic.jsonl, data/train.jsonl,

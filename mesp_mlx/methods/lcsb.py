@@ -1,4 +1,4 @@
-"""LCSB: a backward through only a subset of blocks per step (REFERENCE §5), MeSP's rule inside the selected ones.
+"""LCSB: a backward through only a subset of blocks per step (docs/design.md §5), MeSP's rule inside the selected ones.
 
 The forward is the full model's, so the loss is exact. In the reverse pass a skipped block passes the gradient along
 its residual identity path, dL/dh_i = dL/dh_{i+1}: no recomputation, no weight loading, no update. The selected

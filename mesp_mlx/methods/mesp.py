@@ -1,4 +1,4 @@
-"""MeSP's backward rule: a hand-derived VJP of a whole dense decoder block (REFERENCE §2), read from the family's
+"""MeSP's backward rule: a hand-derived VJP of a whole dense decoder block (docs/design.md §2), read from the family's
 BlockSpec (models/families/base.py): Llama, Mistral, Qwen2, Qwen3, SmolLM3, Granite, OLMo 2, Phi-3 and Gemma 3.
 
 The block, in the spec's terms (m = residual multiplier, norms RMSNorm with weight w + offset, absent ones identity):

@@ -1,4 +1,4 @@
-"""MeSP's hand-written VJP of mlx-lm's DoRALinear (REFERENCE §11), used by MeSP's block rule.
+"""MeSP's hand-written VJP of mlx-lm's DoRALinear (docs/design.md §2), used by MeSP's block rule.
 
     u   = x W0^T + s (xd A) B                    (xd = dropout(x); A [in, r], B [r, out]; W0 frozen, maybe 4-bit)
     n_i = || W0_i + s (A B)^T_i ||               (row norm of the adapted weight, under stop_gradient as in mlx-lm)

@@ -1,4 +1,4 @@
-"""MeSP's LoRA linear: y = x W0^T + s (x A) B with a hand-written VJP (`mx.custom_function`), REFERENCE §2.
+"""MeSP's LoRA linear: y = x W0^T + s (x A) B with a hand-written VJP (`mx.custom_function`), docs/design.md §2.
 
 Given g = dL/dy, and h = x A recomputed in the backward (never stored; r << d_in makes that cheap):
     dB  = s h^T g            (summed over batch and sequence)

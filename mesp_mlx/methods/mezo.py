@@ -1,4 +1,4 @@
-"""MeZO: zeroth-order SPSA on the trainable tensors, two streamed forward passes per step (REFERENCE §4).
+"""MeZO: zeroth-order SPSA on the trainable tensors, two streamed forward passes per step (docs/design.md §4).
 
 Per step, for each of n draws k (n-SPSA, `--zo-samples`):
     z_k ~ N(0, I) for every trainable tensor, regenerated from a key of (seed, step, k, block) and never stored

@@ -1,4 +1,4 @@
-"""Hand-written VJPs of the pieces of a dense decoder block (MeSP, REFERENCE §2): RMSNorm (w or 1 + w), SwiGLU / GeGLU
+"""Hand-written VJPs of the pieces of a dense decoder block (MeSP, docs/design.md §2): RMSNorm (w or 1 + w), SwiGLU / GeGLU
 gating, RoPE, softmax attention with GQA and any mlx-lm mask.
 
 Each function takes what its forward saw (or what is cheap to recompute from it) and the output cotangent, and returns

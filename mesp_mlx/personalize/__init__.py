@@ -1,4 +1,4 @@
-"""On-device personalization (REFERENCE §6): select a user's most informative dialogues into a bounded buffer, ask for
+"""On-device personalization (docs/design.md §6): select a user's most informative dialogues into a bounded buffer, ask for
 few annotations, multiply the kept prompts with the model's own paraphrases, fine-tune with MeSP within a budget."""
 
 from .buffer import POLICIES, Candidate, SelectionBuffer, make_policy

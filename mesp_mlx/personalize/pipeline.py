@@ -1,4 +1,4 @@
-"""The personalization pipeline (REFERENCE §6): stream -> selection buffer -> sparse annotation -> self-synthesis ->
+"""The personalization pipeline (docs/design.md §6): stream -> selection buffer -> sparse annotation -> self-synthesis ->
 budgeted MeSP fine-tune -> ROUGE-1 on held-out dialogues before and after.
 
 Everything stays on the machine. Outputs in `out/`: buffer.jsonl (the kept dialogues with their scores),

@@ -1,4 +1,4 @@
-"""The selection scores of Qin et al. (REFERENCE §6) and ROUGE-1. Higher is better for all three selection scores.
+"""The selection scores of Qin et al. (docs/design.md §6) and ROUGE-1. Higher is better for all three selection scores.
 
 - EOE, entropy of embedding: H(p) / log n over a text's n token embeddings. Our choice of p: the empirical distribution
   of the distinct embedding vectors among the n tokens. The input embedding maps each token id to one row, so p is the

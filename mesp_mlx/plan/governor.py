@@ -1,4 +1,4 @@
-"""Memory budgets: named device profiles and their enforcement at every block (REFERENCE §1, §7).
+"""Memory budgets: named device profiles and their enforcement at every block (docs/design.md §1, §7).
 
 A budget is compared with MLX's allocator peak, measured after every block of every phase. A run that goes over stops
 at once, as the OS stops an app that exceeds its limit, naming the phase and block; the last saved state (adapters,

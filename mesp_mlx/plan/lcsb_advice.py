@@ -47,8 +47,9 @@ class StudyRow:
         return self.lr * self.scale
 
     def diverged(self) -> bool:
-        """LCSB ended above where it started, or more than 10 % above MeSP: it did not train."""
-        return self.lcsb[-1] > self.lcsb[0] or self.lcsb[-1] > 1.10 * self.mesp[-1]
+        """LCSB's held-out loss ended above where it started (or is not finite): it did not train. Ending above MeSP
+        while still going down is not divergence: that row's gaps say how far behind it is."""
+        return not math.isfinite(self.lcsb[-1]) or self.lcsb[-1] > self.lcsb[0]
 
     def mesp_at(self, step: float) -> float:
         """MeSP's held-out loss after `step` steps, linear between the evaluations."""

@@ -1,4 +1,4 @@
-"""mlx-lm's optimizers under mlx-lm's names, one per block, and its learning-rate schedule (REFERENCE §11).
+"""mlx-lm's optimizers under mlx-lm's names, one per block, and its learning-rate schedule (docs/design.md §9).
 
     optimizer     : adam (mlx-lm's default) | adamw | sgd | adafactor | muon, built as mlx_lm.lora builds them:
                     cls(learning_rate=lr, **optimizer_config[name])
