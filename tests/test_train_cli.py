@@ -202,7 +202,7 @@ def test_validation_and_test_loss_match_mlx_lm_evaluate(tiny_models, tmp_path, c
 
 def test_test_evaluation_over_budget_stops_cleanly(tiny_models, tmp_path, monkeypatch, capsys):
     """A --test evaluation that the governor stops ends the run with exit 4 and a message, the adapters saved."""
-    import mesp_mlx.run.loop as loop_module
+    import mesp_mlx.run.heldout as heldout_module
     from mesp_mlx.plan.governor import BudgetExceeded
 
     def over(*args, **kwargs):
@@ -210,7 +210,7 @@ def test_test_evaluation_over_budget_stops_cleanly(tiny_models, tmp_path, monkey
 
     data = write_data(tmp_path / "data")
     (data / "test.jsonl").write_text(json.dumps(CHAT[2]) + "\n")
-    monkeypatch.setattr(loop_module, "evaluate", over)
+    monkeypatch.setattr(heldout_module, "evaluate", over)
     out = tmp_path / "a"
     rc = main(["train", "--model", str(tiny_models["qwen2"]), "--data", str(data), "--iters", "2", "--adapter-path",
                str(out), "--steps-per-eval", "0", "--test", "--no-plot"])

@@ -37,7 +37,7 @@ from mesp_mlx.data.corpora import shakespeare_passages, write_text_jsonl  # noqa
 from mesp_mlx.data.datasets import BatchIterator, load_splits  # noqa: E402
 from mesp_mlx.engine import Batch, BlockEngine  # noqa: E402
 from mesp_mlx.methods import method_for  # noqa: E402
-from mesp_mlx.run.loop import evaluate  # noqa: E402
+from mesp_mlx.run.heldout import evaluate  # noqa: E402
 from mesp_mlx.run.optimizers import make_optimizer  # noqa: E402
 from mesp_mlx.run.prepare import prepare_model  # noqa: E402
 

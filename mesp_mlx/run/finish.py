@@ -12,7 +12,7 @@ import mlx.core as mx
 from mlx_lm import generate
 
 from ..plan.governor import BudgetExceeded
-from . import loop
+from . import heldout
 from .metrics import plot_block_memory, plot_metrics
 from .prepare import Prepared
 from .session import Session
@@ -73,7 +73,7 @@ def test_loss(session: Session, log) -> tuple[float | None, str]:
         log(f"[mesp-mlx] WARNING: --test: {s.data} has no test.jsonl; nothing to evaluate")
         return None, "done"
     try:
-        loss, ntoks = loop.evaluate(session.engine, session.run.prep.model, test, s.batch_size, s.max_seq_length,
+        loss, ntoks = heldout.evaluate(session.engine, session.run.prep.model, test, s.batch_size, s.max_seq_length,
                                     s.test_batches)
     except BudgetExceeded as e:
         log(f"[mesp-mlx] ERROR: --test: {e}; the test evaluation stopped as the device would stop the app (the "

@@ -1,5 +1,6 @@
 """The run's third stage: the steps. Each step is one engine step (engine/loop.py) on the next batch, then the
-held-out loss when due, a metrics record and the progress line; a signal, the budget or a NaN ends the loop early."""
+held-out loss when due (heldout.py), a metrics record and the progress line; a signal, the budget or a NaN ends the
+loop early."""
 
 from __future__ import annotations
 
@@ -8,9 +9,9 @@ import sys
 import time
 
 from ..adapters.lora import save_adapters
-from ..data.datasets import BatchIterator
-from ..engine import Batch, BlockEngine, NonFiniteError
+from ..engine import Batch, NonFiniteError
 from ..plan.governor import BudgetExceeded
+from . import heldout
 from .metrics import block_peaks
 from .session import Session
 from .signals import StopSignals
@@ -34,36 +35,12 @@ class Progress:
         self.stream.flush()
 
 
-def evaluate(engine: BlockEngine, model, dataset, batch_size: int, max_seq_length: int, num_batches: int,
-             rng=None) -> tuple[float, int]:
-    """Mean loss per counted target token over `num_batches` batches of `dataset` (-1: all of it), as mlx-lm's
-    evaluate, on the streamed forward without gradients (so no more memory than a training step's forward), dropout
-    off. The batches' order is drawn from `rng` (training's stream: mlx-lm's order) or, without one, is fixed.
-    Distributed: each rank takes its rows of every batch (uneven shares are exact too) and the losses are summed."""
-    ranks = engine.ranks
-    batches = BatchIterator(dataset, min(batch_size, len(dataset)), max_seq_length, seed=0, rng=rng, rank=ranks.rank,
-                            world=ranks.size, even=False)
-    batches.warned = True  # truncation was announced for the training set already
-    n = batches.n_batches if num_batches == -1 else min(num_batches, batches.n_batches)
-    was_training = model.training
-    model.eval()
-    total = count = 0
-    try:
-        for _ in range(n):
-            tokens, lengths = next(batches)
-            loss, ntoks = engine.loss_of(Batch.from_mlx_lm(tokens, lengths))
-            total, count = total + loss * ntoks, count + ntoks
-    finally:
-        model.train(was_training)
-    return total / max(count, 1), count
-
-
 def held_out(session: Session, step: int, log) -> dict:
     """The validation loss after `step` ({} fields for the metrics record)."""
     s, run = session.run.settings, session.run
     start = time.perf_counter()
     try:
-        loss, ntoks = evaluate(session.engine, run.prep.model, run.splits["valid"], s.batch_size, s.max_seq_length,
+        loss, ntoks = heldout.evaluate(session.engine, run.prep.model, run.splits["valid"], s.batch_size, s.max_seq_length,
                                s.val_batches, run.batches.rng)
     except NonFiniteError:
         log(f"[mesp-mlx] WARNING: step {step}: the validation loss is NaN or inf")
@@ -99,6 +76,20 @@ def step_record(session: Session, step: int, stats, tokens, evaluation: dict, at
     return record
 
 
+def stop_for_signal(session: Session, stop: StopSignals, step: int, log) -> str | None:
+    """The status to end with when a signal came during the last step (or before the first), after saving what that
+    step did; None to go on. Distributed: a signal that reached any rank stops every rank after the same step."""
+    if not session.ranks.any(stop.received is not None):
+        return None
+    if step > session.first_step:
+        if session.saved_step != step - 1:
+            session.save(step - 1)
+        log(f"[mesp-mlx] interrupted after step {step - 1}: state saved; continue with --resume")
+    else:
+        log(f"[mesp-mlx] stopped before step {step}: nothing new since the saved state")
+    return stop.status or "terminated"
+
+
 def run_steps(session: Session, stop: StopSignals, log) -> str:
     """Steps first_step..iters; returns the status: done | interrupted | terminated | hangup | nonfinite |
     over_budget. Saves on a stop and every save_every steps (the final save is finish()'s)."""
@@ -117,15 +108,9 @@ def run_steps(session: Session, stop: StopSignals, log) -> str:
         except BudgetExceeded as e:
             return over_budget(session, 0, e, log)
     for step in range(session.first_step, s.iters + 1):
-        if ranks.any(stop.received is not None):  # a signal came during the last step (or before the first);
-            # distributed: a signal that reached any rank stops every rank after the same step
-            if step > session.first_step:
-                if session.saved_step != step - 1:
-                    session.save(step - 1)
-                log(f"[mesp-mlx] interrupted after step {step - 1}: state saved; continue with --resume")
-            else:
-                log(f"[mesp-mlx] stopped before step {step}: nothing new since the saved state")
-            return stop.status or "terminated"
+        status = stop_for_signal(session, stop, step, log)
+        if status is not None:
+            return status
         tokens, lengths = first_batch if first_batch is not None else next(batches)
         first_batch = None
         ranks.reset_counters()
