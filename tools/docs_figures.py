@@ -132,7 +132,7 @@ def render_distributed() -> str:
 
 
 def render_plan_advice() -> str:
-    return header("plan-advice") + "\n\n```\n" + _stdout("plan-advice", start="LCSB or MeSP") + "\n```"
+    return header("plan-advice") + "\n\n```\n" + _stdout("plan-advice", start="plan for") + "\n```"
 
 
 def render_demo() -> str:
