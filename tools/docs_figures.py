@@ -57,10 +57,10 @@ MEASUREMENTS = {
                         "3 min", cheap=True),
     "bench-speed": Measurement(f"PYTHONPATH=. {PY} tools/bench_speed.py --steps 4 --budgets tightest,1024,2048 "
                                "--skip-4bit", ("tools/out/bench_speed.md", "tools/out/bench_speed.json"), "7-10 min"),
-    "bench-family": Measurement(f"{PY} tools/bench.py --fresh --tables 4,g --steps 2 --repeat 2",
-                                ("tools/out/bench.md", "tools/out/bench.json"), "35-45 min (the peer: ~20 of them)"),
-    "personalize": Measurement(f"{PY} tools/personalize_demo.py --seeds 0,1",
-                               ("tools/out/personalize.md", "tools/out/personalize.json"), "about 45 min"),
+    "bench-family": Measurement(f"{PY} tools/bench.py --fresh --tables 4,g --steps 2 --repeat 2 --only ours",
+                                ("tools/out/bench.md", "tools/out/bench.json"), "20-30 min"),
+    "personalize": Measurement(f"{PY} tools/personalize_demo.py --seeds 0",
+                               ("tools/out/personalize.md", "tools/out/personalize.json"), "35 min (a seed)"),
 }
 
 
@@ -171,8 +171,8 @@ def render_readme_bench() -> str:
     tg = {k[4]: v for k, v in rows.items() if k[0] == "tg"}
     lines = [header("bench-family"), "", "Random-weight 4-bit Qwen2.5-0.5B shape, batch 1, seq 256, LoRA r 8 on all 7 "
              "projections, SGD; the first four rows stream the weights and keep mmap'd checkpoints (nothing kept), the "
-             "2 GB rows keep the weights resident with the levers the planner picks; the peer runs through its own CLI "
-             "on the same model and BLAS. Our rows: the median of the rounds, with their range.", "",
+             "2 GB rows keep the weights resident with the levers the planner picks. The median of the rounds, with "
+             "their range.", "",
              "| run | MLX peak MB | s / step |", "|---|---|---|"]
     for variant, label in BENCH_LABELS.items():
         if variant in t4:
