@@ -98,3 +98,10 @@ def test_a_hand_edited_figure_is_caught(tmp_path):
     assert figures.render_docs(check=True, paths=[doc]) == ["doc.md: block families differs from its snapshot"]
     figures.render_docs(check=False, paths=[doc])  # rewriting restores it
     assert figures.render_docs(check=True, paths=[doc]) == []
+
+
+def test_readme_is_short_and_opens_with_the_two_commands():
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert len(text.encode()) <= 12 * 1024
+    first = "\n".join(text.splitlines()[:40])
+    assert "make demo" in first and "make test" in first

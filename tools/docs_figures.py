@@ -160,6 +160,10 @@ BENCH_LABELS = {"mesp": "**MeSP** (leanest plan)", "mebp": "MeBP (Apple's, autod
                 "mlx-lm": "`mlx_lm.lora`", "mlx-lm-gc": "`mlx_lm.lora --grad-checkpoint`"}
 
 
+def _gemm(rows: dict) -> float:
+    return statistics.median(r["machine"]["gemm_gflops"] for r in rows.values() if r.get("machine"))
+
+
 def _step(r: dict) -> str:
     rounds = r.get("round_step_s")
     return f"{r['step_s']:.2f}" + (f" ({min(rounds):.2f}–{max(rounds):.2f})" if rounds and len(rounds) > 1 else "")
@@ -172,7 +176,8 @@ def render_readme_bench() -> str:
     lines = [header("bench-family"), "", "Random-weight 4-bit Qwen2.5-0.5B shape, batch 1, seq 256, LoRA r 8 on all 7 "
              "projections, SGD; the first four rows stream the weights and keep mmap'd checkpoints (nothing kept), the "
              "2 GB rows keep the weights resident with the levers the planner picks. The median of the rounds, with "
-             "their range.", "",
+             f"their range; fp32 GEMM {_gemm(rows):.0f} GFLOP/s in that run (step times scale with it: compare rows of "
+             "one run).", "",
              "| run | MLX peak MB | s / step |", "|---|---|---|"]
     for variant, label in BENCH_LABELS.items():
         if variant in t4:
