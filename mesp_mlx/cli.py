@@ -28,7 +28,7 @@ from .models import ModelLoadError, UnsupportedModel
 from .models.gguf_import import GGUFImportError, import_gguf
 from .personalize import PersonalizeConfig
 from .personalize import run as run_personalize
-from .plan.governor import profile_lines, resolve_budget
+from .plan.governor import profile_lines
 from .plan.resolve import OverBudget, plan_lines
 from .plan.speed import sweep
 from .run.checks import ConfigError
@@ -242,9 +242,9 @@ def cmd_plan(args) -> int:
     cfg = build_config(args.config, overrides)
     cfg.validate()
     try:
-        prepared = prepare_run(cfg, Ranks.from_environment(), print, lever_log=_silent)
+        prepared = prepare_run(cfg, Ranks.from_environment(), print, lever_log=lambda line: None)  # plan_lines says it
     except OverBudget as e:
-        print(f"plan for {cfg.method}: over the budget\n" + "\n".join(e.prediction.lines(cfg_budget(cfg))))
+        print(f"plan for {cfg.method}: over the budget\n" + "\n".join(e.prediction.lines(e.budget_mb)))
         print(e.advice)
         return 5
     plan = prepared.plan
@@ -258,14 +258,6 @@ def cmd_plan(args) -> int:
         for r in rows:
             print(f"  {r['budget_mb']:10.0f}{r['peak_mb']:10.1f}{r['step_s']:9.3f}  {r['flags']}")
     return 0
-
-
-def cfg_budget(cfg) -> float | None:
-    return resolve_budget(cfg.device_profile, cfg.budget_mb)[0]
-
-
-def _silent(*args, **kwargs) -> None:
-    pass
 
 
 def cmd_profiles(args) -> int:

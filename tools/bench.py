@@ -32,10 +32,9 @@ from mesp_mlx.data.datasets import BatchIterator, load_splits  # noqa: E402
 from mesp_mlx.engine import Batch, BlockEngine  # noqa: E402
 from mesp_mlx.methods import method_for  # noqa: E402
 from mesp_mlx.models.synthetic import SHAPES, gemma3_1b_config, model_config, write_random_model  # noqa: E402
-from mesp_mlx.models.compute import keep_dequantized_blocks  # noqa: E402
 from mesp_mlx.plan.resolve import plan_run  # noqa: E402
 from mesp_mlx.run.optimizers import make_optimizer  # noqa: E402
-from mesp_mlx.run.prepare import prepare_model  # noqa: E402
+from mesp_mlx.run.prepare import apply_levers, prepare_model  # noqa: E402
 
 OUT = ROOT / "tools" / "out"
 KEYS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj",
@@ -88,9 +87,7 @@ def bench_ours(model: Path, data: Path, method: str, seq: int, rank: int, steps:
         plan = plan_run(prep.settings, prep, method_rule, budget_mb, f"{budget_mb:.0f} MB", cfg.max_seq_length)
         levers = plan.levers
         print(f"speed levers ({plan.lever_note()}): {levers.flags()}")
-        if hasattr(getattr(method_rule, "inner", method_rule), "keep_attention"):
-            getattr(method_rule, "inner", method_rule).keep_attention = levers.keep_attention
-        keep_dequantized_blocks(prep.parts.layers, levers.keep_dequantized)
+        apply_levers(prep, method_rule, levers)
         keep, predicted = levers.keep_activations, (plan.predicted_step_s, plan.predicted_peak_mb)
     engine = BlockEngine(prep.parts, method_rule, [make_optimizer(cfg) for _ in prep.parts.layers],
                          cfg.checkpoint_storage, None, prep.streamer, keep_activations=keep)

@@ -16,7 +16,7 @@ Over budget, the planner tries settings from the cheapest in speed to the most c
 checkpoints, MeSP instead of MeBP, smaller loss chunks, shorter sequences, and MeZO (forward only) as the last
 resort; it returns the first that fits. (LCSB saves time, not memory: its working set is MeSP's block.)
 Memory the budget leaves above that peak is spent on speed levers (kept contexts, attention probabilities, fp32
-weights): speed_plan.py.
+weights): speed.py.
 """
 
 from __future__ import annotations
@@ -79,13 +79,11 @@ def predict(cfg, prep, before_bytes: int = 0) -> PlanResult:
     """Predict the step peak of run `cfg` (a TrainConfig with its sequence length resolved) by component, probing one
     block of `prep`, the model as the run prepares it (run/prepare.py). Everything in MLX memory above `before_bytes`
     (what was active before `prep` was loaded) counts as resident."""
-    mx.clear_cache()
-    before = before_bytes
     parts, layers = prep.parts, prep.parts.layers
     if prep.streamer is not None:
         prep.streamer.release_all()
     mx.clear_cache()
-    resident = (mx.get_active_memory() - before) / MB
+    resident = (mx.get_active_memory() - before_bytes) / MB
     trainable = sum(v.nbytes for _, v in tree_flatten(prep.model.trainable_parameters())) / MB
     own = (cfg.optimizer_config or {}).get(cfg.optimizer) or {}
     # Adam/AdamW: m and v; Muon and SGD with momentum: one buffer; Adafactor: row + column factors (~0); plain SGD: 0
@@ -139,6 +137,15 @@ def predict(cfg, prep, before_bytes: int = 0) -> PlanResult:
     return result
 
 
+def predict_fresh(cfg, prepare) -> tuple[object, PlanResult]:
+    """(the resolved settings, the leanest plan) of `cfg` on a model `prepare(cfg)` loads now (run/prepare.py's
+    prepare_model); what MLX held before the load is not counted."""
+    mx.clear_cache()
+    before = mx.get_active_memory()
+    prep = prepare(cfg)
+    return prep.settings, predict(prep.settings, prep, before)
+
+
 def candidates(cfg):
     """Settings to try, cheapest in speed first, each adding to the previous."""
     steps = []
@@ -172,11 +179,7 @@ def best_fitting_plan(cfg, budget_mb: float, prepare):
     """(description, config, prediction) of the first candidate that fits, or None; `prepare(config)` loads the model
     as a run with that config would (run/prepare.py's prepare_model)."""
     for description, c in candidates(cfg):
-        mx.clear_cache()
-        before = mx.get_active_memory()
-        prep = prepare(c)
-        p = predict(prep.settings, prep, before)
-        del prep
+        _, p = predict_fresh(c, prepare)
         if p.peak_mb <= budget_mb:
             return description, c, p
     return None

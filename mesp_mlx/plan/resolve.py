@@ -21,9 +21,9 @@ from .speed import HEADROOM, LEVERS, LeverCosts, Levers, fastest, given_levers, 
 class OverBudget(ValueError):
     """A run predicted not to fit its budget, refused before anything is written (exit 2 from the CLI)."""
 
-    def __init__(self, message: str, prediction: PlanResult, advice: str):
+    def __init__(self, message: str, prediction: PlanResult, budget_mb: float, advice: str):
         super().__init__(message)
-        self.prediction, self.advice = prediction, advice
+        self.prediction, self.budget_mb, self.advice = prediction, budget_mb, advice
 
 
 @dataclass(frozen=True)
@@ -62,18 +62,17 @@ class RunPlan:
         return {"predicted_step_s": self.predicted_step_s, "predicted_peak_mb": self.predicted_peak_mb}
 
 
-def check_budget(cfg, prep, budget_mb: float, budget_text: str, prepare, log, before_bytes: int = 0) -> PlanResult:
-    """The leanest plan of `cfg` on the prepared model `prep` (MLX memory above `before_bytes` is its own); over the
-    budget, OverBudget with the first settings that fit (`prepare` loads the model for each candidate setting)."""
-    plan = predict(cfg, prep, before_bytes)
+def check_budget(cfg, plan: PlanResult, budget_mb: float, budget_text: str, prepare, log) -> None:
+    """`plan`, the leanest plan of `cfg`, against the budget; over it, OverBudget with the first settings that fit
+    (`prepare` loads the model for each candidate setting)."""
     fits = plan.peak_mb <= budget_mb
     log(f"[mesp-mlx] plan: predicted peak {plan.peak_mb:.1f} MB {'within' if fits else 'is over'} {budget_text}")
     if fits:
-        return plan
+        return
     advice = fitting_advice(cfg, budget_mb, prepare)
     raise OverBudget(f"this run is predicted to need {plan.peak_mb:.1f} MB, over the budget ({budget_text}):\n"
                      + "\n".join(plan.lines(budget_mb)) + f"\n{advice}\n(--skip-plan runs it anyway; the governor then "
-                     "stops it at the first block that goes over)", plan, advice)
+                     "stops it at the first block that goes over)", plan, budget_mb, advice)
 
 
 def plan_run(settings, prep, method, budget_mb: float | None, budget_text: str, seq_len: int) -> RunPlan:

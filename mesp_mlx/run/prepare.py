@@ -24,7 +24,7 @@ from ..methods.mesp import to_mesp_lora
 from ..models import ModelParts, cast_float_params, context_length, family_lora_parameters, load_model, set_compute_path
 from ..models.compute import keep_dequantized_blocks
 from ..plan.governor import resolve_budget
-from ..plan.memory import PlanResult, predict
+from ..plan.memory import PlanResult, predict, predict_fresh
 from ..plan.resolve import RunPlan, check_budget, plan_run
 from .checks import ConfigError
 from .state import saved_setting
@@ -84,10 +84,7 @@ def prepare_model(cfg) -> Prepared:
 
 def predict_lean(cfg) -> PlanResult:
     """The leanest plan of run `cfg` by component, on a freshly prepared model."""
-    mx.clear_cache()
-    before = mx.get_active_memory()
-    prep = prepare_model(cfg)
-    return predict(prep.settings, prep, before)
+    return predict_fresh(cfg, prepare_model)[1]
 
 
 def check_fits(cfg, log) -> None:
@@ -96,10 +93,8 @@ def check_fits(cfg, log) -> None:
     budget_mb, budget_text = resolve_budget(cfg.device_profile, cfg.budget_mb)
     if budget_mb is None:
         return
-    mx.clear_cache()
-    before = mx.get_active_memory()
-    prep = prepare_model(cfg)
-    check_budget(prep.settings, prep, budget_mb, budget_text, prepare_model, log, before)
+    settings, lean = predict_fresh(cfg, prepare_model)
+    check_budget(settings, lean, budget_mb, budget_text, prepare_model, log)
 
 
 @dataclass
@@ -114,6 +109,16 @@ class PreparedRun:
     @property
     def settings(self):
         return self.plan.settings
+
+
+def apply_levers(prep: Prepared, method: Method, levers) -> None:
+    """What the plan's levers set outside the engine: the method's kept attention probabilities, and on the CPU path
+    the blocks whose fp32 weights stay resident (the kept contexts are the engine's: keep_activations)."""
+    inner = getattr(method, "inner", method)  # LCSB runs MeSP's rule inside
+    if hasattr(inner, "keep_attention"):
+        inner.keep_attention = levers.keep_attention
+    if prep.compute_path == "dequant" and levers.keep_dequantized:
+        keep_dequantized_blocks(prep.parts.layers, levers.keep_dequantized)
 
 
 def resolve_lanes(cfg, adapter_path: Path) -> int:
@@ -135,7 +140,7 @@ def prepare_run(cfg, ranks: Ranks, log, lever_log=None) -> PreparedRun:
     prep = prepare_model(dataclasses.replace(cfg, lanes=resolve_lanes(cfg, Path(cfg.adapter_path))))
     if budget_mb is not None and not cfg.skip_plan:  # the budget is each rank's: it holds batch / ranks rows
         per_rank = dataclasses.replace(prep.settings, batch_size=cfg.batch_size // ranks.size)
-        check_budget(per_rank, prep, budget_mb, budget_text, prepare_model, log, before)
+        check_budget(per_rank, predict(per_rank, prep, before), budget_mb, budget_text, prepare_model, log)
     settings = prep.settings
     splits = load_splits(settings.data, prep.tokenizer, settings.mask_prompt)
     for name in ("valid", "test") if ranks.size > 1 else ():
@@ -147,10 +152,6 @@ def prepare_run(cfg, ranks: Ranks, log, lever_log=None) -> PreparedRun:
                             rank=ranks.rank, world=ranks.size)
     method = method_for(settings)
     plan = plan_run(settings, prep, method, budget_mb, budget_text, batches.longest_batch_length())
-    inner = getattr(method, "inner", method)
-    if hasattr(inner, "keep_attention"):
-        inner.keep_attention = plan.levers.keep_attention
-    if prep.compute_path == "dequant" and plan.levers.keep_dequantized:
-        keep_dequantized_blocks(prep.parts.layers, plan.levers.keep_dequantized)
+    apply_levers(prep, method, plan.levers)
     (lever_log or log)(f"[mesp-mlx] speed levers ({plan.lever_note()}): {plan.levers.flags()}")
     return PreparedRun(prep, splits, batches, method, plan)
