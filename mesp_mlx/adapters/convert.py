@@ -20,10 +20,21 @@ from collections import Counter
 from pathlib import Path
 
 import mlx.core as mx
-import mlx.nn as nn
+from mlx import nn
 
-from ..io import atomic_folder, atomic_write, atomic_write_json
+from ..arguments import folder_problem
+from ..io import (
+    CHECKSUM_KEY,
+    CorruptFile,
+    atomic_folder,
+    atomic_write_json,
+    load_tensors,
+    save_tensors,
+    tensor_digest,
+)
+from ..lock import FolderLock
 from ..models.load import ModelLoadError, load_model
+from .formats import refuse_foreign
 
 PEFT_WEIGHTS, PEFT_CONFIG = "adapter_model.safetensors", "adapter_config.json"
 MLX_WEIGHTS, MLX_CONFIG = "adapters.safetensors", "adapter_config.json"
@@ -66,10 +77,9 @@ def _read_json(path: Path) -> dict:
 def _read_tensors(path: Path) -> dict:
     """Every tensor of a safetensors file, read now (MLX checks the header lazily): a damaged file is refused here."""
     try:
-        tensors = mx.load(str(path))
-        if not isinstance(tensors, dict):
-            raise ValueError("not a safetensors file of named tensors")
-        mx.eval(list(tensors.values()))
+        tensors, _ = load_tensors(path)  # verified against its checksum when it has one
+    except CorruptFile as e:
+        raise ConvertError(str(e)) from None
     except Exception as e:  # noqa: BLE001 - MLX raises RuntimeError / ValueError / UnicodeDecodeError for bad bytes
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConvertError(f"{path}: not a readable safetensors file ({first})") from None
@@ -181,15 +191,16 @@ def check_fits(modules: dict, shapes: dict, source: str) -> None:
 
 # --- writing ----------------------------------------------------------------------------------------------------------
 def _save(path: Path, tensors: dict) -> None:
-    atomic_write(path, lambda tmp: mx.save_safetensors(tmp, tensors, metadata={"format": "mlx"}),
-                 suffix=".safetensors", what="the converted adapter")
+    save_tensors(path, tensors, {"format": "mlx"}, what="the converted adapter")
 
 
 def _write_adapter(out: Path, weights_name: str, tensors: dict, config_name: str, config: dict) -> None:
-    """A new folder appears whole or not at all; in an existing folder each file is replaced atomically."""
-    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+    """A new folder appears whole or not at all; in an existing folder (locked by convert) each file is replaced
+    atomically."""
+    if not out.exists():
         def fill(folder: Path) -> None:
-            mx.save_safetensors(str(folder / weights_name), tensors, metadata={"format": "mlx"})
+            mx.save_safetensors(str(folder / weights_name), tensors,
+                                metadata={"format": "mlx", CHECKSUM_KEY: tensor_digest(tensors)})
             (folder / config_name).write_text(json.dumps(config, indent=4), encoding="utf-8")
 
         atomic_folder(out, fill, "the converted adapter")
@@ -248,17 +259,28 @@ def convert(src: str, out: str, to: str, source_format: str | None = None, model
             dtype: str | None = None) -> dict:
     """Convert the adapter in folder `src` to format `to` ('mlx-lm' or 'peft') in folder `out`."""
     src_p, out_p = Path(src), Path(out)
+    problem = folder_problem(out_p)
+    if problem:  # refused before anything is read (the write would fail at the end, exit 74)
+        raise ConvertError(f"the output folder: {problem}")
     fmt = source_format or detect_format(src_p)
     if fmt == to:
         raise ConvertError(f"{src} is already a {fmt} adapter")
 
+    if out_p.is_dir():  # into an existing folder: its owner's lock, and never over the other format's adapter
+        with FolderLock(out_p, flag="output folder"):
+            refuse_foreign(out_p, to, "the output folder")
+            return _convert_or_refuse(src_p, out_p, to, fmt, model, dtype)
+    return _convert_or_refuse(src_p, out_p, to, fmt, model, dtype)  # a new folder appears whole (_write_adapter)
+
+
+def _convert_or_refuse(src_p: Path, out_p: Path, to: str, fmt: str, model: str | None, dtype: str | None) -> dict:
     try:
         return _convert(src_p, out_p, to, fmt, model, dtype)
     except (ConvertError, ModelLoadError):
         raise
     except (TypeError, ValueError, AttributeError, KeyError, IndexError, ZeroDivisionError, re.error) as e:
         # a config whose values have the wrong types (a rank that is a word, a pattern that is not a mapping, ...)
-        raise ConvertError(f"{src}: malformed adapter config ({type(e).__name__}: {e})") from None
+        raise ConvertError(f"{src_p}: malformed adapter config ({type(e).__name__}: {e})") from None
 
 
 def _convert(src_p: Path, out_p: Path, to: str, fmt: str, model: str | None, dtype: str | None) -> dict:

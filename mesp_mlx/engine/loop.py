@@ -70,6 +70,7 @@ class StepStats:
     phase_s: dict = field(default_factory=dict)  # seconds spent in forward / loss / backward / update
     block_peak_mb: dict = field(default_factory=dict)  # ("forward"|"backward", i) -> MB
     blocks_backpropagated: int = 0
+    extra: dict = field(default_factory=dict)  # the objective's own figures (DPO: reward margin and accuracy)
 
 
 class _PeakMeter:
@@ -114,8 +115,15 @@ class BlockEngine:
         ranks=None,
         keep_activations: int = 0,
         lanes: int = 1,
+        objective=None,
+        max_grad_norm: float | None = None,
     ):
         self.parts = parts
+        # None: SFT's masked mean cross-entropy; else a preference objective (objectives/preference.py) whose loss
+        # couples the rows of a batch of pairs through per-sequence scores
+        self.objective = objective
+        # clip by the global norm over every block's LoRA gradient: updates wait until the last block's gradient
+        self.max_grad_norm = max_grad_norm
         self.method = method
         self.optimizers = optimizers
         self.checkpoints = make_checkpoints(checkpoint_storage, checkpoint_dir)
@@ -179,21 +187,44 @@ class BlockEngine:
 
     def _update(self, i: int, block_grads, step: int, boundary: bool, step_skipped: bool) -> None:
         """Accumulate block i's gradient and, on an accumulation boundary, step its optimizer with the mean."""
-        layer, opt = self.parts.layers[i], self.optimizers[i]
+        grad = self._gradient_to_apply(i, block_grads, boundary, step_skipped)
+        if grad is not None:
+            self._apply(i, grad, step)
+
+    def _gradient_to_apply(self, i: int, block_grads, boundary: bool, step_skipped: bool):
+        """What block i's optimizer steps with now: the gradient, the accumulated mean on a boundary, zeros (LCSB
+        momentum), or None (no update this step)."""
+        layer = self.parts.layers[i]
         if self.accumulation > 1:
             if block_grads is not None:  # mlx-lm: grad = grad + prev_grad
                 acc = self.accum.get(i)
                 self.accum[i] = block_grads if acc is None else tree_map(lambda x, y: x + y, block_grads, acc)
                 mx.eval(self.accum[i])
             if not boundary:
-                return
+                return None
             acc = self.accum.pop(i, None)
             block_grads = None if acc is None else tree_map(lambda x: x / self.accumulation, acc)
         if block_grads is None:
             if not step_skipped:
-                return
+                return None
             # LCSB momentum: the optimizer steps with a zero gradient (AdamW momentum, weight decay act)
             block_grads = tree_unflatten([(k, mx.zeros_like(v)) for k, v in tree_flatten(layer.trainable_parameters())])
+        return block_grads
+
+    def _apply_clipped(self, pending: dict, step: int) -> float:
+        """--max-grad-norm: every block's gradient is held until the last one exists, then all are scaled by
+        min(1, max_norm / ||g||) with ||g|| the global norm over all blocks (torch's clip_grad_norm_), then applied.
+        Returns ||g|| before clipping."""
+        norm = math.sqrt(sum(_squared_norm(g).item() for g in pending.values()))
+        scale = min(1.0, self.max_grad_norm / (norm + 1e-6))
+        for i in sorted(pending, reverse=True):
+            grad = pending[i] if scale == 1.0 else tree_map(lambda x: x * scale, pending[i])
+            self._apply(i, grad, step)
+        return norm
+
+    def _apply(self, i: int, block_grads, step: int) -> None:
+        """Step block i's optimizer with `block_grads` (the schedule's learning rate); undo a non-finite result."""
+        layer, opt = self.parts.layers[i], self.optimizers[i]
         lr = self.learning_rate.at_update(step // self.accumulation) if self.learning_rate is not None else None
         if lr is not None:
             opt.learning_rate = lr
@@ -210,10 +241,11 @@ class BlockEngine:
             raise NonFiniteError(step, f"the LoRA parameters of block {i} after its update")
 
     # --- the step ---------------------------------------------------------------------------------------------------
-    def forward_loss(self, batch: Batch, step: int, meter: "_PeakMeter", before_block: Callable | None = None,
-                     after_block: Callable | None = None) -> tuple[float, int]:
-        """The streamed forward and the loss value only (no checkpoints, no gradient): inference's memory. The hooks
-        run around each block (MeZO swaps its perturbed LoRA in and the original arrays back)."""
+    def forward_hidden(self, batch: Batch, step: int, meter: "_PeakMeter | None" = None,
+                       before_block: Callable | None = None, after_block: Callable | None = None) -> mx.array:
+        """The streamed forward to the final norm's output (no checkpoints, no gradient): inference's memory. The
+        hooks run around each block (MeZO swaps its perturbed LoRA in and the original arrays back)."""
+        meter = meter if meter is not None else _PeakMeter()
         h = self.parts.embed(batch.inputs)
         mx.eval(h)
         for i, layer in enumerate(self.parts.layers):
@@ -227,12 +259,25 @@ class BlockEngine:
                 self.streamer.release(i)
             self._after_block(meter, "forward", i)
         normed = self.parts.final_norm(h)
+        mx.eval(normed)
+        return normed
+
+    def forward_loss(self, batch: Batch, step: int, meter: "_PeakMeter", before_block: Callable | None = None,
+                     after_block: Callable | None = None) -> tuple[float, int]:
+        """The streamed forward and the loss value only (no checkpoints, no gradient): inference's memory."""
+        normed = self.forward_hidden(batch, step, meter, before_block, after_block)
+        if self.objective is not None:  # a preference objective's own loss (held-out evaluation)
+            reference = self.objective.reference_scores(self, batch, step) if self.objective.needs_reference else None
+            value, _, ntoks, _ = self.objective.loss_and_grad(self.parts, normed, batch, reference, self.vocab_chunk,
+                                                              need_grad=False)
+            self._after_loss(meter)
+            return value, ntoks
         loss, _, ntoks = chunked_cross_entropy(self.parts, normed, batch.targets, batch.mask, self.vocab_chunk,
                                                need_grad=False, precise=True)
         value, ntoks, _ = self._global_loss(loss, ntoks)
         if not math.isfinite(value):
             raise NonFiniteError(step, "the loss")
-        del h, normed
+        del normed
         self._after_loss(meter)
         return value, ntoks
 
@@ -264,6 +309,12 @@ class BlockEngine:
         keep_from = 0 if self.keep_activations < 0 else n - self.keep_activations
         keep = {i for i in (trainable if selected is None else selected) if i >= keep_from}
 
+        # DPO's reference policy (the base model: adapters off), on the streamed forward before the training one
+        reference = None
+        if self.objective is not None and self.objective.needs_reference:
+            reference = self.objective.reference_scores(self, batch, step)
+            meter.mark("reference")
+
         # forward, keeping block-boundary activations (and the kept blocks' contexts) only
         self.method.release_kept()
         h = self.parts.embed(batch.inputs)
@@ -283,8 +334,13 @@ class BlockEngine:
         # loss and its gradient at the last boundary
         h_last = self.checkpoints.get(n)
         normed = self.parts.final_norm(h_last)
-        loss, g_normed, ntoks = chunked_cross_entropy(self.parts, normed, batch.targets, batch.mask, self.vocab_chunk,
-                                                      precise=True)
+        extra = {}
+        if self.objective is None:
+            loss, g_normed, ntoks = chunked_cross_entropy(self.parts, normed, batch.targets, batch.mask,
+                                                          self.vocab_chunk, precise=True)
+        else:
+            loss, g_normed, ntoks, extra = self.objective.loss_and_grad(self.parts, normed, batch, reference,
+                                                                        self.vocab_chunk)
         _, (g,) = mx.vjp(self.parts.final_norm, [h_last], [g_normed])
         mx.eval(g)
         loss_value, ntoks, share = self._global_loss(loss, ntoks)
@@ -301,7 +357,7 @@ class BlockEngine:
         boundary = step % self.accumulation == 0
         reach_all = selected is None or step_skipped or (apply_update and boundary and self.accum)
         lowest = self.lowest_trainable if reach_all else min(selected, default=n)
-        grads = {}
+        grads, pending = {}, {}
         done = 0
         for i in range(n - 1, lowest - 1, -1):
             block_grads = None
@@ -321,7 +377,11 @@ class BlockEngine:
                 del h_in
                 self.checkpoints.drop(i)
                 done += 1
-            if apply_update:
+            if apply_update and self.max_grad_norm is not None:
+                grad = self._gradient_to_apply(i, block_grads, boundary, step_skipped)
+                if grad is not None:
+                    pending[i] = grad
+            elif apply_update:
                 self._update(i, block_grads, step, boundary, step_skipped)
             elif block_grads is not None:
                 grads[i] = block_grads
@@ -330,6 +390,8 @@ class BlockEngine:
                 if self.streamer is not None:
                     self.streamer.release(i)
                 self._after_block(meter, "backward", i)
+        if pending:
+            extra = {**extra, "grad_norm": self._apply_clipped(pending, step)}
         self.checkpoints.clear()
         self.method.release_kept()
         if self.clear_cache == "step":
@@ -337,4 +399,5 @@ class BlockEngine:
         meter.mark("update")
 
         stats = self._stats(loss_value, ntoks, start, meter, done)
+        stats.extra = extra
         return stats, grads

@@ -27,28 +27,11 @@ def auto_vocab_chunk(n_tokens: int, vocab: int, hidden: int, budget_elems: int =
     return min(max(256, chunk // 256 * 256), vocab)
 
 
-def chunked_cross_entropy(parts, x: mx.array, targets: mx.array, mask: mx.array, vocab_chunk: int | None = None,
-                          need_grad: bool = True, precise: bool = False):
-    """Return (loss, dL/dx, ntoks) for x [B, T, d], targets [B, T], mask [B, T] (1 = counted); dL/dx is None when
-    need_grad is False (forward-only methods skip pass 2). precise: the loss as a Python float, the per-token losses
-    summed in float64 (a mean that does not depend on how the tokens are split: MeZO divides loss differences by 2 eps,
-    and a distributed run adds the ranks' sums).
-
-    `parts` supplies head_chunk(a, b, dtype) (the head's vocabulary rows a:b as frozen_matmul operands) and
-    head_rows_at(ids, dtype).
-    """
-    B, T, d = x.shape
-    flat_mask = np.array(mask.reshape(-1)).astype(bool)
-    idx = np.nonzero(flat_mask)[0]
-    n = len(idx)
-    if n == 0:
-        raise ValueError("the batch has no unmasked target token (is every token masked as prompt?)")
-    idx_mx = mx.array(idx.astype(np.int32))
-    xs = x.reshape(-1, d)[idx_mx].astype(mx.float32)
-    ts = targets.reshape(-1)[idx_mx]
+def _online_softmax(parts, xs: mx.array, ts: mx.array, chunk: int, need_grad: bool):
+    """One pass over the vocabulary for positions xs [n, d] with targets ts [n]: (logsumexp [n], target logit [n],
+    the softmax-weighted mean of the head rows sum_v softmax(x W)_v W_v [n, d] or None)."""
+    n, d = xs.shape
     V = parts.vocab_size
-    chunk = vocab_chunk or auto_vocab_chunk(n, V, d)
-
     run_max = mx.full((n,), -float("inf"))
     run_sum = mx.zeros((n,))
     target_logit = mx.zeros((n,))
@@ -70,6 +53,42 @@ def chunked_cross_entropy(parts, x: mx.array, targets: mx.array, mask: mx.array,
         target_logit = target_logit + mx.where(in_chunk, picked, 0.0)
         mx.eval(run_max, run_sum, target_logit, *([acc] if need_grad else []))
     lse = run_max + mx.log(run_sum)
+    return lse, target_logit, (acc / run_sum[:, None] if need_grad else None)
+
+
+def _counted(x: mx.array, mask: mx.array):
+    """(flat indices of the counted positions as numpy and MLX arrays, their rows of x in fp32)."""
+    d = x.shape[-1]
+    idx = np.nonzero(np.array(mask.reshape(-1)).astype(bool))[0]
+    if len(idx) == 0:
+        raise ValueError("the batch has no unmasked target token (is every token masked as prompt?)")
+    idx_mx = mx.array(idx.astype(np.int32))
+    return idx, idx_mx, x.reshape(-1, d)[idx_mx].astype(mx.float32)
+
+
+def _scatter(x: mx.array, idx_mx: mx.array, rows: mx.array) -> mx.array:
+    """Rows [n, d] placed at the counted positions of a zero [B, T, d] in x's dtype."""
+    B, T, d = x.shape
+    full = mx.zeros((B * T, d), dtype=mx.float32)
+    full[idx_mx] = rows
+    return full.reshape(B, T, d).astype(x.dtype)
+
+
+def chunked_cross_entropy(parts, x: mx.array, targets: mx.array, mask: mx.array, vocab_chunk: int | None = None,
+                          need_grad: bool = True, precise: bool = False):
+    """Return (loss, dL/dx, ntoks) for x [B, T, d], targets [B, T], mask [B, T] (1 = counted); dL/dx is None when
+    need_grad is False (forward-only methods skip pass 2). precise: the loss as a Python float, the per-token losses
+    summed in float64 (a mean that does not depend on how the tokens are split: MeZO divides loss differences by 2 eps,
+    and a distributed run adds the ranks' sums).
+
+    `parts` supplies head_chunk(a, b, dtype) (the head's vocabulary rows a:b as frozen_matmul operands) and
+    head_rows_at(ids, dtype).
+    """
+    idx, idx_mx, xs = _counted(x, mask)
+    n = len(idx)
+    ts = targets.reshape(-1)[idx_mx]
+    chunk = vocab_chunk or auto_vocab_chunk(n, parts.vocab_size, x.shape[-1])
+    lse, target_logit, mean_rows = _online_softmax(parts, xs, ts, chunk, need_grad)
     if precise:
         per_token = lse - target_logit
         mx.eval(per_token)
@@ -79,7 +98,29 @@ def chunked_cross_entropy(parts, x: mx.array, targets: mx.array, mask: mx.array,
         mx.eval(loss)
     if not need_grad:
         return loss, None, n
-    gx = (acc / run_sum[:, None] - parts.head_rows_at(ts, mx.float32)) / n
-    g_full = mx.zeros((B * T, d), dtype=mx.float32)
-    g_full[idx_mx] = gx
-    return loss, g_full.reshape(B, T, d).astype(x.dtype), n
+    gx = (mean_rows - parts.head_rows_at(ts, mx.float32)) / n
+    return loss, _scatter(x, idx_mx, gx), n
+
+
+def chunked_token_logprobs(parts, x: mx.array, targets: mx.array, mask: mx.array, vocab_chunk: int | None = None,
+                           need_grad: bool = True):
+    """The log-probability of each counted target, log p_k = x_k W_{t_k} - logsumexp_v(x_k W_v), for objectives built
+    on per-sequence sums (DPO, ORPO). Returns (logp [n], rows [n] (the flat row of each counted position),
+    pullback or None): pullback(w [n]) = dL/dx [B, T, d] for any loss L with dL/dlog p_k = w_k, since
+    d log p_k / dx_k = W_{t_k} - sum_v softmax(x_k W)_v W_v."""
+    idx, idx_mx, xs = _counted(x, mask)
+    ts = targets.reshape(-1)[idx_mx]
+    chunk = vocab_chunk or auto_vocab_chunk(len(idx), parts.vocab_size, x.shape[-1])
+    lse, target_logit, mean_rows = _online_softmax(parts, xs, ts, chunk, need_grad)
+    logp = target_logit - lse
+    mx.eval(logp)
+    rows = mx.array((idx // x.shape[1]).astype(np.int32))
+    if not need_grad:
+        return logp, rows, None
+    direction = parts.head_rows_at(ts, mx.float32) - mean_rows
+    mx.eval(direction)
+
+    def pullback(w: mx.array) -> mx.array:
+        return _scatter(x, idx_mx, direction * w[:, None].astype(mx.float32))
+
+    return logp, rows, pullback

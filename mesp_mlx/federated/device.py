@@ -22,7 +22,7 @@ import mlx.core as mx
 import numpy as np
 
 from ..data.datasets import DataError, chat_record
-from ..io import atomic_write, atomic_write_json, write_jsonl
+from ..io import atomic_write_json, load_tensors, save_tensors, write_jsonl
 from ..personalize.generation import TextEncoder
 from ..personalize.pipeline import (
     PersonalizeConfig,
@@ -63,7 +63,7 @@ class Settings:
     local_baseline_iters: int = 0  # > 0: evaluate also trains a local-only adapter for this many steps
 
     @classmethod
-    def from_record(cls, record: dict) -> "Settings":
+    def from_record(cls, record: dict) -> Settings:
         types = {"int": int, "float": float, "str": str, "str | None": str}
         s = cls(**{f.name: types[f.type](record[f.name]) for f in fields(cls) if f.name in record})
         s.model = s.model or None
@@ -144,12 +144,12 @@ def save_weights(weights: dict, folder: Path, what: str) -> Path:
     """numpy LoRA tensors -> folder/adapters.safetensors (atomic)."""
     arrays = {k: mx.array(v) for k, v in weights.items()}
     path = folder / "adapters.safetensors"
-    atomic_write(path, lambda tmp: mx.save_safetensors(tmp, arrays), suffix=".safetensors", what=what)
+    save_tensors(path, arrays, what=what)
     return path
 
 
 def load_weights(adapter_file: Path) -> dict:
-    return {k: np.array(v) for k, v in mx.load(str(adapter_file)).items()}
+    return {k: np.array(v) for k, v in load_tensors(adapter_file)[0].items()}
 
 
 def _train(device: Device, s: Settings, out: Path, iters: int, start: dict | None, log, seed: int

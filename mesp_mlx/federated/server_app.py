@@ -42,7 +42,7 @@ class ServerConfig:
     round_timeout: float = 1800.0  # seconds to wait for a round's replies
 
     @classmethod
-    def from_run_config(cls, rc: dict) -> "ServerConfig":
+    def from_run_config(cls, rc: dict) -> ServerConfig:
         types = {"int": int, "float": float, "str": str}
         return cls(**{f.name: types[f.type](rc[f.name]) for f in fields(cls) if f.name in rc})
 
@@ -75,7 +75,7 @@ def _send(grid: Grid, nodes, kind: str, arrays: dict | None, config: dict, group
 
 def _reason(text: str) -> str:
     """Flower's error reason ("<class 'pkg.DeviceError'>:<'message'>") as one line: "DeviceError: message"."""
-    m = re.search(r"<class '(?:[\w.]+\.)?(\w+)'>:<'(.*)'>", text, re.S)
+    m = re.search(r"<class '(?:[\w.]+\.)?(\w+)'>:<'(.*)'>", text, re.DOTALL)
     line = f"{m.group(1)}: {m.group(2)}" if m else text
     return " ".join(line.split())[:300]
 
@@ -144,7 +144,7 @@ def serve(grid: Grid, cfg: ServerConfig, settings: Settings, log=print) -> dict:
         atomic_write_json(out / "summary.json", summary)
         log(f"[federate] round {r}: {len(good)} devices, {sum(counts)} examples, loss "
             + ", ".join(f"{m['loss_first']:.3f}->{m['loss_last']:.3f}" for m in metrics)
-            + f"; peaks " + ", ".join(f"{m['peak_mb']:.0f}/{m['budget_mb']:.0f} MB" for m in metrics)
+            + "; peaks " + ", ".join(f"{m['peak_mb']:.0f}/{m['budget_mb']:.0f} MB" for m in metrics)
             + f"; {cfg.aggregation} error vs exact mean of dW {report['rel_error']:.2e}")
     log("[federate] evaluating the final global and the personal adapters on every device")
     replies = _send(grid, nodes, "evaluate", global_weights, settings.record(), "evaluate", cfg.round_timeout)

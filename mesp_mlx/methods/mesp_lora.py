@@ -165,6 +165,7 @@ def _lora_fn(scale: float, quant: tuple | None):
         x, xd, a, b, *base = primals
         grad_xd, grad_a, grad_b = lora_branch_grads(xd, a, b, cotangent, scale)
         grad_x = frozen_matmul(cotangent, base, quant, False).astype(x.dtype)
+        grad_xd = grad_xd.astype(xd.dtype)  # fp32 LoRA under an fp16 / bf16 x: a cotangent has its primal's dtype
         frozen = tuple(mx.zeros((1,), dtype=t.dtype) for t in base)  # no gradient formed for W0, scales, biases
         return (grad_x, grad_xd, grad_a, grad_b, *frozen)
 

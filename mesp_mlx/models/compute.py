@@ -17,6 +17,9 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map_with_path
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+# what mx.quantize takes (affine): other bits or group sizes raise deep inside a quantize-on-load or a fuse, so the
+# flags that choose them are checked against these first
+QUANT_BITS, QUANT_GROUP_SIZES = (1, 2, 3, 4, 5, 6, 8), (32, 64, 128)
 
 
 _LITTLE_ENDIAN = sys.byteorder == "little"

@@ -15,9 +15,18 @@ from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
-from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+from tokenizers import (
+    AddedToken,
+    Tokenizer,
+    decoders,
+    models,
+    pre_tokenizers,
+    processors,
+)
 
+from ..arguments import new_folder_problem
 from ..io import atomic_folder
+from ..lock import refuse_in_use
 from .gguf_header import GGUFHeaderError, check_gguf
 
 SUPPORTED_ARCHS = ("llama",)
@@ -127,10 +136,18 @@ def build_tokenizer_files(meta: dict, out: Path) -> None:
         json.dump({k: v for k, v in cfg.items() if v is not None}, f, indent=2)
 
 
-def import_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
-    """Convert `gguf_path` into an mlx-lm model folder at `out_dir` (written atomically: temp folder, then rename)."""
+def import_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, replace: bool = False) -> Path:
+    """Convert `gguf_path` into an mlx-lm model folder at `out_dir` (written atomically: temp folder, then rename).
+    An existing non-empty `out_dir` is refused, or with replace=True (the model cache's own folders) replaced."""
+    out_dir = Path(out_dir)
+    problem = new_folder_problem(out_dir)
+    if problem:  # refused before the GGUF is read (the write would fail at the end, exit 74)
+        raise GGUFImportError(f"the output folder: {problem}")
+    refuse_in_use(out_dir, "output folder")  # a folder a run is writing into: exit 75, naming the run
+    if out_dir.exists() and not replace and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise GGUFImportError(f"{out_dir} exists and is not an empty folder; choose another output folder")
     try:
-        return _import_gguf(Path(gguf_path), Path(out_dir))
+        return _import_gguf(Path(gguf_path), out_dir)
     except GGUFImportError:
         raise
     except (ValueError, KeyError, TypeError, IndexError, AttributeError, OverflowError) as e:
@@ -138,7 +155,7 @@ def import_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike) -> Pat
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise GGUFImportError(f"{gguf_path}: not a consistent {SUPPORTED_ARCHS} model ({type(e).__name__}: "
                               f"{first})") from None
-    except Exception as e:  # noqa: BLE001 - the tokenizers library raises its own exception type for bad vocabularies
+    except Exception as e:
         if type(e).__module__.split(".")[0] != "tokenizers" and "tokenizers" not in type(e).__name__.lower():
             raise
         raise GGUFImportError(f"{gguf_path}: its tokenizer cannot be built ({e})") from None
@@ -220,7 +237,7 @@ def _import_gguf(gguf_path: Path, out_dir: Path) -> Path:
             json.dump(config, f, indent=2)
         build_tokenizer_files(meta, tmp)
 
-    if out_dir.exists():  # a stale import of this file is replaced
+    if out_dir.exists() and any(out_dir.iterdir()):  # replace=True: a stale import in the model cache
         shutil.rmtree(out_dir)
     atomic_folder(out_dir, fill, "the imported model")
     return out_dir

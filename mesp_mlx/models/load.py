@@ -18,7 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import mlx_lm.utils as mu
-from huggingface_hub import snapshot_download
+from huggingface_hub import set_client_factory, snapshot_download
+from huggingface_hub.errors import LocalEntryNotFoundError
+from huggingface_hub.utils import (
+    _http as hf_http,  # the default client, to bound its timeouts (_hub_client)
+)
 
 from .families import supported_types
 from .families import tier as family_tier
@@ -47,13 +51,58 @@ def embedded_gguf() -> Path:
     return path
 
 
+# seconds the hub may take to accept a connection and between two reads of a download; huggingface-hub's own calls
+# (its repo_info among them) otherwise wait forever on a hub that accepts and never answers
+HUB_TIMEOUTS = {"connect": 10.0, "read": 30.0, "write": 30.0, "pool": 10.0}
+
+
+def _bound_timeouts(request) -> None:
+    """httpx request hook: every timeout huggingface-hub left unbounded (None) gets HUB_TIMEOUTS' value."""
+    given = request.extensions.get("timeout") or {}
+    request.extensions["timeout"] = {k: given.get(k) if given.get(k) is not None else v for k, v in HUB_TIMEOUTS.items()}
+
+
+def _hub_client():
+    """huggingface-hub's default HTTP client with _bound_timeouts among its request hooks."""
+    client = hf_http.default_client_factory()
+    hooks = dict(client.event_hooks)
+    hooks["request"] = [*hooks.get("request", []), _bound_timeouts]
+    client.event_hooks = hooks
+    return client
+
+
 def _hub_download(repo_id: str) -> Path:
 
     patterns = ["*.json", "*.safetensors", "*.py", "tokenizer.model", "*.tiktoken", "*.txt", "*.jinja"]
+    if hasattr(hf_http, "default_client_factory"):  # huggingface-hub >= 1.0 (httpx); older ones use its env timeouts
+        set_client_factory(_hub_client)
     try:
         return Path(snapshot_download(repo_id, allow_patterns=patterns))
-    except Exception as e:
-        raise ModelLoadError(f"{repo_id!r} is neither a local path nor a reachable Hugging Face repo: {e}") from e
+    except Exception as e:  # noqa: BLE001 - huggingface-hub raises many types; all are the same refusal here
+        if _is_offline(e):
+            raise ModelLoadError(f"--model {repo_id}: the Hugging Face hub cannot be reached ({_first_line(e)}) and "
+                                 "the model is not in the local cache; connect, or give a local folder") from None
+        raise ModelLoadError(f"{repo_id!r} is neither a local path nor a reachable Hugging Face repo: "
+                             f"{_first_line(e)}") from None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _is_offline(e: BaseException) -> bool:
+    """A network failure (no connection, a timeout, offline mode) anywhere in the exception's chain."""
+    while e is not None:
+        if isinstance(e, (ConnectionError, TimeoutError, LocalEntryNotFoundError)) or \
+                "Timeout" in type(e).__name__ or "ConnectError" in type(e).__name__:
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+# the files a Hugging Face tokenizer loads from (besides sentencepiece's *.model and tiktoken's *.tiktoken)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "tekken.json")
 
 
 def _read_config(folder: Path) -> dict:
@@ -73,7 +122,24 @@ def _read_config(folder: Path) -> dict:
                              f"{', '.join(supported_types())}; see docs/model_families.md)")
     if not list(folder.glob("model*.safetensors")):
         raise ModelLoadError(f"{folder}: no model*.safetensors weights")
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES) and \
+            not any(p.is_file() for pattern in ("*.tiktoken", "*.model") for p in folder.glob(pattern)):
+        raise ModelLoadError(f"{folder}: no tokenizer: tokenizer.json is missing (and there is no tokenizer.model, "
+                             "vocab.json or *.tiktoken); copy the model's tokenizer files into the folder")
     return config
+
+
+def check_tokenizer(folder: Path, tokenizer) -> None:
+    """Refuse a tokenizer that turns text into nothing or into special tokens only (tokenizer files present but
+    without a vocabulary: transformers then builds an empty one, and training would learn special tokens only)."""
+    try:
+        ids = list(tokenizer.encode("Hello, world. 123", add_special_tokens=False))
+        special = set(tokenizer.all_special_ids or ())
+    except Exception as e:  # noqa: BLE001 - any failure of the tokenizer's own code means it is unusable
+        raise ModelLoadError(f"{folder}: its tokenizer cannot encode text ({_first_line(e)})") from None
+    if not ids or all(i in special for i in ids):
+        raise ModelLoadError(f"{folder}: its tokenizer has no vocabulary (plain text encodes to "
+                             f"{'nothing' if not ids else 'special tokens only'}); check its tokenizer files")
 
 
 def context_length(config: dict) -> int | None:
@@ -114,7 +180,7 @@ def resolve_model(spec: str | None, bits: int = 4, group_size: int = 64) -> Path
         out = cache_home() / "models" / "SmolLM2-135M-Instruct-Q4_1"
         if not (out / "config.json").is_file():
             print(f"[mesp-mlx] importing the embedded SmolLM2-135M-Instruct into {out}")
-            import_gguf(gguf, out)
+            import_gguf(gguf, out, replace=True)
         return out
     path = Path(spec).expanduser()
     if path.suffix == ".gguf":
@@ -125,7 +191,7 @@ def resolve_model(spec: str | None, bits: int = 4, group_size: int = 64) -> Path
         out = cache_home() / "models" / f"{path.stem}-{key}"
         if not (out / "config.json").is_file():
             print(f"[mesp-mlx] importing {path} into {out}")
-            import_gguf(path, out)
+            import_gguf(path, out, replace=True)
         return out
     if path.exists():
         if not path.is_dir():
@@ -159,5 +225,6 @@ def load_model(spec: str | None, bits: int = 4, group_size: int = 64, lazy: bool
         model, tokenizer = mu.load(str(folder), lazy=lazy)
     except Exception as e:
         raise ModelLoadError(f"mlx-lm could not load {folder}: {e}") from e
+    check_tokenizer(folder, tokenizer)
     model.freeze()
     return LoadedModel(model=model, tokenizer=tokenizer, config=config, path=folder)

@@ -5,5 +5,19 @@ from .buffer import POLICIES, Candidate, SelectionBuffer, make_policy
 from .pipeline import PersonalizeConfig, evaluate, make_candidates, run, select
 from .scores import dss, eoe, idd, load_lexicons, rouge1
 
-__all__ = ["POLICIES", "Candidate", "SelectionBuffer", "make_policy", "PersonalizeConfig", "evaluate",
-           "make_candidates", "run", "select", "dss", "eoe", "idd", "load_lexicons", "rouge1"]
+__all__ = [
+           "POLICIES",
+           "Candidate",
+           "PersonalizeConfig",
+           "SelectionBuffer",
+           "dss",
+           "eoe",
+           "evaluate",
+           "idd",
+           "load_lexicons",
+           "make_candidates",
+           "make_policy",
+           "rouge1",
+           "run",
+           "select",
+]

@@ -7,8 +7,8 @@ stream order on ties. Where the answers come from: an interactive prompt, or a j
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from ..data.datasets import DataError, iter_jsonl
 from .buffer import Candidate
@@ -40,7 +40,10 @@ def interactive_annotator(ask: Callable[[str], str] = input, show: Callable[[str
     """Shows the prompt and the current response; the user types the preferred one (Enter keeps it)."""
     def annotate(item: Candidate) -> str | None:
         show(f"\n[annotate] user: {item.prompt}\n[annotate] current response: {item.response or '(none)'}")
-        typed = ask("[annotate] preferred response (Enter keeps the current one): ").strip()
+        try:
+            typed = ask("[annotate] preferred response (Enter keeps the current one): ").strip()
+        except EOFError:  # stdin ended (--interactive without a terminal, answers piped in): as Enter, keep it
+            return None
         return typed or None
     return annotate
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from .. import backend
 from ..adapters.lora import apply_lora, cast_lora, load_adapter_weights
 from ..data.datasets import DataError, chat_record
 from ..io import atomic_write_json, write_jsonl
+from ..lock import FolderLock
 from ..models import cast_float_params, load_model, set_compute_path
 from ..run.config import ConfigError, TrainConfig
 from ..run.prepare import check_fits
@@ -31,6 +33,10 @@ from .buffer import POLICIES, Candidate, SelectionBuffer, make_policy
 from .generation import TextEncoder, generate_batch, paraphrase_all
 from .scores import dominant_domain, dss, eoe, load_lexicons, rouge1, words
 from .stream import Dialogue, read_dialogues
+
+# ranges past which a value is a typo, not a wish (a buffer of a TB, 100 paraphrases per prompt, a reply of 8192 tokens):
+# refused before anything runs, as a stuck or crashing pipeline otherwise (also for `federate`'s devices)
+MAX_BUFFER_KB, MAX_VARIANTS, MAX_EVAL_TOKENS = 1e9, 100, 8192
 
 # the fine-tune's defaults; any TrainConfig key can be given in PersonalizeConfig.train
 TRAIN_DEFAULTS = {"method": "mesp", "iters": 100, "batch_size": 4, "learning_rate": 2e-4, "optimizer": "adamw",
@@ -64,10 +70,18 @@ class PersonalizeConfig:
             raise ConfigError(f"--policy {self.policy!r}: one of {', '.join(POLICIES)}")
         if self.buffer_kb <= 0:
             raise ConfigError(f"--buffer-kb must be positive, not {self.buffer_kb}")
+        if not 1 / 1024 <= self.buffer_kb <= MAX_BUFFER_KB:  # NaN fails too
+            raise ConfigError(f"--buffer-kb must be in [1/1024, {MAX_BUFFER_KB:g}] (a byte to a TB), not {self.buffer_kb}")
         if self.annotate_k < 0 or self.variants < 0:
             raise ConfigError("--annotate-k and --variants must be >= 0")
+        if self.variants > MAX_VARIANTS:
+            raise ConfigError(f"--variants must be at most {MAX_VARIANTS}, not {self.variants}")
         if not 0 <= self.synth_min_rouge <= 1:
             raise ConfigError(f"--synth-min-rouge must be in [0, 1], not {self.synth_min_rouge}")
+        if not (math.isfinite(self.synth_temperature) and self.synth_temperature >= 0):
+            raise ConfigError(f"--synth-temperature must be a finite number >= 0, not {self.synth_temperature}")
+        if not 1 <= self.eval_max_tokens <= MAX_EVAL_TOKENS:
+            raise ConfigError(f"--eval-max-tokens must be in [1, {MAX_EVAL_TOKENS}], not {self.eval_max_tokens}")
 
 
 def load_for_inference(model_spec: str | None):
@@ -162,6 +176,12 @@ def run(cfg: PersonalizeConfig, log=print, ask=input, candidates: list[Candidate
 
     cfg.validate()
     out = Path(cfg.out)
+    with FolderLock(out, log, flag="--out"):  # one writer per output folder (refused: exit 75)
+        return _run(cfg, out, log, ask, candidates, before)
+
+
+def _run(cfg: PersonalizeConfig, out: Path, log, ask, candidates: list[Candidate] | None, before: dict | None
+         ) -> dict:
     t0 = time.perf_counter()
     lexicons = load_lexicons(cfg.lexicons)
     stream = read_dialogues(cfg.stream)

@@ -12,6 +12,12 @@ The step's MLX peak is predicted by component:
     peak = resident (frozen weights + LoRA) + optimizer + checkpoints + working set
 The allocator cache is not part of MLX's peak; the governor caps it separately (10 % of the budget).
 
+A phone counts the whole process (footprint.py), so the process footprint is predicted too:
+    footprint = outside MLX + peak, outside MLX = the process footprint minus MLX's active and cached memory, measured
+              with the model loaded as the run loads it (Python, the libraries, the tokenizer, the allocators' slack)
+and checked against the footprint limit (--footprint-limit, or a phone profile's) beside the budget: a limit leaves
+MLX the room `limit - outside MLX`, which the fitting candidates and the speed levers are held to as to a budget.
+
 Over budget, the planner tries settings from the cheapest in speed to the most costly: stream the weights, mmap the
 checkpoints, MeSP instead of MeBP, smaller loss chunks, shorter sequences, and MeZO (forward only) as the last
 resort; it returns the first that fits. (LCSB saves time, not memory: its working set is MeSP's block.)
@@ -30,6 +36,8 @@ from mlx.utils import tree_flatten
 
 from ..engine.loss import auto_vocab_chunk, chunked_cross_entropy
 from ..methods import method_for
+from .footprint import footprint_mb, release_free_heap
+from .governor import resolve_footprint_limit
 
 MB = 1024 * 1024
 
@@ -38,6 +46,9 @@ MB = 1024 * 1024
 class PlanResult:
     settings: dict
     components_mb: dict = field(default_factory=dict)
+    outside_mlx_mb: float | None = None  # the process footprint outside MLX when predicted (None: not measurable)
+    footprint_limit_mb: float | None = None  # the run's footprint limit (None: none)
+    footprint_text: str = "no footprint limit"
 
     @property
     def peak_mb(self) -> float:
@@ -45,12 +56,44 @@ class PlanResult:
         return (c["frozen weights"] + c["LoRA"] + c["optimizer"] + c["checkpoints"] +
                 max(c["block forward"], c["block backward"], c["loss"]))
 
+    @property
+    def footprint_mb(self) -> float | None:
+        """The predicted process footprint of the step: outside MLX + MLX's peak."""
+        return None if self.outside_mlx_mb is None else self.outside_mlx_mb + self.peak_mb
+
+    def footprint_fits(self) -> bool:
+        return self.footprint_limit_mb is None or self.footprint_mb is None or \
+            self.footprint_mb <= self.footprint_limit_mb
+
+    def fits(self, budget_mb: float | None) -> bool:
+        """Within the budget (None: none) and the footprint limit."""
+        return (budget_mb is None or self.peak_mb <= budget_mb) and self.footprint_fits()
+
     def lines(self, budget_mb: float | None = None) -> list[str]:
         out = [f"  {k:<15}{v:9.1f} MB" for k, v in self.components_mb.items()]
         out.append(f"  {'predicted peak':<15}{self.peak_mb:9.1f} MB" +
                    (f"   (budget {budget_mb:.0f} MB: {'fits' if self.peak_mb <= budget_mb else 'OVER'})"
                     if budget_mb else ""))
+        if self.footprint_mb is not None:
+            out.append(f"  {'process':<15}{self.footprint_mb:9.1f} MB   predicted footprint: "
+                       f"{self.outside_mlx_mb:.1f} MB outside MLX + the peak" +
+                       (f" (footprint limit {self.footprint_limit_mb:.0f} MB: "
+                        f"{'fits' if self.footprint_fits() else 'OVER'})" if self.footprint_limit_mb else ""))
         return out
+
+
+def outside_mlx_mb() -> float | None:
+    """The process footprint now minus what MLX holds (active and cached), in MB; None where none is measured."""
+    process = footprint_mb()
+    return None if process is None else max(0.0, process - (mx.get_active_memory() + mx.get_cache_memory()) / MB)
+
+
+def mlx_room_mb(budget_mb: float | None, plan: PlanResult) -> float | None:
+    """What MLX may hold: the budget, or less where the footprint limit leaves less beside the rest of the process."""
+    if plan.footprint_limit_mb is None or plan.outside_mlx_mb is None:
+        return budget_mb
+    room = max(0.0, plan.footprint_limit_mb - plan.outside_mlx_mb)
+    return room if budget_mb is None else min(budget_mb, room)
 
 
 class _VocabWindow:
@@ -83,7 +126,11 @@ def predict(cfg, prep, before_bytes: int = 0) -> PlanResult:
     if prep.streamer is not None:
         prep.streamer.release_all()
     mx.clear_cache()
+    release_free_heap()  # what earlier work left free in the C heap is not the run's
     resident = (mx.get_active_memory() - before_bytes) / MB
+    outside_mlx = outside_mlx_mb()
+    limit, limit_text = resolve_footprint_limit(getattr(cfg, "device_profile", None),
+                                                getattr(cfg, "footprint_limit", None))
     trainable = sum(v.nbytes for _, v in tree_flatten(prep.model.trainable_parameters())) / MB
     own = (cfg.optimizer_config or {}).get(cfg.optimizer) or {}
     # Adam/AdamW: m and v; Muon and SGD with momentum: one buffer; Adafactor: row + column factors (~0); plain SGD: 0
@@ -131,9 +178,10 @@ def predict(cfg, prep, before_bytes: int = 0) -> PlanResult:
                                               "max_seq_length", "batch_size")}
     components = {"frozen weights": resident - trainable, "LoRA": trainable, "optimizer": optimizer,
                   "checkpoints": checkpoints, "block forward": forward, "block backward": backward, "loss": loss}
-    result = PlanResult(settings, components)
+    result = PlanResult(settings, components, outside_mlx, limit, limit_text)
     del prep, block, x, g, normed
     mx.clear_cache()
+    release_free_heap()  # the probes' freed blocks: not the run's footprint
     return result
 
 
@@ -175,12 +223,13 @@ def candidates(cfg):
     return steps
 
 
-def best_fitting_plan(cfg, budget_mb: float, prepare):
-    """(description, config, prediction) of the first candidate that fits, or None; `prepare(config)` loads the model
-    as a run with that config would (run/prepare.py's prepare_model)."""
+def best_fitting_plan(cfg, budget_mb: float | None, prepare):
+    """(description, config, prediction) of the first candidate that fits the budget (None: none) and the footprint
+    limit, or None; `prepare(config)` loads the model as a run with that config would (run/prepare.py's
+    prepare_model)."""
     for description, c in candidates(cfg):
         _, p = predict_fresh(c, prepare)
-        if p.peak_mb <= budget_mb:
+        if p.fits(budget_mb):
             return description, c, p
     return None
 
@@ -196,11 +245,14 @@ def plan_flags(cfg) -> list[str]:
     return flags
 
 
-def fitting_advice(cfg, budget_mb: float, prepare) -> str:
-    """One line naming the first plan that fits the budget and its flags (or saying none does)."""
+def fitting_advice(cfg, budget_mb: float | None, prepare) -> str:
+    """One line naming the first plan that fits the budget and the footprint limit and its flags (or saying none
+    does)."""
     best = best_fitting_plan(cfg, budget_mb, prepare)
     if best is None:
         return "no plan within reach fits, not even MeZO's forward-only one"
     description, fitting, prediction = best
-    return (f"it fits with {description} (and the steps before it), predicted {prediction.peak_mb:.1f} MB: "
+    footprint = f" (process footprint {prediction.footprint_mb:.1f} MB)" \
+        if prediction.footprint_limit_mb is not None and prediction.footprint_mb is not None else ""
+    return (f"it fits with {description} (and the steps before it), predicted {prediction.peak_mb:.1f} MB{footprint}: "
             + " ".join(plan_flags(fitting)))

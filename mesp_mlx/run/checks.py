@@ -9,7 +9,9 @@ import numbers
 import mlx.core as mx
 import mlx.optimizers as optim
 
+from ..arguments import folder_problem, path_problem
 from ..methods import METHODS
+from ..models.compute import QUANT_BITS, QUANT_GROUP_SIZES
 from .optimizers import OPTIMIZERS, optimizer_arguments
 
 
@@ -21,21 +23,30 @@ INT = {  # name: (lowest allowed, extra allowed values)
     "save_every": (0, ()), "steps_per_report": (1, ()), "steps_per_eval": (0, ()), "val_batches": (1, (-1,)),
     "test_batches": (1, (-1,)), "zo_samples": (1, ()), "quantize_bits": (1, ()), "quantize_group_size": (1, ()),
     "demo_max_tokens": (1, ()), "grad_accumulation_steps": (1, ()), "vocab_chunk": (1, ()),
-    "keep_activations": (0, (-1,)), "keep_dequantized": (0, (-1,)), "lanes": (1, ()),
+    "keep_activations": (0, (-1,)), "keep_dequantized": (0, (-1,)), "lanes": (1, ()), "epochs": (1, ()),
 }
 FLOAT = {  # name: (low, low inclusive, high or None)
     "learning_rate": (0.0, True, None), "lcsb_fraction": (0.0, False, 1.0), "zo_eps": (0.0, False, None),
     "zo_weight_decay": (0.0, True, None), "budget_mb": (-math.inf, True, None),
+    "footprint_limit": (0.0, False, None), "beta": (0.0, False, None),
+    "max_grad_norm": (0.0, False, None),
 }
-BOOL = ("store_h", "mask_prompt", "resume", "skip_plan", "test", "stream_weights", "plot", "keep_attention")
+BOOL = ("store_h", "mask_prompt", "resume", "skip_plan", "test", "stream_weights", "plot", "keep_attention",
+        "follow_adapter_config")
 CHOICES = {
     "lcsb_schedule": ("cyclic", "random", "importance"), "lcsb_skipped": ("freeze", "momentum"),
     "on_nonfinite": ("stop", "skip"), "compute_path": ("auto", "fused", "dequant"),
     "dtype": ("auto", "float32", "float16", "bfloat16", "native"), "checkpoint_storage": ("memory", "mmap"),
     "clear_cache": ("block", "step", "never"), "fine_tune_type": ("lora", "dora"),
+    "train_mode": ("sft", "dpo", "orpo"), "dpo_cpo_loss_type": ("sigmoid", "hinge", "ipo"),
 }
+# past these a value is a typo, not a wish, and would end in a crash (no thread for a lane, a memory limit past 2**63
+# bytes) or in a run that never ends (SPSA draws per step); MB for the budgets (1e9 MB: a PB)
+HIGH = {"lanes": 256, "zo_samples": 1024, "budget_mb": 1e9, "footprint_limit": 1e9}
+INT_CHOICES = {"quantize_bits": QUANT_BITS, "quantize_group_size": QUANT_GROUP_SIZES}  # what MLX quantizes with
+PATHS = ("model", "data", "adapter_path", "resume_adapter_file", "checkpoint_dir")
 STRINGS = ("model", "data", "adapter_path", "resume_adapter_file", "checkpoint_dir", "device_profile")
-NULLABLE = ("vocab_chunk", "budget_mb", "max_seq_length", "keep_activations", "keep_dequantized",
+NULLABLE = ("vocab_chunk", "budget_mb", "footprint_limit", "max_grad_norm", "epochs", "max_seq_length", "keep_activations", "keep_dequantized",
             "keep_attention", "lanes") + STRINGS  # max_seq_length None: the model's context
 
 
@@ -64,6 +75,8 @@ def check_settings(cfg, sources: dict) -> None:
             fail(key, f"must be >= {low}" + (f" (or {', '.join(map(str, extra))})" if extra else ""), v)
         if key == "seed" and v >= 2**32:  # numpy's stream (mlx-lm's batch order) takes 32-bit seeds
             fail(key, "must be < 2**32", v)
+        if key in INT_CHOICES and v not in INT_CHOICES[key]:
+            fail(key, f"must be one of {', '.join(map(str, INT_CHOICES[key]))} (what MLX quantizes with)", v)
     for key, (low, inclusive, high) in FLOAT.items():
         v = getattr(cfg, key)
         if v is None and key in NULLABLE:
@@ -73,6 +86,14 @@ def check_settings(cfg, sources: dict) -> None:
         if v < low or (v == low and not inclusive) or (high is not None and v > high):
             fail(key, f"must be in {'[' if inclusive else '('}{low:g}, {high if high is not None else 'inf'}"
                       f"{']' if high is not None else ')'}", v)
+    for key, high in HIGH.items():
+        if getattr(cfg, key) is not None and getattr(cfg, key) > high:
+            fail(key, f"must be <= {high:g}", getattr(cfg, key))
+    for key in PATHS:
+        value = getattr(cfg, key)
+        problem = value and (folder_problem(value) if key == "checkpoint_dir" else path_problem(value))
+        if problem:
+            raise ConfigError(f"{sources.get(key) or '--' + key.replace('_', '-')}: {problem}")
     for key in BOOL:
         if getattr(cfg, key) is None and key in NULLABLE:
             continue

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import yaml
 
-from ..plan.governor import BudgetError, resolve_budget
+from ..plan.governor import BudgetError, resolve_budget, resolve_footprint_limit
 from .checks import ConfigError, check_settings
 
 
@@ -27,6 +27,8 @@ class TrainConfig:
     zo_samples: int = 1  # MeZO: SPSA draws averaged per step (n-SPSA)
     zo_weight_decay: float = 0.0  # MeZO: weight decay in its own update
     iters: int = 100
+    epochs: int | None = None  # passes over train.jsonl instead of --iters (iters = epochs x batches per epoch)
+    max_grad_norm: float | None = None  # clip by the global norm over every block's LoRA gradient (None: no clip)
     batch_size: int = 1
     learning_rate: float = 1e-5
     optimizer: str = "adam"  # mlx-lm's default (adam | adamw | sgd | adafactor | muon)
@@ -34,6 +36,9 @@ class TrainConfig:
     lr_schedule: dict | None = None  # mlx-lm's {name, arguments, warmup, warmup_init}
     grad_accumulation_steps: int = 1  # micro-batches per optimizer step (iters counts micro-batches, as mlx-lm)
     fine_tune_type: str = "lora"  # lora | dora (full is refused: the base stays frozen 4-bit)
+    train_mode: str = "sft"  # sft | dpo | orpo (mlx-lm-lora's modes and key names; docs/training.md)
+    beta: float = 0.1  # dpo / orpo: the preference term's temperature (DPO) or weight (ORPO)
+    dpo_cpo_loss_type: str = "sigmoid"  # dpo: sigmoid | hinge | ipo
     seed: int = 0
     max_seq_length: int | None = None  # None: the smaller of 2048 (mlx-lm's default) and the model's context
     mask_prompt: bool = False
@@ -41,11 +46,13 @@ class TrainConfig:
     lora_parameters: dict = field(default_factory=lambda: {"rank": 8, "scale": 20.0, "dropout": 0.0})
     adapter_path: str = "adapters"
     resume_adapter_file: str | None = None
+    follow_adapter_config: bool = False  # --resume-adapter-file: adopt its adapter_config.json's LoRA settings
     save_every: int = 100
     resume: bool = False  # continue the run saved in adapter_path (training_state.safetensors)
     on_nonfinite: str = "stop"  # stop | skip: what a NaN/inf loss or gradient does
     device_profile: str | None = None  # a named memory budget (mesp-mlx profiles)
     budget_mb: float | None = None  # a budget in MB (wins over the profile's)
+    footprint_limit: float | None = None  # the process footprint's limit in MB (wins over the profile's; footprint.py)
     skip_plan: bool = False  # start even when the planner predicts the budget is exceeded
     steps_per_report: int = 1
     steps_per_eval: int = 200  # held-out loss on valid.jsonl every N steps (and before the first, after the last)
@@ -83,6 +90,7 @@ class TrainConfig:
         check_settings(self, getattr(self, "_sources", {}))
         try:
             resolve_budget(self.device_profile, self.budget_mb)
+            resolve_footprint_limit(self.device_profile, self.footprint_limit)
         except BudgetError as e:
             raise ConfigError(str(e)) from None
         where = getattr(self, "_sources", {})
@@ -94,11 +102,20 @@ class TrainConfig:
             if self.grad_accumulation_steps != 1:
                 raise ConfigError(f"{name('grad_accumulation_steps')}: MeZO (forward-only) has no gradient to "
                                   "accumulate; use a larger --batch-size or --zo-samples")
+            if self.max_grad_norm is not None:
+                raise ConfigError(f"{name('max_grad_norm')}: MeZO (forward-only) has no gradient to clip")
             if "optimizer" in where and self.optimizer != "sgd" or "optimizer_config" in where:
                 raise ConfigError(f"{name('optimizer' if 'optimizer' in where else 'optimizer_config')}: MeZO "
                                   "steps with its own SGD update (--zo-weight-decay); only optimizer sgd applies")
         if self.data is None:
             raise ConfigError("--data is required (a folder with train.jsonl; mlx-lm's formats)")
+        if self.train_mode != "sft":  # the preference objectives (objectives/preference.py) need a backward
+            if self.method == "mezo":
+                raise ConfigError(f"{name('train_mode')} {self.train_mode}: MeZO has no backward for a preference "
+                                  "loss; use --method mesp, mebp or lcsb")
+            if self.train_mode == "dpo" and self.fine_tune_type == "dora":
+                raise ConfigError(f"{name('train_mode')} dpo: DPO's reference is the model with the adapters off, "
+                                  "which DoRA's magnitudes do not give; use --fine-tune-type lora (or ORPO)")
 
 
 # mlx-lm keys with another name here, and the mlx-lm keys that cannot change training here (said once, then dropped)
@@ -122,7 +139,7 @@ _Loader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
     re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
     |\.[0-9_]+(?:[eE][-+][0-9]+)?|[-+]?[0-9][0-9_]*(?::[0-5]?[0-9])+\.[0-9_]*|[-+]?\.(?:inf|Inf|INF)
-    |\.(?:nan|NaN|NAN))$""", re.X),
+    |\.(?:nan|NaN|NAN))$""", re.VERBOSE),
     list("-+0123456789."))
 
 

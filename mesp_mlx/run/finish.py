@@ -11,6 +11,7 @@ from pathlib import Path
 import mlx.core as mx
 from mlx_lm import generate
 
+from ..plan.footprint import SOURCE
 from ..plan.governor import BudgetExceeded
 from . import heldout
 from .metrics import plot_block_memory, plot_metrics
@@ -53,16 +54,24 @@ def show_answers(prep: Prepared, prompts: list, max_tokens: int, label: str, log
     return answers
 
 
-def emulation_report(records: list, budget_mb: float, budget_text: str, log) -> None:
-    """Budget, MLX peak, headroom and per-phase peaks over the run, with the process's resident set size beside."""
+def emulation_report(records: list, budget_mb: float | None, budget_text: str, log,
+                     footprint_limit_mb: float | None = None) -> None:
+    """Budget, MLX peak, headroom and per-phase peaks over the run, the process footprint's peak against its limit,
+    and the process's max resident set size beside."""
     peak = max(r["peak_mb"] for r in records)
     phases: dict = {}
     for r in records:
         for k, v in r["phase_peak_mb"].items():
             phases[k] = max(phases.get(k, 0.0), v)
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024 * 1024 if sys.platform == "darwin" else 1024)
-    log(f"[mesp-mlx] memory: budget {budget_mb:.0f} MB ({budget_text}) | MLX peak {peak:.1f} MB | headroom "
-        f"{budget_mb - peak:.1f} MB | phases " + ", ".join(f"{k} {v:.1f}" for k, v in phases.items() if v) +
+    footprints = [r["footprint_mb"] for r in records if r.get("footprint_mb") is not None]
+    footprint = "" if not footprints else f" | process footprint peak {max(footprints):.1f} MB ({SOURCE}" + \
+        (f"; limit {footprint_limit_mb:.0f} MB, headroom {footprint_limit_mb - max(footprints):.1f} MB)"
+         if footprint_limit_mb is not None else ")")
+    budget = f"budget {budget_mb:.0f} MB ({budget_text}) | " if budget_mb is not None else ""
+    headroom = f" | headroom {budget_mb - peak:.1f} MB" if budget_mb is not None else ""
+    log(f"[mesp-mlx] memory: {budget}MLX peak {peak:.1f} MB{headroom} | phases " +
+        ", ".join(f"{k} {v:.1f}" for k, v in phases.items() if v) + footprint +
         f" | process max RSS {rss_mb:.0f} MB (Python, libraries and file pages included)")
 
 
@@ -87,12 +96,14 @@ def finish(session: Session, status: str, stop: StopSignals, answers_before: lis
     """After the loop: report the memory against the budget; when the loop ran to the end, save, evaluate on the test
     set, plot and answer the demo prompts."""
     s, run, records = session.run.settings, session.run, session.metrics.records
-    if session.governor is not None and records:
-        emulation_report(records, run.plan.budget_mb, run.plan.budget_text, log)
+    if records and (run.plan.budget_mb is not None or run.plan.footprint_limit_mb is not None):
+        emulation_report(records, run.plan.budget_mb, run.plan.budget_text, log, run.plan.footprint_limit_mb)
     if status != "done":
         return TrainResult(session.adapter_path, records, answers_before, [], status)
     session.save(s.iters)
     log(f"[mesp-mlx] saved adapters to {session.adapter_file}")
+    if session.ranks.size == 1:
+        stop.steps_end()  # nothing left to save: a first signal from here stops at once
     if stop.received is not None:  # a signal during the last step: the run is complete and saved, stop here
         return TrainResult(session.adapter_path, records, answers_before, [], stop.status)
     loss = None

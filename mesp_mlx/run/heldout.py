@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ..data.datasets import BatchIterator
+from ..data.preference import PairBatches, PreferenceDataset
 from ..engine import Batch, BlockEngine
 
 
@@ -12,6 +13,8 @@ def evaluate(engine: BlockEngine, model, dataset, batch_size: int, max_seq_lengt
     evaluate, on the streamed forward without gradients (so no more memory than a training step's forward), dropout
     off. The batches' order is drawn from `rng` (training's stream: mlx-lm's order) or, without one, is fixed.
     Distributed: each rank takes its rows of every batch (uneven shares are exact too) and the losses are summed."""
+    if isinstance(dataset, PreferenceDataset):  # --train-mode dpo / orpo: the preference loss per pair
+        return evaluate_pairs(engine, model, dataset, batch_size, max_seq_length, num_batches)
     ranks = engine.ranks
     batches = BatchIterator(dataset, min(batch_size, len(dataset)), max_seq_length, seed=0, rng=rng, rank=ranks.rank,
                             world=ranks.size, even=False)
@@ -28,3 +31,23 @@ def evaluate(engine: BlockEngine, model, dataset, batch_size: int, max_seq_lengt
     finally:
         model.train(was_training)
     return total / max(count, 1), count
+
+
+def evaluate_pairs(engine: BlockEngine, model, dataset, batch_size: int, max_seq_length: int,
+                   num_batches: int) -> tuple[float, int]:
+    """Mean preference loss per pair over `num_batches` batches of preference pairs (-1: all), in the fixed order
+    mlx-lm-lora evaluates them, on the streamed forward (DPO's reference pass included), dropout off."""
+    batches = PairBatches(dataset, min(batch_size, len(dataset)), max_seq_length, shuffle=False)
+    n = len(batches.batches) if num_batches == -1 else min(num_batches, len(batches.batches))
+    was_training = model.training
+    model.eval()
+    total = pairs = 0
+    try:
+        for _ in range(n):
+            batch = next(batches)
+            loss, _ = engine.loss_of(batch)
+            b = batch.inputs.shape[0] // 2
+            total, pairs = total + loss * b, pairs + b
+    finally:
+        model.train(was_training)
+    return total / max(pairs, 1), pairs

@@ -10,6 +10,7 @@ import time
 
 from ..adapters.lora import save_adapters
 from ..engine import Batch, NonFiniteError
+from ..plan.footprint import footprint_mb
 from ..plan.governor import BudgetExceeded
 from . import heldout
 from .metrics import block_peaks
@@ -62,13 +63,25 @@ def over_budget(session: Session, step: int, error: BudgetExceeded, log) -> str:
     return "over_budget"
 
 
-def step_record(session: Session, step: int, stats, tokens, evaluation: dict, at_start: dict) -> dict:
+def step_footprint(session: Session) -> float | None:
+    """The process footprint of the step (plan/footprint.py): the largest of the governor's samples after each of its
+    blocks (and its evaluation's) and one now; None where the platform gives none."""
+    return session.governor.footprint.take() if session.governor is not None else footprint_mb()
+
+
+def as_batch(item) -> Batch:
+    """The engine's Batch of what the iterator gave: mlx-lm's (tokens, lengths), or a preference batch as it is."""
+    return item if isinstance(item, Batch) else Batch.from_mlx_lm(*item)
+
+
+def step_record(session: Session, step: int, stats, batch: Batch, evaluation: dict, at_start: dict) -> dict:
     ranks = session.ranks
     record = {"step": step, "loss": stats.loss, "learning_rate": session.lr.of_step(step), "tokens": stats.ntoks,
               "step_s": stats.step_s, "tokens_per_s": stats.ntoks / stats.step_s, "peak_mb": stats.peak_mb,
-              "active_mb": stats.active_mb, "phase_peak_mb": stats.phase_peak_mb, "phase_s": stats.phase_s,
+              "active_mb": stats.active_mb, "footprint_mb": step_footprint(session),
+              "phase_peak_mb": stats.phase_peak_mb, "phase_s": stats.phase_s,
               "block_peak_mb": block_peaks(stats.block_peak_mb, len(session.run.prep.parts.layers)),
-              "seq_len": int(tokens.shape[1] - 1), "world_size": ranks.size, **evaluation}
+              "seq_len": int(batch.inputs.shape[1]), "world_size": ranks.size, **stats.extra, **evaluation}
     if ranks.size > 1:  # what this rank sent to all_sum this step, and the seconds it spent there
         record.update({"comm_mb": ranks.bytes_sent / 2**20, "comm_s": ranks.seconds})
     if step == 1 and at_start:
@@ -107,15 +120,16 @@ def run_steps(session: Session, stop: StopSignals, log) -> str:
             at_start = held_out(session, 0, log)
         except BudgetExceeded as e:
             return over_budget(session, 0, e, log)
+    stop.steps_begin()  # from here a first signal lets the running step finish, then the run saves
     for step in range(session.first_step, s.iters + 1):
         status = stop_for_signal(session, stop, step, log)
         if status is not None:
             return status
-        tokens, lengths = first_batch if first_batch is not None else next(batches)
+        batch = as_batch(first_batch if first_batch is not None else next(batches))
         first_batch = None
         ranks.reset_counters()
         try:
-            stats, _ = session.engine.step(Batch.from_mlx_lm(tokens, lengths), step)
+            stats, _ = session.engine.step(batch, step)
             due = validate and (step % s.steps_per_eval == 0 or step == s.iters) and \
                 not (step == 1 and at_start and step != s.iters)  # mlx-lm's it = 1 was the start's
             evaluation = held_out(session, step, log) if due else {}  # after this step's update
@@ -128,13 +142,22 @@ def run_steps(session: Session, stop: StopSignals, log) -> str:
                 return "nonfinite"
             log(f"[mesp-mlx] WARNING: {e}; step skipped (blocks above it were already updated this step)")
             continue
-        record = step_record(session, step, stats, tokens, evaluation, at_start)
+        record = step_record(session, step, stats, batch, evaluation, at_start)
         session.metrics.log(record)
         if step % s.steps_per_report == 0 or step == s.iters:
+            footprint = f" | footprint {record['footprint_mb']:.0f} MB" if record["footprint_mb"] is not None else ""
             progress.update(step, f"loss {stats.loss:.4f} | {record['tokens_per_s']:.0f} tok/s | {stats.step_s:.2f} s"
-                                  f" | peak {stats.peak_mb:.1f} MB | active {stats.active_mb:.1f} MB")
+                                  f" | peak {stats.peak_mb:.1f} MB | active {stats.active_mb:.1f} MB{footprint}"
+                                  + _objective_figures(stats.extra))
         if s.save_every and step % s.save_every == 0 and step != s.iters:
             session.save(step)
             if session.writer:
                 save_adapters(session.run.prep.model, session.adapter_path / f"{step:07d}_adapters.safetensors")
     return "done"
+
+
+def _objective_figures(extra: dict) -> str:
+    """A preference objective's figures for the progress line (DPO / ORPO: reward margin and accuracy)."""
+    if "reward_margin" not in extra:
+        return ""
+    return f" | margin {extra['reward_margin']:.3f} | acc {extra['reward_accuracy']:.2f}"

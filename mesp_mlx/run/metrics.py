@@ -41,13 +41,17 @@ class MetricsLog:
 
     @staticmethod
     def read(path: str | Path) -> list[dict]:
+        """The step records of a log; a line that is not one (cut by a kill, garbled on disk) is skipped, and every
+        whole line before and after it is kept."""
         records = []
         with open(path, encoding="utf-8", errors="replace") as f:
             for line in f:
                 try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError:
-                    break  # a line cut by a kill: everything before it is whole
+                    record = json.loads(line)
+                except (json.JSONDecodeError, RecursionError):
+                    continue
+                if isinstance(record, dict) and isinstance(record.get("step"), int):
+                    records.append(record)
         return records
 
 
@@ -74,6 +78,9 @@ def plot_metrics(records: list[dict], out_png: str | Path, title: str = "") -> P
         ax_lr.set_ylabel("learning rate (dashed)")
     ax2.plot(steps, [r["peak_mb"] for r in records], marker="o", ms=3, label="MLX peak (step)")
     ax2.plot(steps, [r["active_mb"] for r in records], marker=".", ms=3, label="MLX active (end of step)")
+    if any(r.get("footprint_mb") is not None for r in records):  # plan/footprint.py: what a phone counts
+        ax2.plot(steps, [r["footprint_mb"] if r.get("footprint_mb") is not None else float("nan") for r in records],
+                 marker="^", ms=3, label="process footprint (step)")
     ax2.set_ylabel("MB")
     ax2.set_xlabel("step")
     ax2.legend()

@@ -14,16 +14,24 @@ from pathlib import Path
 import mlx.core as mx
 
 from .. import backend
-from ..adapters.lora import apply_lora, cast_lora, load_adapter_weights
-from ..data.datasets import BatchIterator, DataError, load_splits
+from ..adapters.lora import apply_lora, cast_lora, load_adapter_weights, match_adapter_config
+from ..data.datasets import BatchIterator, DataError, data_bytes, load_splits
+from ..data.preference import PairBatches, load_pairs
 from ..distributed import Ranks
 from ..engine import WeightStreamer
 from ..engine.lanes import lane_count
 from ..methods import Method, method_for
 from ..methods.mesp import to_mesp_lora
-from ..models import ModelParts, cast_float_params, context_length, family_lora_parameters, load_model, set_compute_path
+from ..models import (
+    ModelParts,
+    cast_float_params,
+    context_length,
+    family_lora_parameters,
+    load_model,
+    set_compute_path,
+)
 from ..models.compute import keep_dequantized_blocks
-from ..plan.governor import resolve_budget
+from ..plan.governor import resolve_budget, resolve_footprint_limit
 from ..plan.memory import PlanResult, predict, predict_fresh
 from ..plan.resolve import RunPlan, check_budget, plan_run
 from .checks import ConfigError
@@ -67,7 +75,12 @@ def prepare_model(cfg) -> Prepared:
         streamer = WeightStreamer(loaded.path, model, model.layers)
         streamer.release_all()
     lora_parameters = family_lora_parameters(model, cfg.lora_parameters)  # the family's keys unless given
-    n_trainable = apply_lora(model, cfg.num_layers, lora_parameters, dora=cfg.fine_tune_type == "dora")
+    num_layers, fine_tune_type = cfg.num_layers, cfg.fine_tune_type
+    if cfg.resume_adapter_file:  # its adapter_config.json must agree (or, --follow-adapter-config, is taken)
+        lora_parameters, num_layers, fine_tune_type = match_adapter_config(
+            cfg.resume_adapter_file, lora_parameters, num_layers, fine_tune_type, len(model.layers),
+            cfg.follow_adapter_config)
+    n_trainable = apply_lora(model, num_layers, lora_parameters, dora=fine_tune_type == "dora")
     cast_lora(model, mx.float32)
     if cfg.method == "mesp":
         to_mesp_lora(model)  # blocks the hand rule cannot take still get MeSP's LoRA VJPs under the fallback
@@ -77,7 +90,8 @@ def prepare_model(cfg) -> Prepared:
         mx.eval(model.parameters())
     else:
         mx.eval(model.trainable_parameters())
-    settings = dataclasses.replace(cfg, max_seq_length=seq, lora_parameters=lora_parameters)
+    settings = dataclasses.replace(cfg, max_seq_length=seq, lora_parameters=lora_parameters, num_layers=num_layers,
+                                   fine_tune_type=fine_tune_type)
     return Prepared(model, loaded.tokenizer, loaded.config, loaded.path, ModelParts(model, path, streamer), path,
                     streamer, n_trainable, settings)
 
@@ -91,7 +105,7 @@ def check_fits(cfg, log) -> None:
     """Refuse now (OverBudget, naming the settings that fit) a run predicted not to fit its budget: for callers with
     slow stages before they call train() (personalize)."""
     budget_mb, budget_text = resolve_budget(cfg.device_profile, cfg.budget_mb)
-    if budget_mb is None:
+    if budget_mb is None and resolve_footprint_limit(cfg.device_profile, cfg.footprint_limit)[0] is None:
         return
     settings, lean = predict_fresh(cfg, prepare_model)
     check_budget(settings, lean, budget_mb, budget_text, prepare_model, log)
@@ -138,20 +152,48 @@ def prepare_run(cfg, ranks: Ranks, log, lever_log=None) -> PreparedRun:
     mx.clear_cache()
     before = mx.get_active_memory()
     prep = prepare_model(dataclasses.replace(cfg, lanes=resolve_lanes(cfg, Path(cfg.adapter_path))))
-    if budget_mb is not None and not cfg.skip_plan:  # the budget is each rank's: it holds batch / ranks rows
-        per_rank = dataclasses.replace(prep.settings, batch_size=cfg.batch_size // ranks.size)
+    footprint_limit_mb = resolve_footprint_limit(cfg.device_profile, cfg.footprint_limit)[0]  # each rank's process
+    if (budget_mb is not None or footprint_limit_mb is not None) and not cfg.skip_plan:
+        # the budget is each rank's: it holds batch / ranks rows
+        rows = cfg.batch_size * (1 if cfg.train_mode == "sft" else 2)  # preference pairs: chosen and rejected rows
+        per_rank = dataclasses.replace(prep.settings, batch_size=rows // ranks.size)
         check_budget(per_rank, predict(per_rank, prep, before), budget_mb, budget_text, prepare_model, log)
     settings = prep.settings
-    splits = load_splits(settings.data, prep.tokenizer, settings.mask_prompt)
-    for name in ("valid", "test") if ranks.size > 1 else ():
-        if splits.get(name) is not None and 0 < len(splits[name]) < ranks.size:
-            raise DataError(f"{settings.data}/{name}.jsonl: {len(splits[name])} examples cannot be split over "
-                            f"{ranks.size} ranks (each rank evaluates its share)")
-    # one numpy stream for the training and validation batches' order, as mlx_lm.lora's np.random.seed(seed)
-    batches = BatchIterator(splits["train"], settings.batch_size, settings.max_seq_length, settings.seed,
-                            rank=ranks.rank, world=ranks.size)
+    if settings.train_mode == "sft":
+        splits = load_splits(settings.data, prep.tokenizer, settings.mask_prompt, log=log)
+        for name in ("valid", "test") if ranks.size > 1 else ():
+            if splits.get(name) is not None and 0 < len(splits[name]) < ranks.size:
+                raise DataError(f"{settings.data}/{name}.jsonl: {len(splits[name])} examples cannot be split over "
+                                f"{ranks.size} ranks (each rank evaluates its share)")
+        # one numpy stream for the training and validation batches' order, as mlx_lm.lora's np.random.seed(seed)
+        batches = BatchIterator(splits["train"], settings.batch_size, settings.max_seq_length, settings.seed,
+                                rank=ranks.rank, world=ranks.size)
+    else:
+        splits, batches = preference_data(settings, prep.tokenizer, ranks)
+    if settings.epochs is not None:  # --epochs: the iterations of that many passes over train.jsonl
+        per_epoch = batches.n_batches if settings.train_mode == "sft" else len(batches.batches)
+        settings = dataclasses.replace(settings, iters=settings.epochs * per_epoch)
+        log(f"[mesp-mlx] --epochs {settings.epochs}: {settings.iters} iterations ({per_epoch} batches per epoch)")
     method = method_for(settings)
-    plan = plan_run(settings, prep, method, budget_mb, budget_text, batches.longest_batch_length())
+    # a preference batch of B pairs is 2B rows (chosen, then rejected): the plan is made for those rows
+    rows = settings if settings.train_mode == "sft" else dataclasses.replace(settings, batch_size=2 * settings.batch_size)
+    plan = plan_run(rows, prep, method, budget_mb, budget_text, batches.longest_batch_length(), footprint_limit_mb)
+    plan = dataclasses.replace(plan, settings=dataclasses.replace(plan.settings, batch_size=settings.batch_size))
     apply_levers(prep, method, plan.levers)
     (lever_log or log)(f"[mesp-mlx] speed levers ({plan.lever_note()}): {plan.levers.flags()}")
+    plan = dataclasses.replace(plan, data_mb=data_bytes(splits) / 2**20)  # host memory, beside the plan
     return PreparedRun(prep, splits, batches, method, plan)
+
+
+def preference_data(settings, tokenizer, ranks: Ranks) -> tuple[dict, PairBatches]:
+    """--train-mode dpo / orpo: the preference pairs of train.jsonl (valid.jsonl, test.jsonl optional) and their
+    batches in mlx-lm-lora's order."""
+    if ranks.size > 1:
+        raise ConfigError(f"--train-mode {settings.train_mode}: preference training runs on one process for now "
+                          "(a distributed run weights its ranks by tokens, a preference loss by pairs)")
+    folder = Path(settings.data)
+    if not (folder / "train.jsonl").is_file():
+        raise DataError(f"{folder / 'train.jsonl'}: missing (train.jsonl is required)")
+    splits = {name: load_pairs(folder / f"{name}.jsonl", tokenizer) if (folder / f"{name}.jsonl").is_file() else None
+              for name in ("train", "valid", "test")}
+    return splits, PairBatches(splits["train"], settings.batch_size, settings.max_seq_length, settings.seed)

@@ -13,11 +13,20 @@ from ..adapters.lora import save_adapters, write_adapter_config
 from ..distributed import Ranks
 from ..engine import BlockEngine
 from ..io import check_free_space
+from ..objectives import objective_for
 from ..plan.governor import Governor
+from .fingerprint import data_fingerprint, model_fingerprint
 from .metrics import MetricsLog
 from .optimizers import LearningRate, make_optimizer
 from .prepare import PreparedRun
-from .state import STATE_FILE, ResumeError, load_state, read_state, save_state, shared_settings
+from .state import (
+    STATE_FILE,
+    ResumeError,
+    load_state,
+    read_state,
+    save_state,
+    shared_settings,
+)
 
 
 @dataclass
@@ -60,13 +69,16 @@ def open_session(run: PreparedRun, adapter_path: Path, ranks: Ranks, log) -> Ses
     lr = LearningRate(s.learning_rate, s.lr_schedule, s.grad_accumulation_steps)
     if s.method == "mezo":
         run.method.learning_rate = lr  # MeZO's own SGD update follows the schedule too
-    governor = Governor(run.plan.budget_mb) if run.plan.budget_mb is not None else None
+    # every run has one: it samples the process footprint per block; it checks the limits the run has
+    governor = Governor(run.plan.budget_mb, footprint_limit_mb=run.plan.footprint_limit_mb)
     engine = BlockEngine(prep.parts, run.method, optimizers, s.checkpoint_storage, s.checkpoint_dir, prep.streamer,
                          s.vocab_chunk, s.clear_cache, s.seed, on_block_done=governor,
                          accumulation=s.grad_accumulation_steps, learning_rate=lr, ranks=ranks,
-                         keep_activations=run.plan.levers.keep_activations, lanes=s.lanes)
-    session = Session(run, engine, optimizers, lr, governor, None, adapter_path, ranks, 1,
-                      {**shared_settings(s), "lanes": s.lanes})  # lanes: recorded for --resume, not compared
+                         keep_activations=run.plan.levers.keep_activations, lanes=s.lanes,
+                         objective=objective_for(s), max_grad_norm=s.max_grad_norm)
+    identity = {**shared_settings(s), "lanes": s.lanes,  # lanes: recorded for --resume, not compared
+                "fingerprints": {"model": model_fingerprint(prep.path), "data": data_fingerprint(s.data)}}
+    session = Session(run, engine, optimizers, lr, governor, None, adapter_path, ranks, 1, identity)
     try:  # MLX's limits are process-wide: a refusal here gives them back
         _restore_or_start(session, log)
     except BaseException:

@@ -5,32 +5,42 @@
                   opt.<block>.<path> every optimizer state tensor of every block's optimizer (AdamW m, v, step, ...)
                   acc.<block>.<path> the gradient summed so far in an unfinished accumulation window (so a run can be
                                      saved and resumed mid-accumulation, bit-exactly)
-        metadata: step, data position, method state, and the settings a resumed run must share
+        metadata: step, data position, method state, the settings a resumed run must share, the fingerprints of
+                  the model and the data (fingerprint.py), and the SHA-256 of the tensors (io.save_tensors)
+    <adapter_path>/training_state.previous.safetensors
+        the state saved before it (one generation back): what a damaged state file is refused in favour of
 
 Randomness needs no saved generator: the engine draws every random number of step s, block i from a key derived from
 (--seed, s, i), so (seed, step) is the whole random state. A resumed run therefore repeats an uninterrupted one bit for
 bit. The file is either the previous complete state or the new complete state: a kill at any moment leaves one that
-loads.
+loads, and a file damaged later is refused by its checksum, naming the previous state.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 
-from ..io import atomic_write
+from ..io import CorruptFile, load_tensors, save_tensors
+from .fingerprint import changed_files
 
 STATE_FILE = "training_state.safetensors"
+PREVIOUS_STATE_FILE = "training_state.previous.safetensors"
 FORMAT = "mesp_mlx-training-state-1"
-# settings that must not change between a run and its resumption (iters may grow; reporting settings may change)
+# settings that must not change between a run and its resumption (iters may grow; reporting settings may change);
+# "model" and "data" are compared by content (the state's fingerprints) where the state has them
 SHARED = ("model", "data", "method", "num_layers", "lora_parameters", "batch_size", "max_seq_length", "mask_prompt",
           "optimizer", "optimizer_config", "learning_rate", "lr_schedule", "grad_accumulation_steps",
           "fine_tune_type", "seed", "dtype", "compute_path", "quantize_bits",
           "quantize_group_size", "store_h", "lcsb_fraction", "lcsb_schedule", "lcsb_skipped", "zo_eps", "zo_samples",
-          "zo_weight_decay")
+          "zo_weight_decay", "train_mode", "beta", "dpo_cpo_loss_type", "max_grad_norm")
+# settings added after states were first written: a state without one was made with its default
+ADDED_LATER = {"train_mode": "sft", "beta": 0.1, "dpo_cpo_loss_type": "sigmoid", "max_grad_norm": None}
 
 
 class ResumeError(ValueError):
@@ -50,8 +60,26 @@ def save_state(path: Path, model, optimizers: list, step: int, data_position: di
         tensors.update({f"acc.{i}.{k}": v for k, v in tree_flatten(tree)})
     meta = {"format": FORMAT, "step": str(step), "data": json.dumps(data_position),
             "method": json.dumps(method_state), "settings": json.dumps(settings, sort_keys=True, default=str)}
-    atomic_write(path / STATE_FILE, lambda tmp: mx.save_safetensors(tmp, tensors, metadata=meta),
-                 suffix=".safetensors", what="the training state")
+    _keep_previous(path)
+    save_tensors(path / STATE_FILE, tensors, meta, what="the training state")
+
+
+def _keep_previous(path: Path) -> None:
+    """The current state becomes the previous one (a hard link renamed over it: both names always hold a complete
+    state); copied where the file system has no hard links."""
+    current, previous = path / STATE_FILE, path / PREVIOUS_STATE_FILE
+    if not current.is_file():
+        return
+    tmp = path / f".{PREVIOUS_STATE_FILE}.link"
+    try:
+        tmp.unlink(missing_ok=True)
+        try:
+            os.link(current, tmp)
+        except OSError:
+            shutil.copyfile(current, tmp)
+        os.replace(tmp, previous)
+    except OSError:
+        tmp.unlink(missing_ok=True)  # no previous generation this time; the save itself still goes ahead
 
 
 def read_state(path: Path) -> tuple[dict, dict]:
@@ -60,13 +88,31 @@ def read_state(path: Path) -> tuple[dict, dict]:
     if not file.is_file():
         raise ResumeError(f"--resume: {file} does not exist (nothing to resume in {path})")
     try:
-        tensors, meta = mx.load(str(file), return_metadata=True)
-        mx.eval(list(tensors.values()))
+        tensors, meta = load_tensors(file)
+    except CorruptFile as e:
+        raise ResumeError(f"--resume: {e}{_previous_offer(path)}") from None
     except Exception as e:  # noqa: BLE001 - any unreadable file is the same error to the user
-        raise ResumeError(f"--resume: {file} is unreadable ({e})") from None
+        raise ResumeError(f"--resume: {file} is unreadable ({_first_line(e)}){_previous_offer(path)}") from None
     if meta.get("format") != FORMAT:
         raise ResumeError(f"--resume: {file} is not a mesp_mlx training state")
     return tensors, meta
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _previous_offer(path: Path) -> str:
+    """How to continue from the previous state, when it is whole."""
+    previous = path / PREVIOUS_STATE_FILE
+    try:
+        _, meta = load_tensors(previous)
+        step = int(meta["step"])
+    except Exception:  # noqa: BLE001 - no usable previous state: nothing to offer
+        return ""
+    return (f"; the previous state (after step {step}) is whole: to continue from it, move {previous} to "
+            f"{path / STATE_FILE} and --resume again")
 
 
 def saved_setting(path: Path, key: str):
@@ -87,7 +133,16 @@ def load_state(path: Path, model, optimizers: list, settings: dict, state: tuple
     file = path / STATE_FILE
     saved = json.loads(meta["settings"])
     now = json.loads(json.dumps(settings, sort_keys=True, default=str))
-    changed = [k for k in SHARED if saved.get(k) != now.get(k)]
+    by_content = "fingerprints" in saved and "fingerprints" in now
+    if by_content:
+        for what, flag in (("model", "--model"), ("data", "--data")):
+            files = changed_files(saved["fingerprints"][what], now["fingerprints"][what])
+            if files:
+                raise ResumeError(f"--resume: the {what} differs from the one the run in {path} was trained on "
+                                  f"({flag} {now.get(what)}: {', '.join(files)} changed since); resume with the same "
+                                  f"{what}, or start a new run without --resume")
+    changed = [k for k in SHARED if saved.get(k, ADDED_LATER.get(k)) != now.get(k)
+               and not (by_content and k in ("model", "data"))]
     if changed:
         diffs = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in changed)
         raise ResumeError(f"--resume: the run in {path} used other settings ({diffs})")

@@ -13,6 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .. import backend
+from ..adapters.formats import refuse_foreign
 from ..distributed import Ranks
 from ..io import check_writable, remove_stale_temp_files
 from ..lock import FolderLock
@@ -21,7 +22,7 @@ from .finish import TrainResult, finish, show_answers
 from .loop import run_steps
 from .prepare import PreparedRun, prepare_run
 from .session import open_session
-from .signals import StopSignals
+from .signals import Stopped, StopSignals
 
 
 def train(cfg, log=print) -> TrainResult:
@@ -34,16 +35,24 @@ def train(cfg, log=print) -> TrainResult:
     if not ranks.is_writer:  # rank 0 alone writes and reports
         log = _silent
     adapter_path = Path(cfg.adapter_path)
+    # a distributed run's ranks must stop after the same step, so there every first signal waits for the loop
+    stop = StopSignals(log, at_once=ranks.size == 1)
     lock = None
-    if ranks.is_writer:
-        check_writable(adapter_path)
-        lock = FolderLock(adapter_path, log).acquire()  # one run per adapter folder (refused: FolderLocked, exit 75)
-    stop = StopSignals(log)
     try:
-        removed = remove_stale_temp_files(adapter_path) if ranks.is_writer else []
-        if removed:
-            log(f"[mesp-mlx] note: removed {len(removed)} temp file(s) that an interrupted save left in {adapter_path}")
+        if ranks.is_writer:
+            # one run per adapter folder (refused: FolderLocked, exit 75); a folder it had to create goes again
+            # when the run is refused before writing into it
+            lock = FolderLock(adapter_path, log).acquire()
+            refuse_foreign(adapter_path, "mlx-lm", "--adapter-path")
+            check_writable(adapter_path)
+            removed = remove_stale_temp_files(adapter_path)
+            if removed:
+                log(f"[mesp-mlx] note: removed {len(removed)} temp file(s) that an interrupted save left in "
+                    f"{adapter_path}")
         return _train(cfg, adapter_path, stop, log, ranks)
+    except Stopped as e:  # before step 1: nothing of this run to save
+        log(f"[mesp-mlx] {e} before step 1; nothing was trained (complete files only were written)")
+        return TrainResult(adapter_path, [], [], [], e.status)
     finally:
         stop.restore()
         if lock is not None:
@@ -63,7 +72,11 @@ def _train(cfg, adapter_path: Path, stop: StopSignals, log, ranks: Ranks) -> Tra
     finally:
         if session.governor is not None:
             session.governor.close()
-    return finish(session, status, stop, answers_before, log)
+    try:
+        return finish(session, status, stop, answers_before, log)
+    except Stopped as e:  # after the final save (the test loss, plots, answers): what was trained is saved
+        log(f"[mesp-mlx] {e} after the final save; the adapters in {session.adapter_file} are complete")
+        return TrainResult(adapter_path, session.metrics.records, answers_before, [], e.status)
 
 
 def _banner(run: PreparedRun, ranks: Ranks) -> str:
