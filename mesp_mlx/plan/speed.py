@@ -108,6 +108,8 @@ class LeverCosts:
             return dense
         if not ws:  # no working sets measured: every kept context on top of the leanest peak
             return dense + held * c
+        if ("forward kept", lv.keep_attention) not in ws:  # the rule keeps no context (MeSP's generic fallback)
+            return dense
         lean = max(ws["forward"], ws["loss"], ws["backward"])
         kept = max(ws["forward"], (held - 1) * c + ws[("forward kept", lv.keep_attention)], ws["loss"] + held * c,
                    (held - 1) * c + ws[("backward kept", lv.keep_attention)],
