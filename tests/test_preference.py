@@ -56,9 +56,12 @@ def _plain_orpo(model, batch, beta):
     return (-c - beta * nn.log_sigmoid(lo)).mean()
 
 
-def _engine_grads(model, batch, objective, method, streamer=None):
+def _engine_grads(model, batch, objective, method, streamer=None, by_rows=True):
     engine = BlockEngine(ModelParts(model, streamer=streamer), make_method(method), None, streamer=streamer,
                          objective=objective)
+    assert engine._by_rows(batch)  # no dropout: the chosen rows, then the rejected rows (SFT's memory)
+    if not by_rows:
+        engine._by_rows = lambda b: False  # the whole batch at once (what a LoRA dropout needs)
     stats, grads = engine.step(batch, apply_update=False)
     out = {}
     for i, g in grads.items():
@@ -69,9 +72,10 @@ def _engine_grads(model, batch, objective, method, streamer=None):
 CASES = [("dpo", "sigmoid"), ("dpo", "hinge"), ("dpo", "ipo"), ("orpo", None)]
 
 
+@pytest.mark.parametrize("by_rows", [True, False])
 @pytest.mark.parametrize("method", ["mebp", "mesp"])
 @pytest.mark.parametrize("name,loss_type", CASES)
-def test_preference_gradients_equal_whole_model_autodiff(tiny_models, method, name, loss_type):
+def test_preference_gradients_equal_whole_model_autodiff(tiny_models, method, name, loss_type, by_rows):
     model, _ = _prepared(tiny_models["qwen2"])
     if method == "mesp":
         to_mesp_lora(model)
@@ -82,7 +86,7 @@ def test_preference_gradients_equal_whole_model_autodiff(tiny_models, method, na
         objective, plain = DPO(beta, loss_type), lambda m, b: _plain_dpo(m, b, beta, loss_type)
     else:
         objective, plain = ORPO(beta), lambda m, b: _plain_orpo(m, b, beta)
-    stats, grads = _engine_grads(model, batch, objective, method)
+    stats, grads = _engine_grads(model, batch, objective, method, by_rows=by_rows)
     loss, ref = nn.value_and_grad(model, plain)(model, batch)
     ref = flat(ref)
     assert abs(stats.loss - loss.item()) <= 1e-5 * max(abs(loss.item()), 1e-3)

@@ -241,6 +241,65 @@ class BlockEngine:
             raise NonFiniteError(step, f"the LoRA parameters of block {i} after its update")
 
     # --- the step ---------------------------------------------------------------------------------------------------
+    def _by_rows(self, batch: Batch) -> bool:
+        """A preference batch trains half its rows at a time (SFT's memory for B pairs) when nothing draws random
+        numbers: a LoRA dropout would draw other masks for half the rows than for all of them."""
+        if self.objective is None or batch.inputs.shape[0] < 2 or self.ranks.size > 1:
+            return False
+        return not any(getattr(getattr(m, "dropout", None), "_p_1", 1.0) < 1.0
+                       for layer in self.parts.layers for _, m in layer.named_modules() if hasattr(m, "lora_a"))
+
+    def _step_by_rows(self, batch: Batch, step: int, apply_update: bool):
+        """A preference step at SFT's memory: the loss couples rows only through per-sequence scores, so
+            1. the reference and the policy's scores come from streamed forwards without checkpoints,
+            2. the objective gives dL/dnormed for every row (one weight per token),
+            3. the chosen rows, then the rejected rows, run the training forward and backward from their part of it,
+               their block gradients summed (the gradient is additive over rows once the weights are fixed),
+            4. each block's optimizer steps once with the sum.
+        One more forward than the whole batch at once; the same gradient."""
+        start = time.perf_counter()
+        meter = _PeakMeter()
+        reference = self.objective.reference_scores(self, batch, step) if self.objective.needs_reference else None
+        meter.mark("reference")
+        normed = self.forward_hidden(batch, step, meter)
+        loss, g_normed, ntoks, extra = self.objective.loss_and_grad(self.parts, normed, batch, reference,
+                                                                    self.vocab_chunk)
+        del normed
+        if not math.isfinite(loss):
+            raise NonFiniteError(step, "the loss")
+        self._after_loss(meter)
+        half = batch.inputs.shape[0] // 2
+        total, peaks, done = {}, [meter.step_peak], 0
+        for rows in (slice(0, half), slice(half, None)):
+            part = Batch(batch.inputs[rows], batch.targets[rows], batch.mask[rows])
+            stats, grads = self.step(part, step, apply_update=False, top=(loss, ntoks, extra, g_normed[rows]))
+            peaks.append(stats.peak_mb * MB)
+            done = max(done, stats.blocks_backpropagated)
+            for i, g in grads.items():
+                total[i] = g if i not in total else tree_map(lambda x, y: x + y, total[i], g)
+            mx.eval(list(total.values()))
+            del grads
+        del g_normed
+        if apply_update:
+            step_skipped = getattr(self.method, "skipped", "freeze") == "momentum"
+            boundary = step % self.accumulation == 0
+            pending = {}
+            for i in range(len(self.parts.layers) - 1, self.lowest_trainable - 1, -1):
+                if self.max_grad_norm is None:
+                    self._update(i, total.pop(i, None), step, boundary, step_skipped)
+                    continue
+                grad = self._gradient_to_apply(i, total.pop(i, None), boundary, step_skipped)
+                if grad is not None:
+                    pending[i] = grad
+            if pending:
+                extra = {**extra, "grad_norm": self._apply_clipped(pending, step)}
+            total = {}
+        meter.mark("update")
+        meter.step_peak = max(peaks + [meter.step_peak])
+        stats = self._stats(loss, ntoks, start, meter, done)
+        stats.extra = extra
+        return stats, total
+
     def forward_hidden(self, batch: Batch, step: int, meter: "_PeakMeter | None" = None,
                        before_block: Callable | None = None, after_block: Callable | None = None) -> mx.array:
         """The streamed forward to the final norm's output (no checkpoints, no gradient): inference's memory. The
@@ -293,13 +352,17 @@ class BlockEngine:
         evaluation). The governor's per-block hook sees it like any other forward."""
         return self.forward_loss(batch, 0, _PeakMeter())
 
-    def step(self, batch: Batch, step: int = 0, apply_update: bool = True):
-        """One training step. Returns (StepStats, grads) where grads is {block index: tree} when not applying updates."""
+    def step(self, batch: Batch, step: int = 0, apply_update: bool = True, top: tuple | None = None):
+        """One training step. Returns (StepStats, grads) where grads is {block index: tree} when not applying updates.
+        `top` = (loss, ntoks, extra, dL/dnormed): the loss and its gradient at the top were computed already (a
+        preference batch by rows: _step_by_rows), so this pass only runs the forward with checkpoints and backward."""
         start = time.perf_counter()
         meter = _PeakMeter()
         if getattr(self.method, "zeroth_order", False):
             loss, ntoks, grads = self.method.zo_step(self, batch, step, meter, apply_update)
             return self._stats(loss, ntoks, start, meter, 0), grads
+        if top is None and self._by_rows(batch):
+            return self._step_by_rows(batch, step, apply_update)
         layers = self.parts.layers
         n = len(layers)
 
@@ -311,7 +374,7 @@ class BlockEngine:
 
         # DPO's reference policy (the base model: adapters off), on the streamed forward before the training one
         reference = None
-        if self.objective is not None and self.objective.needs_reference:
+        if top is None and self.objective is not None and self.objective.needs_reference:
             reference = self.objective.reference_scores(self, batch, step)
             meter.mark("reference")
 
@@ -335,7 +398,9 @@ class BlockEngine:
         h_last = self.checkpoints.get(n)
         normed = self.parts.final_norm(h_last)
         extra = {}
-        if self.objective is None:
+        if top is not None:
+            loss, ntoks, extra, g_normed = top
+        elif self.objective is None:
             loss, g_normed, ntoks = chunked_cross_entropy(self.parts, normed, batch.targets, batch.mask,
                                                           self.vocab_chunk, precise=True)
         else:
