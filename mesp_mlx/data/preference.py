@@ -112,10 +112,10 @@ def pair_batch(pairs: list, max_seq_length: int) -> Batch:
     width = min(max(len(t) for t, _ in rows), max_seq_length)
     tokens = np.zeros((len(rows), width), np.int32)
     mask = np.zeros((len(rows), width - 1), bool)
+    k = np.arange(1, width)  # target k predicts token k
     for j, (t, p) in enumerate(rows):
         n = min(len(t), max_seq_length)
         tokens[j, :n] = t[:n]
-        k = np.arange(1, width)
         mask[j] = (k >= min(p, n)) & (k < n)
     tokens = mx.array(tokens)
     return Batch(tokens[:, :-1], tokens[:, 1:], mx.array(mask))

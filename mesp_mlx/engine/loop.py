@@ -185,10 +185,15 @@ class BlockEngine:
             blocks_backpropagated=done,
         )
 
-    def _update(self, i: int, block_grads, step: int, boundary: bool, step_skipped: bool) -> None:
-        """Accumulate block i's gradient and, on an accumulation boundary, step its optimizer with the mean."""
+    def _update(self, i: int, block_grads, step: int, boundary: bool, step_skipped: bool, pending: dict) -> None:
+        """Accumulate block i's gradient and, on an accumulation boundary, step its optimizer with the mean; under
+        --max-grad-norm the gradient to apply is held in `pending` instead (_apply_clipped steps them all)."""
         grad = self._gradient_to_apply(i, block_grads, boundary, step_skipped)
-        if grad is not None:
+        if grad is None:
+            return
+        if self.max_grad_norm is not None:
+            pending[i] = grad
+        else:
             self._apply(i, grad, step)
 
     def _gradient_to_apply(self, i: int, block_grads, boundary: bool, step_skipped: bool):
@@ -285,12 +290,7 @@ class BlockEngine:
             boundary = step % self.accumulation == 0
             pending = {}
             for i in range(len(self.parts.layers) - 1, self.lowest_trainable - 1, -1):
-                if self.max_grad_norm is None:
-                    self._update(i, total.pop(i, None), step, boundary, step_skipped)
-                    continue
-                grad = self._gradient_to_apply(i, total.pop(i, None), boundary, step_skipped)
-                if grad is not None:
-                    pending[i] = grad
+                self._update(i, total.pop(i, None), step, boundary, step_skipped, pending)
             if pending:
                 extra = {**extra, "grad_norm": self._apply_clipped(pending, step)}
             total = {}
@@ -442,12 +442,8 @@ class BlockEngine:
                 del h_in
                 self.checkpoints.drop(i)
                 done += 1
-            if apply_update and self.max_grad_norm is not None:
-                grad = self._gradient_to_apply(i, block_grads, boundary, step_skipped)
-                if grad is not None:
-                    pending[i] = grad
-            elif apply_update:
-                self._update(i, block_grads, step, boundary, step_skipped)
+            if apply_update:
+                self._update(i, block_grads, step, boundary, step_skipped, pending)
             elif block_grads is not None:
                 grads[i] = block_grads
             if block_grads is not None:
