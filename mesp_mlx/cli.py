@@ -28,6 +28,7 @@ from .lock import FolderLock, FolderLocked
 from .methods import METHODS
 from .models import ModelLoadError, UnsupportedModel
 from .models.gguf_import import GGUFImportError, import_gguf
+from .objectives.rewards import RewardError
 from .personalize import PersonalizeConfig
 from .personalize import run as run_personalize
 from .plan.governor import profile_lines
@@ -89,6 +90,8 @@ def _train_parser(sub, name="train", help="LoRA fine-tune within a memory budget
                       help="folder with train.jsonl (valid.jsonl, test.jsonl optional); mlx-lm's formats")
     data.add_argument("--max-seq-length", type=int)
     data.add_argument("--mask-prompt", action="store_true", default=None, help="loss on completions only")
+    data.add_argument("--train-all-turns", action="store_true", default=None,
+                      help="chat data: the loss covers every assistant message (--mask-prompt: the last one only)")
     data.add_argument("--batch-size", type=int)
     data.add_argument("--seed", type=int)
     lora = p.add_argument_group("LoRA: the adapters trained (rank, scale, dropout, keys: the YAML's lora_parameters)")
@@ -113,11 +116,26 @@ def _train_parser(sub, name="train", help="LoRA fine-tune within a memory budget
     method.add_argument("--zo-eps", type=float, help="MeZO: perturbation size (1e-3)")
     method.add_argument("--zo-samples", type=int, help="MeZO: SPSA draws per step (1)")
     method.add_argument("--zo-weight-decay", type=float, help="MeZO: weight decay (0)")
-    method.add_argument("--train-mode", choices=["sft", "dpo", "orpo"],
+    method.add_argument("--train-mode", choices=["sft", "dpo", "orpo", "grpo"],
                         help="sft (default: next-token loss), dpo or orpo on preference pairs (prompt / chosen / "
-                             "rejected rows, mlx-lm-lora's format)")
-    method.add_argument("--beta", type=float, help="dpo / orpo: the preference term's temperature or weight (0.1)")
+                             "rejected rows, mlx-lm-lora's format), grpo on prompts with answers (prompt / answer)")
+    method.add_argument("--beta", type=float,
+                        help="dpo / orpo: the preference term's temperature or weight; grpo: the KL weight (0.1)")
     method.add_argument("--dpo-cpo-loss-type", choices=["sigmoid", "hinge", "ipo"], help="dpo: the loss (sigmoid)")
+    grpo = p.add_argument_group("grpo: completions sampled by the policy, rewarded, normalised per prompt")
+    grpo.add_argument("--group-size", type=int, help="completions per prompt (4)")
+    grpo.add_argument("--max-completion-length", type=int, help="tokens sampled per completion at most (256)")
+    grpo.add_argument("--temperature", type=float, help="sampling temperature (0.8)")
+    grpo.add_argument("--top-p", type=float, help="nucleus sampling (0.95)")
+    grpo.add_argument("--top-k", type=int, help="top-k sampling, 0: off (20)")
+    grpo.add_argument("--min-p", type=float, help="min-p sampling (0)")
+    grpo.add_argument("--epsilon", type=float, help="the ratio's lower clip width (1e-4)")
+    grpo.add_argument("--epsilon-high", type=float, help="the ratio's upper clip width (default: --epsilon)")
+    grpo.add_argument("--grpo-loss-type", choices=["grpo", "bnpo", "dr_grpo"], help="how token losses average (grpo)")
+    grpo.add_argument("--importance-sampling-level", choices=["token", "sequence"], help="the ratio's level (token)")
+    grpo.add_argument("--reward-functions", help="comma-separated: exact_match, number_match, regex:PATTERN, "
+                      "length:N, module:function or file.py:function (exact_match)")
+    grpo.add_argument("--reward-weights", help="comma-separated weights, one per reward function (1 each)")
     method.add_argument("--iters", type=int)
     method.add_argument("--epochs", type=int, help="passes over train.jsonl (sets --iters to epochs x its batches)")
     method.add_argument("--max-grad-norm", type=float,
@@ -196,9 +214,10 @@ def cmd_personalize(args) -> int:
                             annotate_k=args.annotate_k, annotations=args.annotations, interactive=args.interactive,
                             variants=args.variants, synth_min_rouge=args.synth_min_rouge,
                             synth_temperature=args.synth_temperature, eval_max_tokens=args.eval_max_tokens,
-                            train=train_settings)
+                            preference_pairs=args.preference_pairs, dpo_iters=args.dpo_iters, dpo_beta=args.dpo_beta,
+                            preference_heldout=args.preference_heldout, train=train_settings)
     report = run_personalize(cfg)
-    return EXIT_STATUS[report["train"]["status"]]
+    return EXIT_STATUS[report["status"]]  # the last pass's
 
 
 def _personalize_parser(sub):
@@ -225,6 +244,13 @@ def _personalize_parser(sub):
     p.add_argument("--synth-min-rouge", type=float, default=0.3, help="ROUGE-1 a paraphrase must keep with its prompt")
     p.add_argument("--synth-temperature", type=float, default=0.8)
     p.add_argument("--eval-max-tokens", type=int, default=48)
+    p.add_argument("--preference-pairs", type=path_arg,
+                   help="the user's kept vs rejected replies, jsonl of {\"prompt\", \"chosen\", \"rejected\"}: a DPO "
+                        "pass after the fine-tune, preference accuracy on held-out pairs before and after")
+    p.add_argument("--dpo-iters", type=int, help="DPO steps (default: half the fine-tune's --iters)")
+    p.add_argument("--dpo-beta", type=float, default=0.1, help="DPO's beta (the pull towards the base model)")
+    p.add_argument("--preference-heldout", type=float, default=0.2,
+                   help="share of the pairs held out for preference accuracy (at least one)")
     p.add_argument("--config", type=path_arg, help="YAML of training settings for the fine-tune (train's keys)")
     p.add_argument("--method", choices=list(METHODS))
     p.add_argument("--iters", type=int)
@@ -399,7 +425,7 @@ def main(argv=None) -> int:
         print(f"mesp-mlx: error: {e}", file=sys.stderr)
         return IO_ERROR
     except (ConfigError, OverBudget, DataError, LoRAConfigError, ModelLoadError, UnsupportedModel, GGUFImportError, ConvertError,
-            FuseError, ResumeError, ForeignAdapter, FileNotFoundError, PermissionError) as e:
+            FuseError, ResumeError, ForeignAdapter, RewardError, FileNotFoundError, PermissionError) as e:
         print(f"mesp-mlx: error: {e}", file=sys.stderr)
         return 2
     except FolderLocked as e:

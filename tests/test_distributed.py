@@ -187,3 +187,36 @@ def test_a_budget_is_each_ranks_and_the_plan_is_made_for_its_share(tiny_models, 
     share, whole = planned(2), planned(4)
     assert abs(float(plan.group(1)) - share) <= 0.02 * share < abs(float(plan.group(1)) - whole), (plan.group(1),
                                                                                                    share, whole)
+
+
+@pytest.mark.parametrize("mode", ["dpo", "grpo"])
+def test_objectives_on_two_ranks(tiny_models, tmp_path, mode):
+    """DPO on two ranks (one pair each) ends with the adapter of one process with both pairs; GRPO (each rank samples
+    its prompts' groups) trains on two ranks to the end with the same global figures on both."""
+    from test_grpo import _write_prompts
+    from test_preference import _write_pairs
+
+    model = tiny_models["qwen2"]
+    common = ["--iters", "3", "--batch-size", "2", "--optimizer", "sgd", "--learning-rate", "0.5", "--no-plot",
+              "--seed", "3", "--train-mode", mode, "--steps-per-eval", "0"]
+    if mode == "dpo":
+        data = _write_pairs(tmp_path / "pairs")
+    else:
+        data = _write_prompts(tmp_path / "prompts")
+        common += ["--group-size", "2", "--max-completion-length", "4", "--reward-functions", "length:2"]
+    base = ["train", "--model", str(model), "--data", str(data)]
+    two = tmp_path / "two"
+    results = finish(launch([*base, "--adapter-path", str(two), *common], tmp_path))
+    assert [r[0] for r in results] == [0, 0], results
+    records = MetricsLog.read(two / "metrics.jsonl")
+    assert len(records) == 3 and all(r["world_size"] == 2 and r["comm_mb"] > 0 for r in records)
+    if mode == "grpo":
+        return
+    one = tmp_path / "one"
+    assert main([*base, "--adapter-path", str(one), *common]) == 0
+    ref, got = mx.load(str(one / "adapters.safetensors")), mx.load(str(two / "adapters.safetensors"))
+    assert _max_rel(got, ref) <= 1e-5
+    r1 = MetricsLog.read(one / "metrics.jsonl")
+    assert all(abs(a["loss"] - b["loss"]) <= 1e-5 * abs(b["loss"]) for a, b in zip(records, r1))
+    assert all(abs(a["reward_margin"] - b["reward_margin"]) <= 1e-5 * max(abs(b["reward_margin"]), 1e-3)
+               for a, b in zip(records, r1))

@@ -183,3 +183,32 @@ def test_bad_preference_rows_are_refused_with_file_line(tiny_models, tmp_path, c
     err = capsys.readouterr().err
     assert "train.jsonl:3" in err and message in err and "Traceback" not in err
     assert not out.exists()
+
+
+def test_dpo_reference_scores_are_computed_once_per_pair_and_saved(tiny_models, tmp_path, monkeypatch):
+    """The reference policy never changes: each training pair's reference scores come from one forward (its first
+    epoch), later epochs reuse them, and the run is the same as one that recomputes them every step."""
+    from mesp_mlx.cli import main
+    from mesp_mlx.io import load_tensors
+    from mesp_mlx.objectives.base import SequenceObjective
+    from mesp_mlx.run.metrics import MetricsLog
+
+    data = _write_pairs(tmp_path / "pairs")
+    calls = []
+    plain = SequenceObjective.reference_scores
+
+    def counted(self, engine, batch, step):
+        calls.append(step)
+        return plain(self, engine, batch, step)
+
+    monkeypatch.setattr(SequenceObjective, "reference_scores", counted)
+    args = ["--steps-per-eval", "0"]
+    assert main(_train_args(tiny_models["qwen2"], data, tmp_path / "cached", "dpo", 6, *args)) == 0
+    assert calls == [1, 2]  # 4 pairs in 2 batches: epoch 1 computes, epochs 2 and 3 reuse
+    saved, _ = load_tensors(tmp_path / "cached" / "reference_scores.safetensors")
+    assert sorted(saved["pair_ids"].tolist()) == [0, 1, 2, 3]
+    monkeypatch.setattr(DPO, "reference_scores", plain)  # recomputed every step
+    assert main(_train_args(tiny_models["qwen2"], data, tmp_path / "fresh", "dpo", 6, *args)) == 0
+    assert len(calls) == 2 and not (tmp_path / "fresh" / "reference_scores.safetensors").exists()
+    assert [r["loss"] for r in MetricsLog.read(tmp_path / "cached" / "metrics.jsonl")] == \
+        [r["loss"] for r in MetricsLog.read(tmp_path / "fresh" / "metrics.jsonl")]

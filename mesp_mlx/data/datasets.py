@@ -7,12 +7,19 @@ the same way (`create_dataset`), and tokenization, chat templates and prompt mas
 and it is opened so that it cannot block) of at most MAX_FILE_BYTES, with lines of at most MAX_LINE_BYTES; and only the
 tokenized examples are kept (TokenizedExamples: mlx-lm's CacheDataset's content, in one compact buffer), not the
 parsed records, so loading holds about the tokens' bytes instead of ~15x the file. A large file shows its progress.
+
+--train-all-turns (all_turns): a chat's loss covers every assistant message, not only the last (mlx-lm's mask_prompt).
+Each assistant message's tokens are found by prefix differences of the chat template (assistant_spans); an example
+keeps mlx-lm's (tokens, offset), offset at the first assistant message, plus its cuts: the token ranges after the
+offset that the loss skips (the other roles' turns between and after the assistant's). Its batches are mlx-lm's with
+the cuts taken out of the loss mask (cut_batch). Completions data under it is --mask-prompt; text data is refused.
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
+import itertools
 import json
 import os
 import stat
@@ -21,9 +28,12 @@ from array import array
 from pathlib import Path
 from types import SimpleNamespace
 
+import mlx.core as mx
 import numpy as np
 from mlx_lm.tuner.datasets import CacheDataset, create_dataset
 from mlx_lm.tuner.trainer import iterate_batches
+
+from ..engine import Batch
 
 
 class DataError(ValueError):
@@ -249,8 +259,25 @@ class TokenizedExamples(CacheDataset):
     def __init__(self):  # CacheDataset's __init__ would keep mlx-lm's dataset (the records); nothing of it is kept
         self._buf, self._starts, self._offsets, self._keys = array("H"), array("q", [0]), array("q"), array("q")
         self._tokens = self._bounds = None
+        self._cuts = self._cut_bounds = None  # --train-all-turns on chat data: see keep_cuts
 
-    def append(self, tokens, offset: int, n_keys: int) -> None:
+    def keep_cuts(self) -> None:
+        """From now on each example also holds its cuts, the (start, end) token ranges after its offset that its loss
+        skips (--train-all-turns: the turns that are not the assistant's), flat (start, end, start, end, ...)."""
+        self._cuts, self._cut_bounds = array("q"), array("q", [0])
+
+    @property
+    def has_cuts(self) -> bool:
+        return self._cuts is not None
+
+    def cuts(self, idx: int) -> list[tuple[int, int]]:
+        """Example idx's cuts (none without keep_cuts)."""
+        if self._cuts is None:
+            return []
+        flat = self._cuts[self._cut_bounds[idx]:self._cut_bounds[idx + 1]]
+        return list(zip(flat[::2], flat[1::2]))
+
+    def append(self, tokens, offset: int, n_keys: int, cuts=()) -> None:
         n = len(self._buf)
         try:
             self._buf.extend(tokens)
@@ -263,6 +290,10 @@ class TokenizedExamples(CacheDataset):
         self._starts.append(len(self._buf))
         self._offsets.append(offset)
         self._keys.append(n_keys)
+        if self._cuts is not None:
+            for start, end in cuts:
+                self._cuts.extend((start, end))
+            self._cut_bounds.append(len(self._cuts))
 
     def finish(self) -> TokenizedExamples:
         """No more examples: the buffers become numpy views (zero-copy) that indexing reads."""
@@ -298,7 +329,8 @@ class TokenizedExamples(CacheDataset):
     @property
     def nbytes(self) -> int:
         """Host memory the examples hold (tokens and per-example metadata)."""
-        return sum(a.itemsize * len(a) for a in (self._buf, self._starts, self._offsets, self._keys))
+        arrays = (self._buf, self._starts, self._offsets, self._keys, self._cuts or (), self._cut_bounds or ())
+        return sum(getattr(a, "itemsize", 0) * len(a) for a in arrays)
 
     def describe(self) -> str:
         return f"{len(self)} examples, {self.n_tokens} tokens ({_size(self.nbytes)} held)"
@@ -309,27 +341,86 @@ def _one_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
+def _template_prefix(tokenizer, messages: list, tools, generation: bool, tokens, where: str) -> int:
+    """The number of tokens of the chat template of `messages` (a chat's first messages), which must be the first
+    tokens of the whole chat's `tokens`; a template that renders a chat's start otherwise is refused."""
+    try:
+        prefix = tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=generation,
+                                               return_dict=False)
+    except Exception as e:
+        raise DataError(f"{where}: cannot tokenize the first {len(messages)} messages ({_one_line(e)})") from e
+    if list(tokens[:len(prefix)]) != list(prefix):
+        raise DataError(f"{where}: --train-all-turns: the chat template does not render the first {len(messages)} "
+                        "messages as the start of the whole chat, so its assistant turns cannot be told apart (use "
+                        "--mask-prompt, which trains the last one)")
+    return len(prefix)
+
+
+def assistant_spans(tokenizer, messages: list, tools, tokens, where: str) -> list[tuple[int, int]]:
+    """The token range [start, end) of each assistant message of a chat in its `tokens` (apply_chat_template of all
+    its messages): start = the tokens of the messages before it with the generation prompt (its header is prompt, as
+    mlx-lm's mask_prompt has it for the last message), end = the tokens of the messages up to it (its end of turn is
+    target). An assistant message that opens the chat starts at 0 (a template renders no empty chat)."""
+    spans = []
+    for k, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        start = _template_prefix(tokenizer, messages[:k], tools, True, tokens, where) if k else 0
+        last = k + 1 == len(messages)
+        end = len(tokens) if last else _template_prefix(tokenizer, messages[:k + 1], tools, False, tokens, where)
+        if end < start:
+            raise DataError(f"{where}: --train-all-turns: assistant message {k} ends before it starts in the chat "
+                            "template's tokens (use --mask-prompt)")
+        spans.append((start, end))
+    return spans
+
+
+def turn_cuts(tokenizer, rec: dict, chat_key: str, tokens, where: str) -> tuple[int, list[tuple[int, int]]]:
+    """(offset, cuts) of a chat record under --train-all-turns: the offset is the first assistant message's start,
+    the cuts the stretches between assistant messages and, when another role ends the chat, its tail, to one past the
+    end: the target after the last token that mlx-lm's mask counts (its mask runs to length inclusive)."""
+    spans = assistant_spans(tokenizer, rec[chat_key], rec.get("tools"), tokens, where)
+    if not spans:
+        raise DataError(f"{where}: --train-all-turns: no assistant message (nothing to learn)")
+    cuts = [(end, start) for (_, end), (start, _) in itertools.pairwise(spans) if end < start]
+    if spans[-1][1] < len(tokens):
+        cuts.append((spans[-1][1], len(tokens) + 1))
+    return spans[0][0], cuts
+
+
+def _check_maskable(path, fmt: str, cfg) -> None:
+    if getattr(cfg, "all_turns", False) and fmt == "text":
+        raise DataError(f"{path}: --train-all-turns needs chat or completions data (text has no turns)")
+    if cfg.mask_prompt and fmt == "text":
+        raise DataError(f"{path}: --mask-prompt needs chat or completions data (text has no prompt)")
+
+
 def tokenize_file(path: Path, tokenizer, cfg, keys: dict, log=None) -> TokenizedExamples:
     """Validate and tokenize a jsonl file record by record with mlx-lm's dataset class for its format (the class
     `create_dataset` picks from the first record; its `process` on each record, as CacheDataset calls it), keeping only
-    the tokens. Refuses, with file:line, a record that cannot be tokenized or leaves nothing to learn."""
+    the tokens. Refuses, with file:line, a record that cannot be tokenized or leaves nothing to learn. With
+    cfg.all_turns (--train-all-turns; cfg.mask_prompt set with it) chat examples keep their cuts (turn_cuts)."""
     examples, process = TokenizedExamples(), None
     for where, rec, fmt in _records(path, keys, log, examples):
         if process is None:
-            if cfg.mask_prompt and fmt == "text":
-                raise DataError(f"{path}: --mask-prompt needs chat or completions data (text has no prompt)")
+            _check_maskable(path, fmt, cfg)
             try:
                 process = create_dataset([rec], tokenizer, cfg).process
             except Exception as e:
                 raise DataError(f"{path}: {_one_line(e)}") from e
+            if getattr(cfg, "all_turns", False) and fmt == "chat":
+                examples.keep_cuts()
         try:  # tokenized now, so template errors surface with their line
             tokens, offset = process(rec)
         except Exception as e:
             raise DataError(f"{where}: cannot tokenize ({_one_line(e)})") from e
+        cuts = ()
+        if examples.has_cuts:
+            offset, cuts = turn_cuts(tokenizer, rec, keys["chat"], tokens, where)
         if len(tokens) < 2 or offset >= len(tokens) - 1 and cfg.mask_prompt:
             raise DataError(f"{where}: nothing to learn (fewer than 2 tokens, or all of it is prompt)")
         try:
-            examples.append(tokens, offset, len(rec))
+            examples.append(tokens, offset, len(rec), cuts)
         except (OverflowError, TypeError) as e:
             raise DataError(f"{where}: the tokenizer gave token ids that are not 32-bit integers ({e})") from e
     if not len(examples):
@@ -338,16 +429,18 @@ def tokenize_file(path: Path, tokenizer, cfg, keys: dict, log=None) -> Tokenized
 
 
 def load_splits(data_dir: str | Path, tokenizer, mask_prompt: bool = False, feature_keys: dict | None = None,
-                log=print):
+                log=print, all_turns: bool = False):
     """Return {'train': examples, 'valid': examples|None, 'test': examples|None}, each a TokenizedExamples (what
-    mlx-lm's CacheDataset of its dataset holds). A file over PROGRESS_BYTES reports its progress through `log`."""
+    mlx-lm's CacheDataset of its dataset holds). A file over PROGRESS_BYTES reports its progress through `log`.
+    all_turns (--train-all-turns): every assistant message of a chat is trained (completions: as mask_prompt)."""
 
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise DataError(f"--data {data_dir}: no such folder (expected train.jsonl, valid.jsonl, test.jsonl inside)")
     keys = {"text": "text", "prompt": "prompt", "completion": "completion", "chat": "messages", **(feature_keys or {})}
-    cfg = SimpleNamespace(mask_prompt=mask_prompt, text_feature=keys["text"], prompt_feature=keys["prompt"],
-                          completion_feature=keys["completion"], chat_feature=keys["chat"])
+    cfg = SimpleNamespace(mask_prompt=mask_prompt or all_turns, all_turns=all_turns, text_feature=keys["text"],
+                          prompt_feature=keys["prompt"], completion_feature=keys["completion"],
+                          chat_feature=keys["chat"])
     out = {}
     for split in ("train", "valid", "test"):
         path = data_dir / f"{split}.jsonl"
@@ -365,13 +458,44 @@ def data_bytes(splits: dict) -> int:
     return sum(getattr(ds, "nbytes", 0) for ds in splits.values() if ds is not None)
 
 
+class _Reads(CacheDataset):
+    """A dataset as mlx-lm's iterate_batches reads it (a CacheDataset: sorted by itemlen), noting the examples each
+    batch reads: its rows, in order."""
+
+    def __init__(self, dataset):  # (CacheDataset's own __init__ is not wanted)
+        self.dataset, self.rows = dataset, []
+
+    def itemlen(self, idx: int) -> int:
+        return self.dataset.itemlen(idx)
+
+    def __getitem__(self, idx: int):
+        self.rows.append(idx)
+        return self.dataset[idx]
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+
+def cut_batch(dataset: TokenizedExamples, tokens, lengths, rows: list[int]) -> Batch:
+    """mlx-lm's batch of examples `rows` of `dataset` (Batch.from_mlx_lm: its mask from each row's offset and length)
+    with each example's cuts taken out of its loss mask; token i is the target at position i - 1."""
+    batch = Batch.from_mlx_lm(tokens, lengths)
+    keep = np.ones(batch.mask.shape, dtype=bool)
+    for row, idx in enumerate(rows):
+        for start, end in dataset.cuts(idx):
+            keep[row, max(start - 1, 0):end - 1] = False
+    return Batch(batch.inputs, batch.targets, mx.logical_and(batch.mask, mx.array(keep)))
+
+
 class BatchIterator:
     """mlx-lm's batches in mlx-lm's order: `mlx_lm.tuner.trainer.iterate_batches` itself (length-sorted batches,
     padded to a multiple of 32 + 1, visited in `np.random.permutation` order per epoch), its permutations drawn from
     `rng`, a RandomState that stands for mlx-lm's global numpy stream (`np.random.seed(seed)` at start). Training and
     validation share that stream as they do in mlx_lm.lora, so with the same data, batch size and seed every batch
     is mlx-lm's. Truncation to max_seq_length is announced once; the position (the stream's state at the start of
-    the epoch and now, and the batches drawn in the epoch) can be saved and restored exactly."""
+    the epoch and now, and the batches drawn in the epoch) can be saved and restored exactly. Each batch is mlx-lm's
+    (tokens, lengths), or, for examples with cuts (--train-all-turns on chat data), the same batch as a Batch whose
+    mask leaves the cuts out (cut_batch)."""
 
     def __init__(self, dataset, batch_size: int, max_seq_length: int, seed: int = 0, rng=None, rank: int = 0,
                  world: int = 1, even: bool = True):
@@ -387,6 +511,7 @@ class BatchIterator:
         self.dataset, self.batch_size, self.max_seq_length = dataset, batch_size, max_seq_length
         self.n_batches = len(range(0, len(dataset) - batch_size + 1, batch_size))
         self.rng = rng if rng is not None else np.random.RandomState(seed)
+        self._reads = _Reads(dataset) if getattr(dataset, "has_cuts", False) else None
         self.epoch, self.index = 0, 0
         self._gen, self._epoch_state = None, None
         self.warned = False
@@ -407,6 +532,8 @@ class BatchIterator:
         outer = np.random.get_state()
         np.random.set_state(self.rng.get_state())
         printed = io.StringIO()
+        if self._reads is not None:
+            self._reads.rows = []
         try:
             with contextlib.redirect_stdout(printed):
                 batch = next(self._gen)
@@ -424,7 +551,8 @@ class BatchIterator:
         if self._gen is not None:
             self.epoch += 1
         self._epoch_state = self.rng.get_state()
-        self._gen = iterate_batches(self.dataset, self.batch_size, self.max_seq_length, loop=False)
+        data = self.dataset if self._reads is None else self._reads
+        self._gen = iterate_batches(data, self.batch_size, self.max_seq_length, loop=False)
         self.index = 0
 
     def state(self) -> dict:
@@ -450,9 +578,11 @@ class BatchIterator:
             self._new_epoch()
         tokens, lengths = self._draw()
         self.index += 1
+        rows = self._reads.rows if self._reads is not None else None
         if self.world > 1:  # this rank's rows of the global batch (the padding stays the global batch's)
             tokens, lengths = tokens[self.rank::self.world], lengths[self.rank::self.world]
-        return tokens, lengths
+            rows = None if rows is None else rows[self.rank::self.world]
+        return (tokens, lengths) if rows is None else cut_batch(self.dataset, tokens, lengths, rows)
 
 
 def _rng_json(state) -> list:

@@ -15,6 +15,8 @@ max_seq_length). A batch is 2B rows: the B chosen responses, then the B rejected
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import mlx.core as mx
 import numpy as np
 
@@ -105,7 +107,12 @@ def load_pairs(path, tokenizer) -> PreferenceDataset:
     return PreferenceDataset(pairs)
 
 
-def pair_batch(pairs: list, max_seq_length: int) -> Batch:
+@dataclass
+class PairBatch(Batch):
+    pair_ids: tuple = ()  # the training pairs' indices (DPO keeps their reference scores: objectives/preference.py)
+
+
+def pair_batch(pairs: list, max_seq_length: int, pair_ids: tuple = ()) -> PairBatch:
     """2B rows (chosen, then rejected) padded to the longest response (at most max_seq_length); target k (predicting
     token k + 1) counts when prompt length <= k + 1 < the response's length: mlx-lm-lora's mask[:, 1:]."""
     rows = [(c, p) for c, _, p in pairs] + [(r, p) for _, r, p in pairs]
@@ -118,21 +125,22 @@ def pair_batch(pairs: list, max_seq_length: int) -> Batch:
         tokens[j, :n] = t[:n]
         mask[j] = (k >= min(p, n)) & (k < n)
     tokens = mx.array(tokens)
-    return Batch(tokens[:, :-1], tokens[:, 1:], mx.array(mask))
+    return PairBatch(tokens[:, :-1], tokens[:, 1:], mx.array(mask), tuple(pair_ids))
 
 
 class PairBatches:
     """mlx-lm-lora's DPO batch order, its permutations drawn from `rng`; the position can be saved and restored."""
 
     def __init__(self, dataset: PreferenceDataset, batch_size: int, max_seq_length: int, seed: int = 0, rng=None,
-                 shuffle: bool = True):
+                 shuffle: bool = True, rank: int = 0, world: int = 1):
         if len(dataset) < batch_size:
             raise DataError(f"the preference set has {len(dataset)} pairs, fewer than --batch-size {batch_size}")
         self.dataset, self.batch_size, self.max_seq_length = dataset, batch_size, max_seq_length
         order = sorted(range(len(dataset)), key=lambda i: len(dataset[i][0]))
         self.batches = [order[i:i + batch_size] for i in range(0, len(order) - batch_size + 1, batch_size)]
         self.rng = rng if rng is not None else np.random.RandomState(seed)
-        self.shuffle = shuffle  # False: the batches in order (evaluation)
+        self.shuffle = shuffle  # False: the batches in order, without pair ids (held-out evaluation)
+        self.rank, self.world = rank, world  # distributed: each rank takes every world-th pair of each batch
         self.epoch, self.index, self.order = -1, 0, None
         self._epoch_state = None
 
@@ -152,9 +160,10 @@ class PairBatches:
     def __next__(self) -> Batch:
         if self.order is None or self.index >= len(self.order):
             self._new_epoch()
-        chosen = self.batches[self.order[self.index]]
+        chosen = self.batches[self.order[self.index]][self.rank::self.world]
         self.index += 1
-        return pair_batch([self.dataset[i] for i in chosen], self.max_seq_length)
+        return pair_batch([self.dataset[i] for i in chosen], self.max_seq_length,
+                          tuple(int(i) for i in chosen) if self.shuffle else ())
 
     def state(self) -> dict:
         return {"epoch": self.epoch, "index": self.index,

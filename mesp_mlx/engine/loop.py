@@ -96,6 +96,17 @@ class _PeakMeter:
             self.blocks[key] = max(self.blocks.get(key, 0), peak)
         mx.reset_peak_memory()
 
+    def absorb(self, stats: "StepStats") -> None:
+        """Take in what an inner pass measured (a step by rows: each half's training pass) as if measured here."""
+        self.step_peak = max(self.step_peak, int(stats.peak_mb * MB))
+        for k, v in stats.phase_peak_mb.items():
+            self.phases[k] = max(self.phases.get(k, 0), int(v * MB))
+        for k, v in stats.block_peak_mb.items():
+            self.blocks[k] = max(self.blocks.get(k, 0), int(v * MB))
+        for k, v in stats.phase_s.items():
+            self.seconds[k] = self.seconds.get(k, 0.0) + v
+        self._last = time.perf_counter()
+
 
 class BlockEngine:
     def __init__(
@@ -119,7 +130,7 @@ class BlockEngine:
         max_grad_norm: float | None = None,
     ):
         self.parts = parts
-        # None: SFT's masked mean cross-entropy; else a preference objective (objectives/preference.py) whose loss
+        # None: SFT's masked mean cross-entropy; else a sequence objective (objectives/: DPO, ORPO, GRPO) whose loss
         # couples the rows of a batch of pairs through per-sequence scores
         self.objective = objective
         # clip by the global norm over every block's LoRA gradient: updates wait until the last block's gradient
@@ -247,18 +258,21 @@ class BlockEngine:
 
     # --- the step ---------------------------------------------------------------------------------------------------
     def _by_rows(self, batch: Batch) -> bool:
-        """A preference batch trains half its rows at a time (SFT's memory for B pairs) when nothing draws random
-        numbers: a LoRA dropout would draw other masks for half the rows than for all of them."""
-        if self.objective is None or batch.inputs.shape[0] < 2 or self.ranks.size > 1:
+        """An objective's batch trains half its rows at a time (a preference batch: SFT's memory for B pairs; GRPO:
+        half the completions) when nothing draws random numbers: a LoRA dropout would draw other masks for half the
+        rows than for all of them."""
+        if self.objective is None or batch.inputs.shape[0] < 2:
             return False
         return not any(getattr(getattr(m, "dropout", None), "_p_1", 1.0) < 1.0
                        for layer in self.parts.layers for _, m in layer.named_modules() if hasattr(m, "lora_a"))
 
     def _step_by_rows(self, batch: Batch, step: int, apply_update: bool):
-        """A preference step at SFT's memory: the loss couples rows only through per-sequence scores, so
+        """An objective's step at half the rows' memory: the loss couples rows only through functions of their token
+        log-probabilities, so
             1. the reference and the policy's scores come from streamed forwards without checkpoints,
             2. the objective gives dL/dnormed for every row (one weight per token),
-            3. the chosen rows, then the rejected rows, run the training forward and backward from their part of it,
+            3. the first half of the rows (a preference batch: the chosen ones), then the second, run the training
+               forward and backward from their part of it,
                their block gradients summed (the gradient is additive over rows once the weights are fixed),
             4. each block's optimizer steps once with the sum.
         One more forward than the whole batch at once; the same gradient."""
@@ -270,15 +284,18 @@ class BlockEngine:
         loss, g_normed, ntoks, extra = self.objective.loss_and_grad(self.parts, normed, batch, reference,
                                                                     self.vocab_chunk)
         del normed
+        loss, ntoks, share, extra = self._global_objective(loss, ntoks, extra, batch.inputs.shape[0])
+        if share != 1.0:  # this rank's part of the global loss's gradient (distributed.py)
+            g_normed = g_normed * share
         if not math.isfinite(loss):
             raise NonFiniteError(step, "the loss")
         self._after_loss(meter)
         half = batch.inputs.shape[0] // 2
-        total, peaks, done = {}, [meter.step_peak], 0
+        total, done = {}, 0
         for rows in (slice(0, half), slice(half, None)):
             part = Batch(batch.inputs[rows], batch.targets[rows], batch.mask[rows])
             stats, grads = self.step(part, step, apply_update=False, top=(loss, ntoks, extra, g_normed[rows]))
-            peaks.append(stats.peak_mb * MB)
+            meter.absorb(stats)
             done = max(done, stats.blocks_backpropagated)
             for i, g in grads.items():
                 total[i] = g if i not in total else tree_map(lambda x, y: x + y, total[i], g)
@@ -295,7 +312,6 @@ class BlockEngine:
                 extra = {**extra, "grad_norm": self._apply_clipped(pending, step)}
             total = {}
         meter.mark("update")
-        meter.step_peak = max(peaks + [meter.step_peak])
         stats = self._stats(loss, ntoks, start, meter, done)
         stats.extra = extra
         return stats, total
@@ -325,7 +341,7 @@ class BlockEngine:
                      after_block: Callable | None = None) -> tuple[float, int]:
         """The streamed forward and the loss value only (no checkpoints, no gradient): inference's memory."""
         normed = self.forward_hidden(batch, step, meter, before_block, after_block)
-        if self.objective is not None:  # a preference objective's own loss (held-out evaluation)
+        if self.objective is not None:  # the objective's own loss (held-out evaluation)
             reference = self.objective.reference_scores(self, batch, step) if self.objective.needs_reference else None
             value, _, ntoks, _ = self.objective.loss_and_grad(self.parts, normed, batch, reference, self.vocab_chunk,
                                                               need_grad=False)
@@ -340,12 +356,27 @@ class BlockEngine:
         self._after_loss(meter)
         return value, ntoks
 
-    def _global_loss(self, loss: float, ntoks: int) -> tuple[float, int, float]:
-        """(mean loss over every rank's tokens, their count, this rank's share T_r / T of the gradient)."""
+    def _global_loss(self, loss: float, ntoks: int, weight: float | None = None) -> tuple[float, int, float]:
+        """(the global loss, every rank's tokens, this rank's share of the gradient). SFT's loss is a mean over
+        tokens: the weight is the rank's token count T_r and the share T_r / T; an objective's is a mean over its own
+        units (pairs, completions, tokens: objectives/base.py weight), with the same rule."""
         if self.ranks.size == 1:
             return loss, ntoks, 1.0
-        weighted, total = self.ranks.sum_scalars([loss * ntoks, float(ntoks)])
-        return weighted / max(total, 1.0), int(round(total)), ntoks / max(total, 1.0)
+        if weight is None:
+            weighted, total = self.ranks.sum_scalars([loss * ntoks, float(ntoks)])
+            return weighted / max(total, 1.0), int(round(total)), ntoks / max(total, 1.0)
+        weighted, total, tokens = self.ranks.sum_scalars([loss * weight, float(weight), float(ntoks)])
+        return weighted / max(total, 1.0), int(round(tokens)), weight / max(total, 1.0)
+
+    def _global_objective(self, loss: float, ntoks: int, extra: dict, n_rows: int):
+        """An objective's (global loss, tokens, this rank's share, figures averaged over the ranks by weight)."""
+        weight = self.objective.weight(n_rows, ntoks)
+        value, ntoks, share = self._global_loss(loss, ntoks, weight)
+        if self.ranks.size > 1 and extra:
+            keys = sorted(extra)
+            sums = self.ranks.sum_scalars([extra[k] * share for k in keys])
+            extra = dict(zip(keys, sums))
+        return value, ntoks, share, extra
 
     def loss_of(self, batch: Batch) -> tuple[float, int]:
         """(mean loss, counted tokens) of `batch` on the streamed forward, no gradient: inference's memory (held-out
@@ -398,17 +429,19 @@ class BlockEngine:
         h_last = self.checkpoints.get(n)
         normed = self.parts.final_norm(h_last)
         extra = {}
-        if top is not None:
-            loss, ntoks, extra, g_normed = top
+        if top is not None:  # global already, and its gradient this rank's share of the global one
+            loss_value, ntoks, extra, g_normed = top
+            share = 1.0
         elif self.objective is None:
             loss, g_normed, ntoks = chunked_cross_entropy(self.parts, normed, batch.targets, batch.mask,
                                                           self.vocab_chunk, precise=True)
+            loss_value, ntoks, share = self._global_loss(loss, ntoks)
         else:
             loss, g_normed, ntoks, extra = self.objective.loss_and_grad(self.parts, normed, batch, reference,
                                                                         self.vocab_chunk)
+            loss_value, ntoks, share, extra = self._global_objective(loss, ntoks, extra, batch.inputs.shape[0])
         _, (g,) = mx.vjp(self.parts.final_norm, [h_last], [g_normed])
         mx.eval(g)
-        loss_value, ntoks, share = self._global_loss(loss, ntoks)
         if share != 1.0:  # this rank's part of the global mean's gradient (distributed.py)
             g = g * share
         if not math.isfinite(loss_value):

@@ -4,12 +4,8 @@ A preference batch holds B pairs as 2B rows: rows 0..B-1 the chosen responses, r
 masked to its response tokens. Both losses couple tokens only through per-sequence scores
     s_r = sum_k log p_k over row r's response tokens      (DPO sigmoid / hinge)
     s_r = mean_k log p_k                                   (DPO IPO, ORPO)
-so the engine's chunked pass gives log p_k and its pullback (engine/loss.py), autodiff of the small loss over the
-[n] token log-probabilities gives w_k = dL/dlog p_k, and dL/dh is the pullback of w: the blocks' backward (MeSP's hand
-rule, MeBP's autodiff, LCSB's subset) is the one SFT uses, with one scalar weight per token.
-
-DPO's reference policy is the base model: the same streamed forward with every LoRA branch scaled to 0 (no second
-copy of the weights), run before the step's training forward, at inference's memory.
+(objectives/base.py turns that into one weight per token). DPO's reference policy is the base model with the adapters
+off.
 
     DPO  z_i = (s_chosen - s_rejected) - (ref_chosen - ref_rejected)
          sigmoid: -log sigmoid(beta z)   hinge: max(0, 1 - beta z)   ipo: (z - 1/(2 beta))^2
@@ -20,39 +16,14 @@ The loss is the mean over the B pairs.
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import mlx.core as mx
 import mlx.nn as nn
 
-from ..engine.loss import chunked_token_logprobs
+from .base import SequenceObjective, row_scores
 
 DPO_LOSSES = ("sigmoid", "hinge", "ipo")
-
-
-@contextlib.contextmanager
-def adapters_off(module):
-    """Every LoRA branch under `module` scaled to 0 (the base model's function), restored afterwards."""
-    changed = []
-    for _, m in module.named_modules():
-        if hasattr(m, "lora_a") and hasattr(m, "scale"):
-            changed.append((m, m.scale))
-            m.scale = 0.0
-    try:
-        yield
-    finally:
-        for m, scale in changed:
-            m.scale = scale
-
-
-def _row_scores(logp: mx.array, rows: mx.array, n_rows: int, mean: bool) -> mx.array:
-    """Per-row sums (or means) of the token log-probabilities."""
-    sums = mx.zeros((n_rows,), dtype=mx.float32).at[rows].add(logp)
-    if not mean:
-        return sums
-    counts = mx.zeros((n_rows,), dtype=mx.float32).at[rows].add(mx.ones_like(logp))
-    return sums / mx.maximum(counts, 1.0)
 
 
 def _log1mexp(x: mx.array) -> mx.array:
@@ -61,11 +32,10 @@ def _log1mexp(x: mx.array) -> mx.array:
     return mx.where(x > -math.log(2.0), mx.log(-mx.expm1(x)), mx.log1p(-mx.exp(x)))
 
 
-class PreferenceObjective:
-    """What the engine asks of a training objective: its reference pass (if any) and its loss with dL/dh."""
+class PreferenceObjective(SequenceObjective):
+    """A loss on per-sequence scores of a batch of 2B rows (chosen, then rejected): pair_loss(scores, reference)."""
 
     name = "preference"
-    needs_reference = False
     mean_scores = False
 
     def pair_loss(self, scores: mx.array, reference: mx.array | None) -> tuple[mx.array, dict]:
@@ -74,40 +44,17 @@ class PreferenceObjective:
     def prepare_logp(self, logp: mx.array) -> mx.array:
         return logp
 
-    def loss_and_grad(self, parts, normed: mx.array, batch, reference: mx.array | None, vocab_chunk: int | None,
-                      need_grad: bool = True):
-        """(loss value, dL/dnormed or None, counted tokens, metrics) for a batch of 2B rows (chosen, then rejected)."""
-        n_rows = normed.shape[0]
-        logp, rows, pullback = chunked_token_logprobs(parts, normed, batch.targets, batch.mask, vocab_chunk,
-                                                      need_grad)
-        metrics: dict = {}
+    def scores(self, logp: mx.array, rows: mx.array, n_rows: int) -> mx.array:
+        return row_scores(self.prepare_logp(logp), rows, n_rows, self.mean_scores)
 
-        def total(lp):
-            loss, m = self.pair_loss(_row_scores(self.prepare_logp(lp), rows, n_rows, self.mean_scores), reference)
-            metrics.update(m)
-            return loss
+    def loss(self, logp, rows, n_rows, reference, batch):
+        return self.pair_loss(self.scores(logp, rows, n_rows), reference)
 
-        if not need_grad:
-            loss = total(logp)
-            mx.eval(loss)
-            return loss.item(), None, int(logp.size), _floats(metrics)
-        loss, w = mx.value_and_grad(total)(logp)
-        mx.eval(loss, w)
-        return loss.item(), pullback(w), int(logp.size), _floats(metrics)
+    def weight(self, n_rows, ntoks):
+        return n_rows / 2  # a mean over pairs
 
-    def reference_scores(self, engine, batch, step: int) -> mx.array:
-        """The reference policy's per-row scores: the streamed forward with the adapters off (no gradient)."""
-        with adapters_off(engine.parts.model):
-            normed = engine.forward_hidden(batch, step)
-        logp, rows, _ = chunked_token_logprobs(engine.parts, normed, batch.targets, batch.mask, engine.vocab_chunk,
-                                               need_grad=False)
-        scores = _row_scores(self.prepare_logp(logp), rows, normed.shape[0], self.mean_scores)
-        mx.eval(scores)
-        return scores
-
-
-def _floats(metrics: dict) -> dict:
-    return {k: float(v.item() if isinstance(v, mx.array) else v) for k, v in metrics.items()}
+    def reference_from(self, logp, rows, n_rows):
+        return self.scores(logp, rows, n_rows)
 
 
 class DPO(PreferenceObjective):
@@ -119,6 +66,22 @@ class DPO(PreferenceObjective):
             raise ValueError(f"DPO loss {loss_type!r}: one of {', '.join(DPO_LOSSES)}")
         self.beta, self.loss_type = beta, loss_type
         self.mean_scores = loss_type == "ipo"
+        # pair index -> (reference score of its chosen, of its rejected response): the reference policy never
+        # changes, and a training pair is always batched with the same pairs (the same padding), so its reference
+        # scores are computed once, on the pair's first visit, and reused on every later epoch (8 bytes a pair;
+        # saved with the training state, run/session.py)
+        self.reference_cache: dict[int, tuple[float, float]] = {}
+
+    def reference_scores(self, engine, batch, step: int) -> mx.array:
+        ids = getattr(batch, "pair_ids", ())
+        if ids and all(i in self.reference_cache for i in ids):
+            return mx.array([self.reference_cache[i][0] for i in ids] + [self.reference_cache[i][1] for i in ids],
+                            dtype=mx.float32)
+        scores = super().reference_scores(engine, batch, step)
+        values = scores.tolist()
+        for j, i in enumerate(ids):
+            self.reference_cache[i] = (values[j], values[len(ids) + j])
+        return scores
 
     def pair_loss(self, scores, reference):
         B = scores.shape[0] // 2

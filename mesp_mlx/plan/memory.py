@@ -10,6 +10,12 @@ The step's MLX peak is predicted by component:
               the loss — each probed once on this model at these shapes (random activations; the block's weights are
               streamed in during the probe when streaming, as in the run)
     peak = resident (frozen weights + LoRA) + optimizer + checkpoints + working set
+An objective's step (DPO, ORPO, GRPO) trains half its rows at a time (engine/loop.py, _step_by_rows) after scoring
+all of them on a forward without checkpoints: the training components are for half the rows, and
+    scoring      one block's plain forward over all the rows + its input and output, or the loss over all of them
+GRPO's sampling phase (generation.py) holds the whole model, the KV caches and the logits instead:
+    generation   for one row decoded at a time (the leanest); run/prepare.py decodes as many together as fit
+and the peak takes the largest of training, scoring and generation above what is resident.
 The allocator cache is not part of MLX's peak; the governor caps it separately (10 % of the budget).
 
 A phone counts the whole process (footprint.py), so the process footprint is predicted too:
@@ -37,6 +43,7 @@ from mlx.utils import tree_flatten
 from ..engine.loss import auto_vocab_chunk, chunked_cross_entropy
 from ..methods import method_for
 from .footprint import footprint_mb, release_free_heap
+from .generation import GenerationCost, generation_cost
 from .governor import resolve_footprint_limit
 
 MB = 1024 * 1024
@@ -49,12 +56,14 @@ class PlanResult:
     outside_mlx_mb: float | None = None  # the process footprint outside MLX when predicted (None: not measurable)
     footprint_limit_mb: float | None = None  # the run's footprint limit (None: none)
     footprint_text: str = "no footprint limit"
+    generation: GenerationCost | None = None  # GRPO: the sampling phase's memory by rows decoded together
 
     @property
     def peak_mb(self) -> float:
         c = self.components_mb
-        return (c["frozen weights"] + c["LoRA"] + c["optimizer"] + c["checkpoints"] +
-                max(c["block forward"], c["block backward"], c["loss"]))
+        training = c["checkpoints"] + max(c["block forward"], c["block backward"], c["loss"])
+        phases = max(training, c.get("scoring", 0.0), c.get("generation", 0.0))  # an objective's other phases
+        return c["frozen weights"] + c["LoRA"] + c["optimizer"] + phases
 
     @property
     def footprint_mb(self) -> float | None:
@@ -118,6 +127,15 @@ def _probe(fn) -> float:
     return peak / MB
 
 
+def trained_rows(cfg) -> int:
+    """The rows one backward pass holds: an objective's batch (DPO / ORPO / GRPO, cfg.batch_size = all its rows)
+    trains half of them at a time when no LoRA dropout draws masks (engine/loop.py, _by_rows); SFT all of them."""
+    rows = cfg.batch_size
+    if getattr(cfg, "train_mode", "sft") == "sft" or rows < 2 or cfg.lora_parameters.get("dropout", 0.0) > 0:
+        return rows
+    return rows - rows // 2
+
+
 def predict(cfg, prep, before_bytes: int = 0) -> PlanResult:
     """Predict the step peak of run `cfg` (a TrainConfig with its sequence length resolved) by component, probing one
     block of `prep`, the model as the run prepares it (run/prepare.py). Everything in MLX memory above `before_bytes`
@@ -140,7 +158,8 @@ def predict(cfg, prep, before_bytes: int = 0) -> PlanResult:
     # gradient accumulation: one LoRA-sized buffer per block, i.e. the trainable size in all
     optimizer += trainable if getattr(cfg, "grad_accumulation_steps", 1) > 1 else 0.0
 
-    B, T = cfg.batch_size, cfg.max_seq_length - 1
+    rows, T = cfg.batch_size, cfg.max_seq_length - 1
+    B = trained_rows(cfg)
     d = parts.inner.norm.weight.shape[0]
     act = 4 * B * T * d / MB  # one boundary activation, fp32
     checkpoints = (len(layers) + 1) * act if cfg.checkpoint_storage == "memory" else 2 * act
@@ -178,7 +197,19 @@ def predict(cfg, prep, before_bytes: int = 0) -> PlanResult:
                                               "max_seq_length", "batch_size")}
     components = {"frozen weights": resident - trainable, "LoRA": trainable, "optimizer": optimizer,
                   "checkpoints": checkpoints, "block forward": forward, "block backward": backward, "loss": loss}
-    result = PlanResult(settings, components, outside_mlx, limit, limit_text)
+    if B != rows:  # the objective's scoring forward over all the rows, without checkpoints
+        x_all = mx.random.normal((rows, T, d)).astype(parts.dtype)
+        mx.eval(x_all)
+        plain = _probe(lambda: block(x_all, parts.block_mask(block, x_all))) + 2 * act * rows / B
+        components["scoring"] = max(plain, loss * rows / B)  # the loss and its gradient are over all the rows
+        del x_all
+        if prep.streamer is not None:
+            prep.streamer.release(len(layers) - 1)
+    generation = None
+    if getattr(cfg, "train_mode", "sft") == "grpo":  # B x G sequences of prompt + completion, sampled first
+        generation = generation_cost(prep.model, cfg.max_seq_length, parts.vocab_size, prep.streamer)
+        components["generation"] = generation.mb(1)
+    result = PlanResult(settings, components, outside_mlx, limit, limit_text, generation)
     del prep, block, x, g, normed
     mx.clear_cache()
     release_free_heap()  # the probes' freed blocks: not the run's footprint

@@ -24,21 +24,24 @@ INT = {  # name: (lowest allowed, extra allowed values)
     "test_batches": (1, (-1,)), "zo_samples": (1, ()), "quantize_bits": (1, ()), "quantize_group_size": (1, ()),
     "demo_max_tokens": (1, ()), "grad_accumulation_steps": (1, ()), "vocab_chunk": (1, ()),
     "keep_activations": (0, (-1,)), "keep_dequantized": (0, (-1,)), "lanes": (1, ()), "epochs": (1, ()),
+    "group_size": (2, ()), "max_completion_length": (1, ()), "top_k": (0, ()),
 }
 FLOAT = {  # name: (low, low inclusive, high or None)
     "learning_rate": (0.0, True, None), "lcsb_fraction": (0.0, False, 1.0), "zo_eps": (0.0, False, None),
     "zo_weight_decay": (0.0, True, None), "budget_mb": (-math.inf, True, None),
-    "footprint_limit": (0.0, False, None), "beta": (0.0, False, None),
-    "max_grad_norm": (0.0, False, None),
+    "footprint_limit": (0.0, False, None), "beta": (0.0, True, None),
+    "max_grad_norm": (0.0, False, None), "temperature": (0.0, True, None), "top_p": (0.0, False, 1.0),
+    "min_p": (0.0, True, 1.0), "epsilon": (0.0, True, 1.0), "epsilon_high": (0.0, True, None),
 }
-BOOL = ("store_h", "mask_prompt", "resume", "skip_plan", "test", "stream_weights", "plot", "keep_attention",
-        "follow_adapter_config")
+BOOL = ("store_h", "mask_prompt", "train_all_turns", "resume", "skip_plan", "test", "stream_weights", "plot",
+        "keep_attention", "follow_adapter_config")
 CHOICES = {
     "lcsb_schedule": ("cyclic", "random", "importance"), "lcsb_skipped": ("freeze", "momentum"),
     "on_nonfinite": ("stop", "skip"), "compute_path": ("auto", "fused", "dequant"),
     "dtype": ("auto", "float32", "float16", "bfloat16", "native"), "checkpoint_storage": ("memory", "mmap"),
     "clear_cache": ("block", "step", "never"), "fine_tune_type": ("lora", "dora"),
-    "train_mode": ("sft", "dpo", "orpo"), "dpo_cpo_loss_type": ("sigmoid", "hinge", "ipo"),
+    "train_mode": ("sft", "dpo", "orpo", "grpo"), "dpo_cpo_loss_type": ("sigmoid", "hinge", "ipo"),
+    "grpo_loss_type": ("grpo", "bnpo", "dr_grpo"), "importance_sampling_level": ("token", "sequence"),
 }
 # past these a value is a typo, not a wish, and would end in a crash (no thread for a lane, a memory limit past 2**63
 # bytes) or in a run that never ends (SPSA draws per step); MB for the budgets (1e9 MB: a PB)
@@ -46,7 +49,7 @@ HIGH = {"lanes": 256, "zo_samples": 1024, "budget_mb": 1e9, "footprint_limit": 1
 INT_CHOICES = {"quantize_bits": QUANT_BITS, "quantize_group_size": QUANT_GROUP_SIZES}  # what MLX quantizes with
 PATHS = ("model", "data", "adapter_path", "resume_adapter_file", "checkpoint_dir")
 STRINGS = ("model", "data", "adapter_path", "resume_adapter_file", "checkpoint_dir", "device_profile")
-NULLABLE = ("vocab_chunk", "budget_mb", "footprint_limit", "max_grad_norm", "epochs", "max_seq_length", "keep_activations", "keep_dequantized",
+NULLABLE = ("vocab_chunk", "budget_mb", "footprint_limit", "max_grad_norm", "epochs", "epsilon_high", "max_seq_length", "keep_activations", "keep_dequantized",
             "keep_attention", "lanes") + STRINGS  # max_seq_length None: the model's context
 
 

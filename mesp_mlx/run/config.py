@@ -4,6 +4,7 @@ flags that were given explicitly override it."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,12 +37,26 @@ class TrainConfig:
     lr_schedule: dict | None = None  # mlx-lm's {name, arguments, warmup, warmup_init}
     grad_accumulation_steps: int = 1  # micro-batches per optimizer step (iters counts micro-batches, as mlx-lm)
     fine_tune_type: str = "lora"  # lora | dora (full is refused: the base stays frozen 4-bit)
-    train_mode: str = "sft"  # sft | dpo | orpo (mlx-lm-lora's modes and key names; docs/training.md)
-    beta: float = 0.1  # dpo / orpo: the preference term's temperature (DPO) or weight (ORPO)
+    train_mode: str = "sft"  # sft | dpo | orpo | grpo (mlx-lm-lora's modes and key names; docs/training.md)
+    beta: float = 0.1  # dpo / orpo: the preference term's temperature (DPO) or weight (ORPO); grpo: the KL weight
     dpo_cpo_loss_type: str = "sigmoid"  # dpo: sigmoid | hinge | ipo
+    # grpo (mlx-lm-lora's keys): G completions sampled per prompt, rewarded, normalised within the group
+    group_size: int = 4
+    max_completion_length: int = 256
+    temperature: float = 0.8
+    top_p: float = 0.95
+    top_k: int = 20
+    min_p: float = 0.0
+    epsilon: float = 1e-4  # the ratio's clip: [1 - epsilon, 1 + epsilon_high]
+    epsilon_high: float | None = None  # None: epsilon
+    grpo_loss_type: str = "grpo"  # grpo | bnpo | dr_grpo
+    importance_sampling_level: str = "token"  # token | sequence
+    reward_functions: list = field(default_factory=lambda: ["exact_match"])  # built-ins or module:function
+    reward_weights: list | None = None  # one per reward function (None: 1 each)
     seed: int = 0
     max_seq_length: int | None = None  # None: the smaller of 2048 (mlx-lm's default) and the model's context
     mask_prompt: bool = False
+    train_all_turns: bool = False  # chat data: the loss covers every assistant message (mask_prompt: the last only)
     num_layers: int = -1
     lora_parameters: dict = field(default_factory=lambda: {"rank": 8, "scale": 20.0, "dropout": 0.0})
     adapter_path: str = "adapters"
@@ -109,13 +124,51 @@ class TrainConfig:
                                   "steps with its own SGD update (--zo-weight-decay); only optimizer sgd applies")
         if self.data is None:
             raise ConfigError("--data is required (a folder with train.jsonl; mlx-lm's formats)")
+        if self.train_all_turns and self.train_mode != "sft":
+            raise ConfigError(f"{name('train_all_turns')}: trains next-token targets (--train-mode sft); "
+                              f"--train-mode {self.train_mode} has its own prompt and responses")
         if self.train_mode != "sft":  # the preference objectives (objectives/preference.py) need a backward
             if self.method == "mezo":
                 raise ConfigError(f"{name('train_mode')} {self.train_mode}: MeZO has no backward for a preference "
                                   "loss; use --method mesp, mebp or lcsb")
-            if self.train_mode == "dpo" and self.fine_tune_type == "dora":
-                raise ConfigError(f"{name('train_mode')} dpo: DPO's reference is the model with the adapters off, "
-                                  "which DoRA's magnitudes do not give; use --fine-tune-type lora (or ORPO)")
+            if self.train_mode == "grpo":
+                _check_grpo(self, name)
+            elif self.beta == 0:
+                raise ConfigError(f"{name('beta')}: {self.train_mode} needs beta > 0 (the preference term's "
+                                  "temperature or weight)")
+            if self.train_mode in ("dpo", "grpo") and self.fine_tune_type == "dora" and self.beta != 0:
+                raise ConfigError(f"{name('train_mode')} {self.train_mode}: its reference is the model with the "
+                                  "adapters off, which DoRA's magnitudes do not give; use --fine-tune-type lora"
+                                  + (" (or ORPO)" if self.train_mode == "dpo" else " (or --beta 0: no KL term)"))
+
+
+def reward_list(value) -> list:
+    """reward_functions as a list: a YAML list, or mlx-lm-lora's comma-separated string."""
+    if isinstance(value, str):
+        return [v.strip() for v in value.split(",") if v.strip()]
+    return list(value) if isinstance(value, (list, tuple)) else value
+
+
+def _weights(text: str, where: str) -> list[float]:
+    try:
+        return [float(w) for w in text.split(",") if w.strip()]
+    except ValueError:
+        raise ConfigError(f"{where}: comma-separated numbers, not {text!r}") from None
+
+
+def _check_grpo(cfg, name) -> None:
+    """GRPO's settings that depend on each other (their types and ranges are checks.py's)."""
+    functions = reward_list(cfg.reward_functions)
+    if not isinstance(functions, list) or not functions or not all(isinstance(f, str) for f in functions):
+        raise ConfigError(f"{name('reward_functions')}: a list of reward functions (built-in names, regex:PATTERN, "
+                          f"length:N or module:function), not {cfg.reward_functions!r}")
+    weights = cfg.reward_weights
+    if weights is not None and (not isinstance(weights, list) or len(weights) != len(functions) or not all(
+            isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) for w in weights)):
+        raise ConfigError(f"{name('reward_weights')}: one weight per reward function ({len(functions)}), not "
+                          f"{weights!r}")
+    if cfg.epsilon_high is not None and cfg.epsilon_high < 0:
+        raise ConfigError(f"{name('epsilon_high')}: must be >= 0, not {cfg.epsilon_high!r}")
 
 
 # mlx-lm keys with another name here, and the mlx-lm keys that cannot change training here (said once, then dropped)
@@ -190,6 +243,10 @@ def build_config(yaml_path: str | None, overrides: dict) -> TrainConfig:
     values.update(given)
     if isinstance(values.get("lora_parameters"), dict):
         values["lora_parameters"] = {**TrainConfig().lora_parameters, **values["lora_parameters"]}
+    if isinstance(values.get("reward_functions"), str):  # mlx-lm-lora's comma-separated form
+        values["reward_functions"] = reward_list(values["reward_functions"])
+    if isinstance(values.get("reward_weights"), str):
+        values["reward_weights"] = _weights(values["reward_weights"], sources["reward_weights"])
     cfg = TrainConfig(**values)
     cfg._sources = sources
     return cfg

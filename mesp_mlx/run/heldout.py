@@ -25,8 +25,8 @@ def evaluate(engine: BlockEngine, model, dataset, batch_size: int, max_seq_lengt
     total = count = 0
     try:
         for _ in range(n):
-            tokens, lengths = next(batches)
-            loss, ntoks = engine.loss_of(Batch.from_mlx_lm(tokens, lengths))
+            item = next(batches)  # mlx-lm's (tokens, lengths), or a Batch under --train-all-turns (cut_batch)
+            loss, ntoks = engine.loss_of(item if isinstance(item, Batch) else Batch.from_mlx_lm(*item))
             total, count = total + loss * ntoks, count + ntoks
     finally:
         model.train(was_training)

@@ -14,6 +14,7 @@ from ..plan.footprint import footprint_mb
 from ..plan.governor import BudgetExceeded
 from . import heldout
 from .metrics import block_peaks
+from .rollouts import mean_reward
 from .session import Session
 from .signals import StopSignals
 
@@ -37,9 +38,18 @@ class Progress:
 
 
 def held_out(session: Session, step: int, log) -> dict:
-    """The validation loss after `step` ({} fields for the metrics record)."""
+    """The validation loss after `step` (GRPO: the mean reward of greedy completions) as fields for the metrics
+    record."""
     s, run = session.run.settings, session.run
     start = time.perf_counter()
+    if s.train_mode == "grpo":
+        prep = run.prep
+        reward, n = mean_reward(prep.model, prep.tokenizer, run.splits["valid"], run.batches.rewards,
+                                s.max_completion_length, s.val_batches * s.batch_size if s.val_batches != -1 else -1,
+                                run.batches.sampling.rows_at_once or s.batch_size * s.group_size, prep.streamer)
+        seconds = time.perf_counter() - start
+        log(f"[mesp-mlx] step {step}: val reward {reward:.4f} | {n} prompts, greedy | {seconds:.1f} s")
+        return {"val_reward": reward, "val_prompts": n, "val_s": seconds}
     try:
         loss, ntoks = heldout.evaluate(session.engine, run.prep.model, run.splits["valid"], s.batch_size, s.max_seq_length,
                                s.val_batches, run.batches.rng)
@@ -84,8 +94,16 @@ def step_record(session: Session, step: int, stats, batch: Batch, evaluation: di
               "seq_len": int(batch.inputs.shape[1]), "world_size": ranks.size, **stats.extra, **evaluation}
     if ranks.size > 1:  # what this rank sent to all_sum this step, and the seconds it spent there
         record.update({"comm_mb": ranks.bytes_sent / 2**20, "comm_s": ranks.seconds})
+    figures = getattr(batch, "figures", None)
+    if figures:  # GRPO: the rollout's rewards, its generation seconds and MLX peak (a phase of the step)
+        if ranks.size > 1:  # each rank sampled its own prompts: the figures averaged over the ranks
+            keys = sorted(figures)
+            figures = dict(zip(keys, (v / ranks.size for v in ranks.sum_scalars([figures[k] for k in keys]))))
+        record.update(figures)
+        record["phase_peak_mb"] = {"generate": figures["generate_peak_mb"], **record["phase_peak_mb"]}
+        record["peak_mb"] = max(record["peak_mb"], figures["generate_peak_mb"])
     if step == 1 and at_start:
-        record["val_loss_at_start"] = at_start["val_loss"]
+        record.update({f"{k}_at_start": v for k, v in at_start.items() if k in ("val_loss", "val_reward")})
     return record
 
 
@@ -115,8 +133,8 @@ def run_steps(session: Session, stop: StopSignals, log) -> str:
         # from the shared stream; mlx-lm evaluates once per iteration `it` in {1, every steps_per_eval-th, the
         # last}, before that iteration's update, where we evaluate at the start (its it = 1) and after the
         # others' updates: the same draws in the same order (step 1 is not evaluated again unless it is the last)
-        first_batch = next(batches)
         try:
+            first_batch = next(batches)
             at_start = held_out(session, 0, log)
         except BudgetExceeded as e:
             return over_budget(session, 0, e, log)
@@ -125,10 +143,10 @@ def run_steps(session: Session, stop: StopSignals, log) -> str:
         status = stop_for_signal(session, stop, step, log)
         if status is not None:
             return status
-        batch = as_batch(first_batch if first_batch is not None else next(batches))
-        first_batch = None
         ranks.reset_counters()
-        try:
+        try:  # GRPO samples its batch here: the governor checks that phase's peak too
+            batch = as_batch(first_batch if first_batch is not None else next(batches))
+            first_batch = None
             stats, _ = session.engine.step(batch, step)
             due = validate and (step % s.steps_per_eval == 0 or step == s.iters) and \
                 not (step == 1 and at_start and step != s.iters)  # mlx-lm's it = 1 was the start's
@@ -148,7 +166,7 @@ def run_steps(session: Session, stop: StopSignals, log) -> str:
             footprint = f" | footprint {record['footprint_mb']:.0f} MB" if record["footprint_mb"] is not None else ""
             progress.update(step, f"loss {stats.loss:.4f} | {record['tokens_per_s']:.0f} tok/s | {stats.step_s:.2f} s"
                                   f" | peak {stats.peak_mb:.1f} MB | active {stats.active_mb:.1f} MB{footprint}"
-                                  + _objective_figures(stats.extra))
+                                  + _objective_figures(stats.extra, getattr(batch, "figures", None)))
         if s.save_every and step % s.save_every == 0 and step != s.iters:
             session.save(step)
             if session.writer:
@@ -156,8 +174,11 @@ def run_steps(session: Session, stop: StopSignals, log) -> str:
     return "done"
 
 
-def _objective_figures(extra: dict) -> str:
-    """A preference objective's figures for the progress line (DPO / ORPO: reward margin and accuracy)."""
+def _objective_figures(extra: dict, figures: dict | None) -> str:
+    """An objective's figures for the progress line (DPO / ORPO: reward margin and accuracy; GRPO: reward, KL)."""
+    if figures and "reward_mean" in figures:
+        return (f" | reward {figures['reward_mean']:.3f} ± {figures['reward_std']:.3f} | kl {extra.get('kl', 0.0):.4f}"
+                f" | generate {figures['generate_s']:.1f} s")
     if "reward_margin" not in extra:
         return ""
     return f" | margin {extra['reward_margin']:.3f} | acc {extra['reward_accuracy']:.2f}"

@@ -17,6 +17,7 @@ from .. import backend
 from ..adapters.lora import apply_lora, cast_lora, load_adapter_weights, match_adapter_config
 from ..data.datasets import BatchIterator, DataError, data_bytes, load_splits
 from ..data.preference import PairBatches, load_pairs
+from ..data.prompts import PromptBatches, load_prompts
 from ..distributed import Ranks
 from ..engine import WeightStreamer
 from ..engine.lanes import lane_count
@@ -31,10 +32,12 @@ from ..models import (
     set_compute_path,
 )
 from ..models.compute import keep_dequantized_blocks
+from ..objectives.rewards import Rewards
 from ..plan.governor import resolve_budget, resolve_footprint_limit
-from ..plan.memory import PlanResult, predict, predict_fresh
+from ..plan.memory import PlanResult, mlx_room_mb, predict, predict_fresh
 from ..plan.resolve import RunPlan, check_budget, plan_run
 from .checks import ConfigError
+from .rollouts import RolloutBatches, Sampling
 from .state import saved_setting
 
 
@@ -155,12 +158,13 @@ def prepare_run(cfg, ranks: Ranks, log, lever_log=None) -> PreparedRun:
     footprint_limit_mb = resolve_footprint_limit(cfg.device_profile, cfg.footprint_limit)[0]  # each rank's process
     if (budget_mb is not None or footprint_limit_mb is not None) and not cfg.skip_plan:
         # the budget is each rank's: it holds batch / ranks rows
-        rows = cfg.batch_size * (1 if cfg.train_mode == "sft" else 2)  # preference pairs: chosen and rejected rows
-        per_rank = dataclasses.replace(prep.settings, batch_size=rows // ranks.size)
+        rows = engine_rows(prep.settings)
+        per_rank = dataclasses.replace(rows, batch_size=rows.batch_size // ranks.size)
         check_budget(per_rank, predict(per_rank, prep, before), budget_mb, budget_text, prepare_model, log)
     settings = prep.settings
     if settings.train_mode == "sft":
-        splits = load_splits(settings.data, prep.tokenizer, settings.mask_prompt, log=log)
+        splits = load_splits(settings.data, prep.tokenizer, settings.mask_prompt, log=log,
+                             all_turns=settings.train_all_turns)
         for name in ("valid", "test") if ranks.size > 1 else ():
             if splits.get(name) is not None and 0 < len(splits[name]) < ranks.size:
                 raise DataError(f"{settings.data}/{name}.jsonl: {len(splits[name])} examples cannot be split over "
@@ -168,6 +172,8 @@ def prepare_run(cfg, ranks: Ranks, log, lever_log=None) -> PreparedRun:
         # one numpy stream for the training and validation batches' order, as mlx_lm.lora's np.random.seed(seed)
         batches = BatchIterator(splits["train"], settings.batch_size, settings.max_seq_length, settings.seed,
                                 rank=ranks.rank, world=ranks.size)
+    elif settings.train_mode == "grpo":
+        splits, batches = grpo_data(settings, prep, ranks)
     else:
         splits, batches = preference_data(settings, prep.tokenizer, ranks)
     if settings.epochs is not None:  # --epochs: the iterations of that many passes over train.jsonl
@@ -175,25 +181,74 @@ def prepare_run(cfg, ranks: Ranks, log, lever_log=None) -> PreparedRun:
         settings = dataclasses.replace(settings, iters=settings.epochs * per_epoch)
         log(f"[mesp-mlx] --epochs {settings.epochs}: {settings.iters} iterations ({per_epoch} batches per epoch)")
     method = method_for(settings)
-    # a preference batch of B pairs is 2B rows (chosen, then rejected): the plan is made for those rows
-    rows = settings if settings.train_mode == "sft" else dataclasses.replace(settings, batch_size=2 * settings.batch_size)
-    plan = plan_run(rows, prep, method, budget_mb, budget_text, batches.longest_batch_length(), footprint_limit_mb)
-    plan = dataclasses.replace(plan, settings=dataclasses.replace(plan.settings, batch_size=settings.batch_size))
+    plan = plan_run(engine_rows(settings), prep, method, budget_mb, budget_text, batches.longest_batch_length(),
+                    footprint_limit_mb)
+    plan = dataclasses.replace(plan, settings=dataclasses.replace(plan.settings, batch_size=settings.batch_size,
+                                                                  max_seq_length=settings.max_seq_length))
     apply_levers(prep, method, plan.levers)
     (lever_log or log)(f"[mesp-mlx] speed levers ({plan.lever_note()}): {plan.levers.flags()}")
+    if settings.train_mode == "grpo":
+        batches.sampling.rows_at_once = generation_rows(settings, prep, plan, budget_mb)
+        (lever_log or log)(f"[mesp-mlx] generation: {batches.sampling.rows_at_once} of the "
+                           f"{settings.batch_size * settings.group_size} rows decoded together (KV caches and logits "
+                           "counted in the plan)")
     plan = dataclasses.replace(plan, data_mb=data_bytes(splits) / 2**20)  # host memory, beside the plan
     return PreparedRun(prep, splits, batches, method, plan)
+
+
+def engine_rows(settings):
+    """The settings as the engine's batches are shaped, which the plan is made for: B rows (sft), 2B (dpo / orpo: the
+    chosen and the rejected response of each pair), B x G rows of prompt + completion (grpo)."""
+    if settings.train_mode == "sft":
+        return settings
+    if settings.train_mode == "grpo":
+        return dataclasses.replace(settings, batch_size=settings.batch_size * settings.group_size,
+                                   max_seq_length=settings.max_seq_length + settings.max_completion_length)
+    return dataclasses.replace(settings, batch_size=2 * settings.batch_size)
+
+
+def generation_rows(settings, prep: Prepared, plan: RunPlan, budget_mb: float | None) -> int:
+    """GRPO: how many of the B x G rows decode together: all of them where the room MLX has leaves space beside what
+    stays resident (the weights, the fp32 weights the levers keep, LoRA and the optimizer state), fewer where it does
+    not (plan/generation.py); at least one."""
+    rows = settings.batch_size * settings.group_size
+    lean = plan.lean if plan.lean is not None else predict(
+        dataclasses.replace(engine_rows(settings), max_seq_length=plan.seq_len), prep)
+    room = mlx_room_mb(budget_mb, lean)
+    if room is None:
+        return rows
+    c = lean.components_mb
+    kept_fp32 = plan.costs.dense_mb * plan.levers.keep_dequantized if plan.costs is not None else 0.0
+    return lean.generation.rows_within(room - c["frozen weights"] - c["LoRA"] - c["optimizer"] - kept_fp32, rows)
+
+
+def grpo_data(settings, prep: Prepared, ranks: Ranks) -> tuple[dict, RolloutBatches]:
+    """--train-mode grpo: the prompts of train.jsonl (valid.jsonl, test.jsonl optional), the reward functions (each
+    tried once on a training prompt before anything is written) and the batches sampled from the policy."""
+    folder = Path(settings.data)
+    if not (folder / "train.jsonl").is_file():
+        raise DataError(f"{folder / 'train.jsonl'}: missing (train.jsonl is required)")
+    splits = {name: load_prompts(folder / f"{name}.jsonl", prep.tokenizer) if (folder / f"{name}.jsonl").is_file()
+              else None for name in ("train", "valid", "test")}
+    rewards = Rewards(settings.reward_functions, settings.reward_weights)
+    _, prompt, answer, kind = splits["train"][0]
+    rewards([prompt], [answer], [answer], [kind], [0])  # raises RewardError naming the function and the prompt
+    if len(splits["train"]) < settings.batch_size:
+        raise DataError(f"{folder / 'train.jsonl'}: {len(splits['train'])} prompts, fewer than --batch-size "
+                        f"{settings.batch_size}")
+    prompts = PromptBatches(splits["train"], settings.batch_size, settings.max_seq_length, settings.seed,
+                            rank=ranks.rank, world=ranks.size)
+    return splits, RolloutBatches(prompts, Sampling.of(settings), rewards, prep.model, prep.tokenizer,
+                                  prep.streamer, settings.seed)
 
 
 def preference_data(settings, tokenizer, ranks: Ranks) -> tuple[dict, PairBatches]:
     """--train-mode dpo / orpo: the preference pairs of train.jsonl (valid.jsonl, test.jsonl optional) and their
     batches in mlx-lm-lora's order."""
-    if ranks.size > 1:
-        raise ConfigError(f"--train-mode {settings.train_mode}: preference training runs on one process for now "
-                          "(a distributed run weights its ranks by tokens, a preference loss by pairs)")
     folder = Path(settings.data)
     if not (folder / "train.jsonl").is_file():
         raise DataError(f"{folder / 'train.jsonl'}: missing (train.jsonl is required)")
     splits = {name: load_pairs(folder / f"{name}.jsonl", tokenizer) if (folder / f"{name}.jsonl").is_file() else None
               for name in ("train", "valid", "test")}
-    return splits, PairBatches(splits["train"], settings.batch_size, settings.max_seq_length, settings.seed)
+    return splits, PairBatches(splits["train"], settings.batch_size, settings.max_seq_length, settings.seed,
+                               rank=ranks.rank, world=ranks.size)

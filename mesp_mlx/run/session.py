@@ -7,12 +7,13 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
+import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from ..adapters.lora import save_adapters, write_adapter_config
 from ..distributed import Ranks
 from ..engine import BlockEngine
-from ..io import check_free_space
+from ..io import check_free_space, load_tensors, save_tensors
 from ..objectives import objective_for
 from ..plan.governor import Governor
 from .fingerprint import data_fingerprint, model_fingerprint
@@ -27,6 +28,9 @@ from .state import (
     save_state,
     shared_settings,
 )
+
+
+REFERENCE_FILE = "reference_scores.safetensors"  # DPO's cached reference scores (objectives/preference.py)
 
 
 @dataclass
@@ -52,11 +56,21 @@ class Session:
     def adapter_file(self) -> Path:
         return self.adapter_path / "adapters.safetensors"
 
+    def save_reference_cache(self) -> None:
+        """DPO: the training pairs' reference scores computed so far (a resumed run need not recompute them)."""
+        cache = getattr(self.engine.objective, "reference_cache", None)
+        if not cache:
+            return
+        ids = sorted(cache)
+        save_tensors(self.adapter_path / REFERENCE_FILE, {"pair_ids": mx.array(ids, dtype=mx.int32),
+                                                          "scores": mx.array([cache[i] for i in ids], dtype=mx.float32)})
+
     def save(self, step: int) -> None:
         """Adapters and training state after `step` (rank 0 writes: every rank holds the same adapters and states)."""
         if self.writer:
             model = self.run.prep.model
             save_adapters(model, self.adapter_file)
+            self.save_reference_cache()
             save_state(self.adapter_path, model, self.optimizers, step, self.run.batches.state(),
                        self.run.method.state_dict(), self.resume_settings, self.engine.accum)
         self.saved_step = step
@@ -71,6 +85,8 @@ def open_session(run: PreparedRun, adapter_path: Path, ranks: Ranks, log) -> Ses
         run.method.learning_rate = lr  # MeZO's own SGD update follows the schedule too
     # every run has one: it samples the process footprint per block; it checks the limits the run has
     governor = Governor(run.plan.budget_mb, footprint_limit_mb=run.plan.footprint_limit_mb)
+    if hasattr(run.batches, "on_generated"):  # GRPO: the sampling phase's peak is checked like a block's
+        run.batches.on_generated = governor
     engine = BlockEngine(prep.parts, run.method, optimizers, s.checkpoint_storage, s.checkpoint_dir, prep.streamer,
                          s.vocab_chunk, s.clear_cache, s.seed, on_block_done=governor,
                          accumulation=s.grad_accumulation_steps, learning_rate=lr, ranks=ranks,
@@ -98,6 +114,7 @@ def _restore_or_start(session: Session, log) -> None:
         run.batches.restore(restored["data"])
         run.method.load_state_dict(restored["method"])
         session.engine.accum = restored["accum"]
+        _restore_reference_cache(session)
         session.first_step = restored["step"] + 1
         log(f"[mesp-mlx] resuming {adapter_path} after step {restored['step']}")
     elif writer and (adapter_path / STATE_FILE).exists():
@@ -108,6 +125,16 @@ def _restore_or_start(session: Session, log) -> None:
     session.saved_step = session.first_step - 1
     session.metrics = MetricsLog(adapter_path / "metrics.jsonl" if writer else None,
                                  keep_until=session.first_step - 1 if s.resume else None)
+
+
+def _restore_reference_cache(session: Session) -> None:
+    cache = getattr(session.engine.objective, "reference_cache", None)
+    path = session.adapter_path / REFERENCE_FILE
+    if cache is None or not path.is_file():
+        return
+    tensors, _ = load_tensors(path)
+    for i, (chosen, rejected) in zip(tensors["pair_ids"].tolist(), tensors["scores"].tolist()):
+        cache[int(i)] = (chosen, rejected)
 
 
 def _shared_state(adapter_path: Path, ranks: Ranks):

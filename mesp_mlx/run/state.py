@@ -32,15 +32,21 @@ from .fingerprint import changed_files
 STATE_FILE = "training_state.safetensors"
 PREVIOUS_STATE_FILE = "training_state.previous.safetensors"
 FORMAT = "mesp_mlx-training-state-1"
+# GRPO's settings change what is trained on: a resumed run keeps them (states saved before GRPO existed: defaults)
+GRPO_DEFAULTS = {"group_size": 4, "max_completion_length": 256, "temperature": 0.8, "top_p": 0.95, "top_k": 20,
+                 "min_p": 0.0, "epsilon": 1e-4, "epsilon_high": None, "grpo_loss_type": "grpo",
+                 "importance_sampling_level": "token", "reward_functions": ["exact_match"], "reward_weights": None}
 # settings that must not change between a run and its resumption (iters may grow; reporting settings may change);
 # "model" and "data" are compared by content (the state's fingerprints) where the state has them
 SHARED = ("model", "data", "method", "num_layers", "lora_parameters", "batch_size", "max_seq_length", "mask_prompt",
           "optimizer", "optimizer_config", "learning_rate", "lr_schedule", "grad_accumulation_steps",
           "fine_tune_type", "seed", "dtype", "compute_path", "quantize_bits",
           "quantize_group_size", "store_h", "lcsb_fraction", "lcsb_schedule", "lcsb_skipped", "zo_eps", "zo_samples",
-          "zo_weight_decay", "train_mode", "beta", "dpo_cpo_loss_type", "max_grad_norm")
+          "zo_weight_decay", "train_mode", "beta", "dpo_cpo_loss_type", "max_grad_norm",
+          "train_all_turns") + tuple(GRPO_DEFAULTS)
 # settings added after states were first written: a state without one was made with its default
-ADDED_LATER = {"train_mode": "sft", "beta": 0.1, "dpo_cpo_loss_type": "sigmoid", "max_grad_norm": None}
+ADDED_LATER = {"train_mode": "sft", "beta": 0.1, "dpo_cpo_loss_type": "sigmoid", "max_grad_norm": None,
+               "train_all_turns": False, **GRPO_DEFAULTS}
 
 
 class ResumeError(ValueError):
