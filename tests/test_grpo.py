@@ -261,3 +261,18 @@ def test_grpo_is_refused_under_mezo(tiny_models, tmp_path, capsys):
     data = _write_prompts(tmp_path / "prompts")
     assert main(_grpo_args(tiny_models["llama"], data, tmp_path / "out", 2, "--method", "mezo")) == 2
     assert "MeZO has no backward" in capsys.readouterr().err
+
+
+def test_the_plot_carries_each_objectives_figures(tmp_path):
+    from mesp_mlx.run.metrics import objective_series, plot_metrics
+
+    base = {"loss": 1.0, "learning_rate": 1e-4, "peak_mb": 10.0, "active_mb": 5.0}
+    grpo = [{**base, "step": 1, "reward_mean": 0.2, "val_reward_at_start": 0.1},
+            {**base, "step": 2, "reward_mean": 0.4, "val_reward": 0.3}]
+    assert objective_series(grpo) == {"reward (sampled completions)": [(1, 0.2), (2, 0.4)],
+                                      "held-out reward (greedy)": [(0, 0.1), (2, 0.3)]}
+    dpo = [{**base, "step": 1, "reward_margin": 0.0, "reward_accuracy": 0.5}]
+    assert set(objective_series(dpo)) == {"reward margin (chosen - rejected)", "reward accuracy"}
+    assert objective_series([{**base, "step": 1}]) == {}  # SFT: two panels as before
+    for records in (grpo, dpo):
+        assert plot_metrics(records, tmp_path / "m.png").stat().st_size > 1000

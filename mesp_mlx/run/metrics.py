@@ -62,7 +62,15 @@ def plot_metrics(records: list[dict], out_png: str | Path, title: str = "") -> P
     import matplotlib.pyplot as plt  # after matplotlib.use: see the line above
 
     steps = [r["step"] for r in records]
-    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
+    series = objective_series(records)
+    fig, axes = plt.subplots(3 if series else 2, 1, figsize=(7, 8.5 if series else 6), sharex=True)
+    ax1, ax2 = axes[0], axes[-1]
+    if series:  # the objective's own figures between the loss and the memory
+        for label, points in series.items():
+            axes[1].plot(*zip(*points), marker="o" if "held-out" not in label else "s", ms=3, label=label)
+        axes[1].set_ylabel("reward")
+        axes[1].legend()
+        axes[1].grid(alpha=0.3)
     ax1.plot(steps, [r["loss"] for r in records], marker="o", ms=3, label="train (step batch)")
     val = [(0 if k == "val_loss_at_start" else r["step"], r[k]) for r in records
            for k in ("val_loss_at_start", "val_loss") if r.get(k) is not None]
@@ -91,6 +99,25 @@ def plot_metrics(records: list[dict], out_png: str | Path, title: str = "") -> P
     atomic_write(out_png, lambda tmp: fig.savefig(tmp, dpi=100, format="png"), suffix=".png", what="a plot")
     plt.close(fig)
     return Path(out_png)
+
+
+OBJECTIVE_FIGURES = {  # metrics.jsonl key -> its label in the plot (DPO / ORPO, GRPO)
+    "reward_margin": "reward margin (chosen - rejected)", "reward_accuracy": "reward accuracy",
+    "reward_mean": "reward (sampled completions)", "val_reward": "held-out reward (greedy)",
+}
+
+
+def objective_series(records: list[dict]) -> dict:
+    """{label: [(step, value)]} of the figures an objective recorded (none for SFT); the held-out reward before
+    step 1 is at step 0."""
+    series = {}
+    for key, label in OBJECTIVE_FIGURES.items():
+        points = [(r["step"], r[key]) for r in records if r.get(key) is not None]
+        if key == "val_reward" and records and records[0].get("val_reward_at_start") is not None:
+            points.insert(0, (0, records[0]["val_reward_at_start"]))
+        if points:
+            series[label] = points
+    return series
 
 
 def block_peaks(block_peak_mb: dict, n_blocks: int) -> dict:
