@@ -61,8 +61,8 @@ def test_train_help_is_grouped_as_the_docs_are():
 
     text = build_parser()._subparsers._group_actions[0].choices["train"].format_help()
     titles = [line.split(":")[0] for line in text.splitlines() if line and not line.startswith(" ") and ":" in line]
-    assert titles[-9:] == ["model", "data", "LoRA", "method", "memory", "speed", "output", "evaluation",
-                           "mlx-lm compatibility"]
+    assert titles[-10:] == ["model", "data", "LoRA", "method", "grpo", "memory", "speed", "output", "evaluation",
+                            "mlx-lm compatibility"]
     for flag in ("--learning-rate", "--batch-size", "--max-seq-length", "--adapter-path", "--grad-accumulation-steps",
                  "--steps-per-eval", "--val-batches", "--save-every", "--num-layers"):  # mlx-lm's names kept
         assert flag in text

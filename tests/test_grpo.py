@@ -169,6 +169,7 @@ def _write_prompts(folder, rows=PROMPTS):
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (folder / "valid.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:2]))
+    (folder / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[2:4]))
     return folder
 
 
@@ -185,7 +186,7 @@ def test_grpo_runs_end_to_end_records_its_figures_and_resumes_bit_identically(ti
 
     data = _write_prompts(tmp_path / "prompts")
     ref, out = tmp_path / "ref", tmp_path / "out"
-    assert main(_grpo_args(tiny_models["qwen2"], data, ref, 4)) == 0
+    assert main(_grpo_args(tiny_models["qwen2"], data, ref, 4, "--test")) == 0
     records = MetricsLog.read(ref / "metrics.jsonl")
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     for r in records:
@@ -194,7 +195,8 @@ def test_grpo_runs_end_to_end_records_its_figures_and_resumes_bit_identically(ti
         assert r["phase_peak_mb"]["generate"] == r["generate_peak_mb"] > 0 and r["peak_mb"] >= r["generate_peak_mb"]
         assert {"reference", "forward", "backward"} <= set(r["phase_peak_mb"])
     assert "val_reward" in records[1] and "val_reward_at_start" in records[0]
-    assert "reward" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "reward" in printed and "test reward" in printed  # --test: the mean reward on test.jsonl's prompts
     assert main(_grpo_args(tiny_models["qwen2"], data, out, 2)) == 0
     assert main(_grpo_args(tiny_models["qwen2"], data, out, 4, "--resume")) == 0
     got, want = mx.load(str(out / "adapters.safetensors")), mx.load(str(ref / "adapters.safetensors"))
@@ -276,3 +278,36 @@ def test_the_plot_carries_each_objectives_figures(tmp_path):
     assert objective_series([{**base, "step": 1}]) == {}  # SFT: two panels as before
     for records in (grpo, dpo):
         assert plot_metrics(records, tmp_path / "m.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("name", ["dpo", "grpo"])
+def test_objectives_with_lanes_streaming_and_accumulation(tiny_models, name):
+    """Two lanes, streamed weights, two accumulated micro-batches: the update is the mean of the two batches'
+    whole-model autodiff gradients (SGD, learning rate 1)."""
+    import mlx.optimizers as optim
+
+    from mesp_mlx.objectives import DPO
+    from test_preference import _pair_batch, _plain_dpo
+
+    model, streamer = _prepared(tiny_models["qwen2"], stream=True)
+    to_mesp_lora(model)
+    for _, m in model.named_modules():
+        if hasattr(m, "lora_b"):
+            m.lora_b = 0.05 * mx.random.normal(m.lora_b.shape, key=mx.random.key(5))
+    if name == "dpo":
+        objective, batches = DPO(0.5, "sigmoid"), [_pair_batch(384, seed=2), _pair_batch(384, seed=4)]
+        plain = lambda m, b: _plain_dpo(m, b, 0.5, "sigmoid")  # noqa: E731
+    else:
+        objective, batches = GRPO(0.2, 0.1, 0.05, "grpo"), [_rollout(384, seed=3), _rollout(384, old=True, seed=4)]
+        plain = lambda m, b: _plain_grpo(m, b, 0.2, 0.1, 0.05, "grpo", "token", 16)  # noqa: E731
+    before = flat(model.trainable_parameters())
+    want = [flat(nn.value_and_grad(model, plain)(model, b)[1]) for b in batches]
+    parts = ModelParts(model, streamer=streamer)
+    engine = BlockEngine(parts, make_method("mesp"), [optim.SGD(learning_rate=1.0) for _ in parts.layers],
+                         streamer=streamer, objective=objective, accumulation=2, lanes=2)
+    for step, batch in enumerate(batches, start=1):
+        engine.step(batch, step)
+    after = flat(model.trainable_parameters())
+    for k in want[0]:
+        expected = (want[0][k] + want[1][k]) / 2
+        assert max_rel_err(before[k] - after[k], expected) <= 1e-5, k

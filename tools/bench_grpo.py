@@ -58,7 +58,10 @@ def run_ours(model: str, data: str, args) -> dict:
            str(args.iters), "--optimizer", "adam"]
     if args.profile:
         cmd += ["--device-profile", args.profile]
-    subprocess.run(["rm", "-rf", str(out)], check=True)
+    if args.resume:  # continue a run a signal stopped (its state was saved)
+        cmd.append("--resume")
+    else:
+        subprocess.run(["rm", "-rf", str(out)], check=True)
     start = time.perf_counter()
     subprocess.run(cmd, check=True, cwd=ROOT)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
@@ -66,7 +69,7 @@ def run_ours(model: str, data: str, args) -> dict:
     for r in records:
         for k, v in r["phase_peak_mb"].items():
             phases[k] = max(phases.get(k, 0.0), v)
-    return {"val_reward_before": records[0]["val_reward_at_start"], "val_reward_after": records[-1]["val_reward"],
+    return {"steps": len(records), "val_reward_before": records[0]["val_reward_at_start"], "val_reward_after": records[-1]["val_reward"],
             "train_reward_first5": sum(r["reward_mean"] for r in records[:5]) / 5,
             "train_reward_last5": sum(r["reward_mean"] for r in records[-5:]) / 5,
             "peak_mb": max(r["peak_mb"] for r in records), "phase_peak_mb": phases,
@@ -128,6 +131,7 @@ def main() -> int:
     ap.add_argument("--profile", default="iphone-17-pro")
     ap.add_argument("--peer", action="store_true", help="also mlx-lm-lora's GRPO (peer-iters steps)")
     ap.add_argument("--peer-iters", type=int, default=3)
+    ap.add_argument("--resume", action="store_true", help="continue our run saved in tools/out/grpo_ours")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args()
     model, data = str(ensure_smollm2()), str(ensure_sums())
