@@ -50,3 +50,13 @@ def test_epochs_set_the_iterations_from_the_data(tiny_models, tmp_path, capsys):
     assert "--epochs 2: 6 iterations (3 batches per epoch)" in capsys.readouterr().out
     records = MetricsLog.read(out / "metrics.jsonl")
     assert [r["step"] for r in records] == list(range(1, 7)) and all("grad_norm" in r for r in records)
+
+
+def test_planner_counts_the_gradients_held_for_the_global_norm(tiny_models):
+    from mesp_mlx.run.config import TrainConfig
+    from mesp_mlx.run.prepare import predict_lean
+
+    plain = predict_lean(TrainConfig(model=str(tiny_models["qwen2"]), data="x", optimizer="sgd"))
+    clipped = predict_lean(TrainConfig(model=str(tiny_models["qwen2"]), data="x", optimizer="sgd", max_grad_norm=1.0))
+    assert plain.components_mb["optimizer"] == 0.0
+    assert clipped.components_mb["optimizer"] == pytest.approx(clipped.components_mb["LoRA"])  # every block's held

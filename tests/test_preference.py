@@ -212,3 +212,19 @@ def test_dpo_reference_scores_are_computed_once_per_pair_and_saved(tiny_models, 
     assert len(calls) == 2 and not (tmp_path / "fresh" / "reference_scores.safetensors").exists()
     assert [r["loss"] for r in MetricsLog.read(tmp_path / "cached" / "metrics.jsonl")] == \
         [r["loss"] for r in MetricsLog.read(tmp_path / "fresh" / "metrics.jsonl")]
+
+
+def test_the_plan_of_a_step_by_rows(tiny_models):
+    """A preference step trains half its rows at a time: the plan's checkpoints are those of half the rows (SFT's
+    for B rows), the scoring forward over all 2B rows is its own component, and the first half's gradients are held."""
+    from mesp_mlx.run.config import TrainConfig
+    from mesp_mlx.run.prepare import predict_lean
+
+    common = dict(model=str(tiny_models["qwen2"]), data="x", optimizer="sgd", max_seq_length=64)
+    sft = predict_lean(TrainConfig(batch_size=2, **common)).components_mb
+    dpo = predict_lean(TrainConfig(batch_size=4, train_mode="dpo", **common)).components_mb  # 2 pairs = 4 rows
+    assert dpo["checkpoints"] == pytest.approx(sft["checkpoints"])
+    assert dpo["scoring"] > 0 and dpo["optimizer"] == pytest.approx(dpo["LoRA"])
+    dropout = {"rank": 8, "scale": 20.0, "dropout": 0.1}  # a dropout: the whole batch at once
+    whole = predict_lean(TrainConfig(batch_size=4, train_mode="dpo", lora_parameters=dropout, **common)).components_mb
+    assert "scoring" not in whole and whole["checkpoints"] == pytest.approx(2 * sft["checkpoints"])

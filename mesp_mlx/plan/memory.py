@@ -4,7 +4,8 @@ The step's MLX peak is predicted by component:
     resident  what is in MLX memory before the step: LoRA weights, and the frozen weights unless streamed (measured
               after loading, exactly as the run loads them)
     optimizer state: AdamW/Adam 2x the trainable parameters, SGD with momentum / Muon 1x, plain SGD 0 (arithmetic),
-                     + 1x for the accumulation buffers when grad_accumulation_steps > 1
+                     + 1x for the accumulation buffers when grad_accumulation_steps > 1, + 1x for gradients held
+                     across blocks (--max-grad-norm; an objective's step by rows)
     checkpoints  the block-boundary activations: (blocks + 1) x B x T x d x 4 bytes in memory; two in flight when mmap'd
     working set  the largest of: one block's forward, one block's backward (the method's rule), one vocabulary chunk of
               the loss — each probed once on this model at these shapes (random activations; the block's weights are
@@ -160,6 +161,9 @@ def predict(cfg, prep, before_bytes: int = 0) -> PlanResult:
 
     rows, T = cfg.batch_size, cfg.max_seq_length - 1
     B = trained_rows(cfg)
+    # gradients held across blocks, one LoRA-sized copy each: --max-grad-norm holds every block's until the last one
+    # exists (the global norm), and an objective's step by rows holds the first half's until the second half's add
+    optimizer += trainable * ((getattr(cfg, "max_grad_norm", None) is not None) + (B != rows))
     d = parts.inner.norm.weight.shape[0]
     act = 4 * B * T * d / MB  # one boundary activation, fp32
     checkpoints = (len(layers) + 1) * act if cfg.checkpoint_storage == "memory" else 2 * act
