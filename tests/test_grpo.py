@@ -311,3 +311,19 @@ def test_objectives_with_lanes_streaming_and_accumulation(tiny_models, name):
     for k in want[0]:
         expected = (want[0][k] + want[1][k]) / 2
         assert max_rel_err(before[k] - after[k], expected) <= 1e-5, k
+
+
+def test_generation_rows_come_first_and_fit_the_room():
+    from mesp_mlx.plan.generation import GenerationCost
+    from mesp_mlx.plan.memory import PlanResult, reserve_generation
+
+    components = {"frozen weights": 100.0, "LoRA": 10.0, "optimizer": 20.0, "checkpoints": 50.0,
+                  "block forward": 5.0, "block backward": 8.0, "loss": 4.0, "generation": 0.0}
+    plan = PlanResult({"batch_size": 32}, dict(components), generation=GenerationCost(100.0, 25.0))
+    reserve_generation(plan, 400.0)  # 400 - 130 resident = 270 = 100 + 6.8 rows: 6 rows
+    assert plan.generation_rows == 6 and plan.components_mb["generation"] == 250.0
+    assert plan.peak_mb == 130.0 + 250.0  # the generation is the phase that sets the peak
+    reserve_generation(plan, None)  # no budget: every row at once
+    assert plan.generation_rows == 32
+    reserve_generation(plan, 150.0)  # too little room: one row (the plan then reports it over)
+    assert plan.generation_rows == 1

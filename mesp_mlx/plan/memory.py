@@ -58,6 +58,7 @@ class PlanResult:
     footprint_limit_mb: float | None = None  # the run's footprint limit (None: none)
     footprint_text: str = "no footprint limit"
     generation: GenerationCost | None = None  # GRPO: the sampling phase's memory by rows decoded together
+    generation_rows: int = 1  # GRPO: the rows decoded together that `generation` in components_mb is for
 
     @property
     def peak_mb(self) -> float:
@@ -218,6 +219,18 @@ def predict(cfg, prep, before_bytes: int = 0) -> PlanResult:
     mx.clear_cache()
     release_free_heap()  # the probes' freed blocks: not the run's footprint
     return result
+
+
+def reserve_generation(plan: PlanResult, room_mb: float | None) -> None:
+    """GRPO: as many rows decoded together as the room leaves beside what stays resident, before the speed levers
+    spend the rest (on this CPU sampling costs a pass over the weights per decoding step, so its rows matter more
+    than the training step's levers). Sets plan.generation_rows and the `generation` component for them."""
+    if plan.generation is None:
+        return
+    c = plan.components_mb
+    free = None if room_mb is None else room_mb - c["frozen weights"] - c["LoRA"] - c["optimizer"]
+    plan.generation_rows = plan.generation.rows_within(free, plan.settings["batch_size"])
+    c["generation"] = plan.generation.mb(plan.generation_rows)
 
 
 def predict_fresh(cfg, prepare) -> tuple[object, PlanResult]:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from .footprint import release_free_heap
 from .lcsb_advice import advice_lines
-from .memory import PlanResult, fitting_advice, mlx_room_mb, predict
+from .memory import PlanResult, fitting_advice, mlx_room_mb, predict, reserve_generation
 from .speed import HEADROOM, LEVERS, LeverCosts, Levers, fastest, given_levers, plan_levers
 
 
@@ -120,7 +120,10 @@ def plan_run(settings, prep, method, budget_mb: float | None, budget_text: str, 
     else:  # the leanest plan's peak and the levers' costs, at the longest batch
         at = dataclasses.replace(settings, max_seq_length=seq_len)
         lean = predict(at, prep)
-        levers, costs, planned = plan_levers(at, prep, method, mlx_room_mb(budget_mb, lean), lean)
+        room = mlx_room_mb(budget_mb, lean)
+        # GRPO: its rows decoded together first (within the levers' headroom), the levers take what is left
+        reserve_generation(lean, None if room is None else HEADROOM * room)
+        levers, costs, planned = plan_levers(at, prep, method, room, lean)
         release_free_heap()  # the probes' freed blocks in the C heap: not the run's footprint
     resolved = dataclasses.replace(settings, **{k: getattr(levers, k) for k in LEVERS})
     return RunPlan(resolved, budget_mb, budget_text, seq_len, levers, lean, costs, planned, fixed, footprint_limit_mb)

@@ -34,8 +34,9 @@ from ..models import (
 from ..models.compute import keep_dequantized_blocks
 from ..objectives.rewards import Rewards
 from ..plan.governor import resolve_budget, resolve_footprint_limit
-from ..plan.memory import PlanResult, mlx_room_mb, predict, predict_fresh
+from ..plan.memory import PlanResult, mlx_room_mb, predict, predict_fresh, reserve_generation
 from ..plan.resolve import RunPlan, check_budget, plan_run
+from ..plan.speed import HEADROOM
 from .checks import ConfigError
 from .rollouts import RolloutBatches, Sampling
 from .state import saved_setting
@@ -208,18 +209,14 @@ def engine_rows(settings):
 
 
 def generation_rows(settings, prep: Prepared, plan: RunPlan, budget_mb: float | None) -> int:
-    """GRPO: how many of the B x G rows decode together: all of them where the room MLX has leaves space beside what
-    stays resident (the weights, the fp32 weights the levers keep, LoRA and the optimizer state), fewer where it does
-    not (plan/generation.py); at least one."""
-    rows = settings.batch_size * settings.group_size
-    lean = plan.lean if plan.lean is not None else predict(
-        dataclasses.replace(engine_rows(settings), max_seq_length=plan.seq_len), prep)
+    """GRPO: how many of the B x G rows decode together: the plan's choice (plan/memory.py, reserve_generation), or,
+    when every speed lever was given, as many as the room leaves beside what stays resident; at least one."""
+    if plan.lean is not None:
+        return plan.lean.generation_rows
+    lean = predict(dataclasses.replace(engine_rows(settings), max_seq_length=plan.seq_len), prep)
     room = mlx_room_mb(budget_mb, lean)
-    if room is None:
-        return rows
-    c = lean.components_mb
-    kept_fp32 = plan.costs.dense_mb * plan.levers.keep_dequantized if plan.costs is not None else 0.0
-    return lean.generation.rows_within(room - c["frozen weights"] - c["LoRA"] - c["optimizer"] - kept_fp32, rows)
+    reserve_generation(lean, None if room is None else HEADROOM * room)
+    return lean.generation_rows
 
 
 def grpo_data(settings, prep: Prepared, ranks: Ranks) -> tuple[dict, RolloutBatches]:
