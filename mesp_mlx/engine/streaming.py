@@ -50,18 +50,20 @@ def _entries(module: nn.Module, prefix: str, index: dict, model_path) -> list[tu
 
 
 class WeightStreamer:
-    def __init__(self, model_path: Path, model: nn.Module, layers: list, layer_prefix: str = "model.layers"):
+    def __init__(self, model_path: Path, model: nn.Module, layers: list, layer_prefix: str | None = None):
 
         family = describe(model)  # multimodal folders keep the text model's tensors under a prefix (language_model.)
         text, pre = family.text_model(model), family.weight_prefix
+        layer_prefix = layer_prefix or family.layers_path  # model.layers; EXAONE: transformer.h
         index = _weight_index(Path(model_path))
         self._entries = [_entries(layer, f"{pre}{layer_prefix}.{i}", index, model_path) for i, layer in enumerate(layers)]
-        vocab_modules = [(text.model.embed_tokens, f"{pre}model.embed_tokens")]
-        if hasattr(text, "lm_head"):
-            vocab_modules.append((text.lm_head, f"{pre}lm_head"))
+        embed, head = f"{pre}{family.trunk_attr}.{family.embed_attr}", f"{pre}{family.head_attr}"
+        vocab_modules = [(family.embedding(text), embed)]
+        if family.head(text) is not family.embedding(text):
+            vocab_modules.append((family.head(text), head))
         self._vocab_entries = [e for m, p in vocab_modules for e in _entries(m, p, index, model_path)]
-        self.embedding = MmapRows(index, f"{pre}model.embed_tokens")
-        self.head = MmapRows(index, f"{pre}lm_head") if f"{pre}lm_head.weight" in index else self.embedding
+        self.embedding = MmapRows(index, embed)
+        self.head = MmapRows(index, head) if f"{head}.weight" in index else self.embedding
 
     def release(self, i: int) -> None:
         """Replace block i's frozen arrays by fresh lazy handles (their memory is freed once no graph uses them)."""

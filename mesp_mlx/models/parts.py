@@ -17,6 +17,7 @@ from mlx_lm.models.base import create_attention_mask
 from .compute import dequantize
 from .families import UnsupportedFamily as UnsupportedModel  # noqa: E402  (one error type for every refusal)
 from .families import describe
+from .families.base import cache_optional
 
 
 class ModelParts:
@@ -24,19 +25,19 @@ class ModelParts:
 
         self.family = family or describe(model)  # an explicit description: the support-table sweep
         text = self.family.text_model(model)
-        inner = getattr(text, "model", None)
-        if inner is None or not all(hasattr(inner, a) for a in ("embed_tokens", "layers", "norm")):
-            raise UnsupportedModel(f"{type(model).__module__}: no model.{{embed_tokens, layers, norm}} (unsupported family)")
+        if missing := self.family.missing(text):
+            raise UnsupportedModel(f"{type(model).__module__}: no {', '.join(missing)} (unsupported family)")
         self.model = model
         self.text = text
-        self.inner = inner
+        self.inner = inner = self.family.trunk(text)  # embed_tokens / layers / norm, whatever the family names them
         self.compute_path = compute_path
-        args = getattr(text, "args", None)
         self.model_type = self.family.name
-        tied = getattr(args, "tie_word_embeddings", True) if not hasattr(text, "lm_head") else False
-        self.head = inner.embed_tokens if tied else text.lm_head
+        self.embedding = inner.embed_tokens
+        self.head = self.family.head(text)
+        for block_cls in {type(layer) for layer in inner.layers}:
+            cache_optional(block_cls)  # the engine calls block(h, mask)
         self._index = {id(layer): i for i, layer in enumerate(inner.layers)}
-        self.windows = [self.family.window(inner, i, layer) for i, layer in enumerate(inner.layers)]
+        self.windows = [self.family.window(inner.module, i, layer) for i, layer in enumerate(inner.layers)]
         self.logits_divisor = self.family.logits_divisor(text)
         self.embed_rows = streamer.embedding if streamer is not None else None
         self.head_rows = (streamer.head if streamer is not None else None)
@@ -52,10 +53,10 @@ class ModelParts:
 
     def embed(self, inputs: mx.array) -> mx.array:
         if self.embed_rows is None:
-            return self.family.scale_embedding(self.text, self.inner.embed_tokens(inputs))
+            return self.family.scale_embedding(self.text, self.embedding(inputs))
         # only the distinct token rows are read from the memory map and dequantized
         ids, inverse = np.unique(np.array(inputs).reshape(-1), return_inverse=True)
-        rows = self._full_precision(self.embed_rows.take(ids), self.inner.embed_tokens, self.dtype)
+        rows = self._full_precision(self.embed_rows.take(ids), self.embedding, self.dtype)
         h = rows[mx.array(inverse.astype(np.int32))].reshape(*inputs.shape, -1)
         return self.family.scale_embedding(self.text, h)
 

@@ -16,6 +16,8 @@ from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.utils import _get_classes
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from .families import LLAMA, WALKS
+
 CHATML = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
@@ -117,24 +119,27 @@ def write_random_model(out: str | os.PathLike, config: dict, bits: int | None = 
     shards = []
     # top-level pieces (embedding, final norm, head) in one shard, then one shard per block
     top = {}
-    for name in ("embed_tokens", "norm"):
-        mod = model.model[name]
-        randomize(mod)
-        if name == "embed_tokens":
-            quantize(model.model, only="embed_tokens")
-        for k, v in tree_flatten(model.model[name].parameters()):
-            top[f"model.{name}.{k}"] = v
-    if not config.get("tie_word_embeddings", True):
-        randomize(model.lm_head)
-        quantize(model, only="lm_head")
-        for k, v in tree_flatten(model.lm_head.parameters()):
-            top[f"lm_head.{k}"] = v
+    layout = WALKS.get(config["model_type"], LLAMA)  # where the trunk's pieces and the head sit (EXAONE's names, ...)
+    trunk, layers = model[layout.trunk_attr], model[layout.trunk_attr][layout.layers_attr]
+    for name in (layout.embed_attr, layout.norm_attr):
+        randomize(trunk[name])
+        if name == layout.embed_attr:
+            quantize(trunk, only=name)
+        for k, v in tree_flatten(trunk[name].parameters()):
+            top[f"{layout.trunk_attr}.{name}.{k}"] = v
+    if layout.head(model) is not layout.embedding(model) and not config.get("tie_word_embeddings", True):
+        owner, _, head = layout.head_attr.rpartition(".")  # the head's parent: the model or its trunk (GPT-NeoX)
+        parent = model[owner] if owner else model
+        randomize(parent[head])
+        quantize(parent, only=head)
+        for k, v in tree_flatten(parent[head].parameters()):
+            top[f"{layout.head_attr}.{k}"] = v
     shards.append(("model-top.safetensors", top))
-    for i in range(len(model.model.layers)):
-        layer = model.model.layers[i]
+    for i in range(len(layers)):
+        layer = layers[i]
         randomize(layer)
         quantize(layer)
-        shard = {f"model.layers.{i}.{k}": v for k, v in tree_flatten(layer.parameters())}
+        shard = {f"{layout.layers_path}.{i}.{k}": v for k, v in tree_flatten(layer.parameters())}
         shards.append((f"model-block-{i:03d}.safetensors", shard))
     for fname, shard in shards:
         shard = cast_scales(shard)
@@ -144,7 +149,7 @@ def write_random_model(out: str | os.PathLike, config: dict, bits: int | None = 
         shard.clear()
         if fname.startswith("model-block-"):
             i = int(fname[len("model-block-"):-len(".safetensors")])
-            model.model.layers[i] = None  # free the block's arrays
+            layers[i] = None  # free the block's arrays
         mx.clear_cache()
     with open(out / "model.safetensors.index.json", "w") as f:
         json.dump({"metadata": {}, "weight_map": dict(sorted(weight_map.items()))}, f, indent=1)

@@ -26,7 +26,7 @@ from ..adapters.lora import apply_lora
 from ..engine import Batch, BlockEngine
 from ..methods import MeBP, MeSP
 from ..methods.mesp import to_mesp_lora
-from ..models.families import HAND, BlockSpec, Family, default_lora_keys
+from ..models.families import HAND, WALKS, BlockSpec, Family, default_lora_keys
 from ..models.families.tiny import tiny_config
 from ..models.parts import ModelParts
 
@@ -103,16 +103,15 @@ def check_family(name: str, model=None) -> tuple[str, str]:
             model = _build(name)
         except Exception as e:  # noqa: BLE001
             return "refused", f"no tiny model could be built for the sweep ({type(e).__name__}: {str(e)[:80]})"
-    family = HAND.get(name) or Family(name, (name,), hand_rule=False, lora_keys=())
+    family = HAND.get(name) or WALKS.get(name) or Family(name, (name,), hand_rule=False, lora_keys=())
     text = family.text_model(model)
-    inner = getattr(text, "model", None)
-    if inner is None or not all(hasattr(inner, a) for a in ("embed_tokens", "layers", "norm")):
+    if family.missing(text):
         return "refused", "another layout: no model.{embed_tokens, layers, norm} to walk"
     try:
-        layer_params = inspect.signature(type(inner.layers[0]).__call__).parameters
+        layer_params = inspect.signature(type(family.trunk(text).layers[0]).__call__).parameters
         if list(layer_params)[1:3] != ["x", "mask"] and len(layer_params) < 3:
             return "refused", "blocks are not called on (h, mask)"
-        vocab = inner.embed_tokens.weight.shape[0]
+        vocab = family.embedding(text).weight.shape[0]
         mx.random.seed(1)
         tokens = mx.random.randint(0, vocab, (1, SEQ + 1))
         batch = Batch.from_mlx_lm(tokens, mx.array([[0, SEQ + 1]]))
@@ -137,7 +136,7 @@ def check_family(name: str, model=None) -> tuple[str, str]:
 
         loss_ref, ref_grads = nn.value_and_grad(model, loss_fn)(model, batch)
         ref_grads = dict(tree_flatten(ref_grads))
-        prefix = family.weight_prefix + "model.layers"
+        prefix = family.weight_prefix + family.layers_path
         for method in (MeBP(), MeSP()):
             if isinstance(method, MeSP):
                 to_mesp_lora(model)
@@ -155,6 +154,8 @@ def check_family(name: str, model=None) -> tuple[str, str]:
         return "refused", f"the engine cannot walk it ({type(e).__name__}: {str(e)[:80]})"
     if name in HAND:
         return ("hand" if family.hand_rule else "generic"), family.notes
+    if name in WALKS:
+        return "generic", family.notes
     spec_note = "MeBP's autodiff rule; under --method mesp the same with MeSP's LoRA VJP inside"
     return "generic", spec_note
 

@@ -24,8 +24,10 @@ from .granite import GRANITE
 from .llama import LLAMA, QWEN2, QWEN3, SMOLLM3
 from .olmo2 import OLMO2
 from .phi3 import PHI3
+from .walks import WALKS
 
-# described families (a description is not always a hand rule: Gemma 1 is generic with an embedding scale)
+# described families (a description is not always a hand rule: Gemma 1 is generic with an embedding scale); WALKS
+# (walks.py): generic-tier families whose model-level walk needs a description (scales, windows, other names)
 HAND = {t: f for f in (LLAMA, QWEN2, QWEN3, SMOLLM3, GEMMA3_TEXT, GEMMA3, PHI3, OLMO2, GRANITE, GEMMA)
         for t in f.model_types}
 # the mlx-lm module that defines a block class -> the description of its blocks (smollm3 and mistral use llama's
@@ -79,6 +81,8 @@ def family_for(model_type: str) -> Family:
     t, reason = tier(model_type)
     if t != "generic":
         raise UnsupportedFamily(f"architecture {model_type!r} is not supported: {reason}")
+    if model_type in WALKS:
+        return WALKS[model_type]
     return Family(model_type, (model_type,), hand_rule=False, lora_keys=(), notes="generic tier")
 
 
@@ -113,4 +117,4 @@ def family_lora_parameters(model: nn.Module, lora_parameters: dict | None) -> di
 
 
 __all__ = ["BlockSpec", "block_spec", "Family", "HAND", "LLAMA_LORA_KEYS", "UnsupportedFamily", "default_lora_keys", "describe",
-           "family_for", "family_lora_parameters", "support_table", "supported_types", "tier"]
+           "family_for", "family_lora_parameters", "support_table", "supported_types", "tier", "WALKS"]

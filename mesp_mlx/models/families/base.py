@@ -7,6 +7,7 @@ block is built, for the hand rule (methods/mesp.py), which reads nothing else. T
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 
 import mlx.core as mx
@@ -38,6 +39,15 @@ class BlockSpec:
 
 
 @dataclass(frozen=True)
+class Trunk:
+    """A decoder's trunk under the names the engine uses, whatever the family calls them (wte / h / ln_f, ...)."""
+    embed_tokens: nn.Module
+    layers: list
+    norm: nn.Module
+    module: nn.Module  # the trunk itself (sliding-window settings live there)
+
+
+@dataclass(frozen=True)
 class Family:
     name: str
     model_types: tuple
@@ -46,6 +56,13 @@ class Family:
     lora_keys: tuple = LLAMA_LORA_KEYS  # mlx-lm names of the projections LoRA wraps by default
     notes: str = ""
     spec: BlockSpec = field(default_factory=BlockSpec)
+    # where the walk's pieces sit: the trunk on the text model, the embedding / blocks / final norm on the trunk, the
+    # untied head on the text model (a dotted path); Llama's names by default (walks.py: InternLM2, EXAONE, GPT-NeoX)
+    trunk_attr: str = "model"
+    embed_attr: str = "embed_tokens"
+    layers_attr: str = "layers"
+    norm_attr: str = "norm"
+    head_attr: str = "lm_head"
 
     # --- the model-level walk -----------------------------------------------------------------------------------------
     def text_model(self, model: nn.Module) -> nn.Module:
@@ -66,6 +83,33 @@ class Family:
             return getattr(inner, "sliding_window", None)
         return None
 
+    @property
+    def layers_path(self) -> str:
+        """The blocks' tensor prefix under the text model ('model.layers'; EXAONE: 'transformer.h')."""
+        return f"{self.trunk_attr}.{self.layers_attr}"
+
+    def missing(self, text_model: nn.Module) -> list[str]:
+        """The walk's pieces (trunk.embed / layers / norm) the text model lacks under this layout."""
+        trunk = getattr(text_model, self.trunk_attr, None)
+        names = (self.embed_attr, self.layers_attr, self.norm_attr)
+        return [f"{self.trunk_attr}.{a}" for a in names if trunk is None or not hasattr(trunk, a)]
+
+    def trunk(self, text_model: nn.Module) -> Trunk:
+        """The trunk's pieces under the engine's names, and the trunk itself (what `window` reads)."""
+        module = getattr(text_model, self.trunk_attr)
+        return Trunk(getattr(module, self.embed_attr), getattr(module, self.layers_attr),
+                     getattr(module, self.norm_attr), module)
+
+    def embedding(self, text_model: nn.Module) -> nn.Module:
+        return getattr(getattr(text_model, self.trunk_attr), self.embed_attr)
+
+    def head(self, text_model: nn.Module) -> nn.Module:
+        """The LM head: the untied head when the model has one, else the tied embedding (used as_linear)."""
+        head = text_model
+        for name in self.head_attr.split("."):
+            head = getattr(head, name, None)
+        return self.embedding(text_model) if head is None else head
+
     def logits_divisor(self, text_model: nn.Module) -> float | None:
         """logits = head(norm(h)) / divisor (Granite's logits_scaling), or None."""
         return None
@@ -73,3 +117,12 @@ class Family:
     def block_spec(self, block: nn.Module) -> BlockSpec | None:
         """The hand rule's view of `block`, or None when the hand rule does not apply to this family."""
         return self.spec if self.hand_rule else None
+
+
+def cache_optional(block_cls: type) -> None:
+    """Give a block class whose __call__(x, mask, cache) requires the cache (StableLM, Phi) the default cache=None,
+    which is what its model passes without a cache: the engine's block(h, mask) is then the model's own call."""
+    call = block_cls.__call__
+    names = list(inspect.signature(call).parameters)
+    if names[-1] == "cache" and not call.__defaults__:
+        call.__defaults__ = (None,)
