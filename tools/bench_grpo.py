@@ -69,7 +69,8 @@ def run_ours(model: str, data: str, args) -> dict:
     for r in records:
         for k, v in r["phase_peak_mb"].items():
             phases[k] = max(phases.get(k, 0.0), v)
-    return {"steps": len(records), "val_reward_before": records[0]["val_reward_at_start"], "val_reward_after": records[-1]["val_reward"],
+    return {"steps": len(records), "val_reward_before": records[0]["val_reward_at_start"],
+            "val_reward_after": records[-1]["val_reward"],
             "train_reward_first5": sum(r["reward_mean"] for r in records[:5]) / 5,
             "train_reward_last5": sum(r["reward_mean"] for r in records[-5:]) / 5,
             "peak_mb": max(r["peak_mb"] for r in records), "phase_peak_mb": phases,
@@ -81,43 +82,23 @@ def run_ours(model: str, data: str, args) -> dict:
 
 def run_peer(model: str, data: str, args) -> dict:
     """mlx-lm-lora's train_grpo in this process (its reference model loaded beside the policy, as its CLI does)."""
-    import mlx.core as mx
     import mlx.optimizers as optim
-    from mlx_lm import load
-    from mlx_lm.tuner.callbacks import TrainingCallback
-    from mlx_lm.tuner.utils import linear_to_lora_layers
     from mlx_lm_lora.trainer.datasets import GRPODataset
     from mlx_lm_lora.trainer.grpo_reward_functions import register_reward_function
     from mlx_lm_lora.trainer.grpo_trainer import GRPOTrainingArgs, train_grpo
 
+    from bench_preference import peer_setup, peer_timed
     from mesp_mlx.objectives.rewards import number_match
 
-    info = mx.device_info()  # its trainer asks Metal's key; on the CPU backend give it one
-    mx.device_info = lambda: {**info, "max_recommended_working_set_size": 1 << 34}
-    policy, tokenizer = load(model)
-    reference, _ = load(model)
-    policy.freeze()
-    reference.freeze()
-    linear_to_lora_layers(policy, len(policy.layers), LORA)
-    rows = [json.loads(line) for line in (Path(data) / "train.jsonl").read_text().splitlines()]
+    policy, reference, tokenizer, rows = peer_setup(model, data, LORA)
     reward = register_reward_function("number_match")(number_match)
-    times = []
-
-    class Clock(TrainingCallback):
-        def on_train_loss_report(self, info):
-            times.append(time.perf_counter())
-
     targs = GRPOTrainingArgs(batch_size=args.batch_size, iters=args.peer_iters, steps_per_eval=10**6,
                              steps_per_report=1, steps_per_save=10**6, max_seq_length=128,
                              adapter_file=str(OUT / "grpo_peer.safetensors"), group_size=args.group_size,
                              max_completion_length=args.max_tokens, beta=args.beta, temperature=0.8)
-    mx.reset_peak_memory()
-    start = time.perf_counter()
-    train_grpo(policy, reference, tokenizer, optim.Adam(learning_rate=args.lr), GRPODataset(rows, tokenizer), None,
-               reward_funcs=[reward], args=targs, training_callback=Clock())
-    marks = [start] + times
-    return {"peak_mb": mx.get_peak_memory() / 2**20,
-            "step_s": (marks[-1] - marks[1]) / max(len(marks) - 2, 1) if len(marks) > 2 else marks[-1] - start}
+    return peer_timed(lambda clock: train_grpo(policy, reference, tokenizer, optim.Adam(learning_rate=args.lr),
+                                               GRPODataset(rows, tokenizer), None, reward_funcs=[reward], args=targs,
+                                               training_callback=clock))
 
 
 def main() -> int:

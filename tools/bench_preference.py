@@ -81,40 +81,56 @@ def run_ours(model: str, data: str, mode: str, seq: int, steps: int) -> dict:
             "rows_x_tokens": list(rows[-1][1]), "phase_peak_mb": timed[-1].phase_peak_mb}
 
 
-def run_peer(model: str, data: str, seq: int, steps: int) -> dict:
-    """One process: mlx-lm-lora's train_dpo (its reference model loaded beside the policy, as its CLI does)."""
+def peer_setup(model: str, data: str, lora: dict):
+    """mlx-lm-lora's trainers as its CLI sets them up: the policy with LoRA and a frozen reference model loaded beside
+    it; (policy, reference, tokenizer, train.jsonl's rows)."""
     import mlx.core as mx
-    import mlx.optimizers as optim
     from mlx_lm import load
-    from mlx_lm.tuner.callbacks import TrainingCallback
     from mlx_lm.tuner.utils import linear_to_lora_layers
-    from mlx_lm_lora.trainer.datasets import DPODataset
-    from mlx_lm_lora.trainer.dpo_trainer import DPOTrainingArgs, train_dpo
 
-    info = mx.device_info()  # its trainer asks Metal's key; on the CPU backend give it one
+    info = mx.device_info()  # its trainers ask Metal's key; on the CPU backend give it one
     mx.device_info = lambda: {**info, "max_recommended_working_set_size": 1 << 34}
     policy, tokenizer = load(model)
     reference, _ = load(model)
     policy.freeze()
     reference.freeze()
-    linear_to_lora_layers(policy, len(policy.layers), LORA)
+    linear_to_lora_layers(policy, len(policy.layers), lora)
     rows = [json.loads(line) for line in (Path(data) / "train.jsonl").read_text().splitlines()]
+    return policy, reference, tokenizer, rows
+
+
+def peer_timed(train) -> dict:
+    """Run `train(callback)`, a peer trainer reporting every step to `callback`: its MLX peak and its mean step time
+    (the first step excluded when there are more)."""
+    import mlx.core as mx
+    from mlx_lm.tuner.callbacks import TrainingCallback
+
     times = []
 
     class Clock(TrainingCallback):
         def on_train_loss_report(self, info):
             times.append(time.perf_counter())
 
-    args = DPOTrainingArgs(batch_size=1, iters=steps + 1, steps_per_eval=10**6, steps_per_report=1,
-                           steps_per_save=10**6, adapter_file=str(OUT / "peer_dpo.safetensors"),
-                           max_seq_length=2 * seq, beta=0.1)
     mx.reset_peak_memory()
     start = time.perf_counter()
-    train_dpo(policy, reference, optim.SGD(learning_rate=1e-4), DPODataset(rows, tokenizer), None, args=args,
-              training_callback=Clock())
+    train(Clock())
     marks = [start] + times
     return {"peak_mb": mx.get_peak_memory() / 2**20,
             "step_s": (marks[-1] - marks[1]) / max(len(marks) - 2, 1) if len(marks) > 2 else marks[-1] - start}
+
+
+def run_peer(model: str, data: str, seq: int, steps: int) -> dict:
+    """One process: mlx-lm-lora's train_dpo (its reference model loaded beside the policy, as its CLI does)."""
+    import mlx.optimizers as optim
+    from mlx_lm_lora.trainer.datasets import DPODataset
+    from mlx_lm_lora.trainer.dpo_trainer import DPOTrainingArgs, train_dpo
+
+    policy, reference, tokenizer, rows = peer_setup(model, data, LORA)
+    args = DPOTrainingArgs(batch_size=1, iters=steps + 1, steps_per_eval=10**6, steps_per_report=1,
+                           steps_per_save=10**6, adapter_file=str(OUT / "peer_dpo.safetensors"),
+                           max_seq_length=2 * seq, beta=0.1)
+    return peer_timed(lambda clock: train_dpo(policy, reference, optim.SGD(learning_rate=1e-4),
+                                              DPODataset(rows, tokenizer), None, args=args, training_callback=clock))
 
 
 def in_process(kind: str, **kw) -> dict:

@@ -157,11 +157,16 @@ class PairBatches:
     def __iter__(self):
         return self
 
-    def __next__(self) -> Batch:
+    def next_indices(self) -> list:
+        """The dataset indices of the next batch (this rank's share), a new epoch's order drawn when one ends."""
         if self.order is None or self.index >= len(self.order):
             self._new_epoch()
         chosen = self.batches[self.order[self.index]][self.rank::self.world]
         self.index += 1
+        return chosen
+
+    def __next__(self) -> Batch:
+        chosen = self.next_indices()
         return pair_batch([self.dataset[i] for i in chosen], self.max_seq_length,
                           tuple(int(i) for i in chosen) if self.shuffle else ())
 

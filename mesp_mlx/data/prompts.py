@@ -72,11 +72,7 @@ class PromptBatches(PairBatches):
         return min(max(len(t) for t, _, _, _ in self.dataset.items), self.max_seq_length)
 
     def __next__(self) -> list:
-        if self.order is None or self.index >= len(self.order):
-            self._new_epoch()
-        chosen = self.batches[self.order[self.index]][self.rank::self.world]
-        self.index += 1
-        return [(i, self._clipped(self.dataset[i])) for i in chosen]
+        return [(i, self._clipped(self.dataset[i])) for i in self.next_indices()]
 
     def _clipped(self, item):
         tokens, prompt, answer, kind = item

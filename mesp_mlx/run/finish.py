@@ -16,7 +16,6 @@ from ..plan.governor import BudgetExceeded
 from . import heldout
 from .metrics import plot_block_memory, plot_metrics
 from .prepare import Prepared
-from .rollouts import mean_reward
 from .session import Session
 from .signals import StopSignals
 
@@ -84,10 +83,7 @@ def test_loss(session: Session, log) -> tuple[float | None, str]:
         return None, "done"
     try:
         if s.train_mode == "grpo":  # GRPO's test figure: the mean reward of greedy completions of test.jsonl
-            prep, batches = session.run.prep, session.run.batches
-            reward, n = mean_reward(prep.model, prep.tokenizer, test, batches.rewards, s.max_completion_length,
-                                    s.test_batches * s.batch_size if s.test_batches != -1 else -1,
-                                    batches.sampling.rows_at_once or s.batch_size * s.group_size, prep.streamer)
+            reward, n = heldout.evaluate_rewards(session.run, test, s.test_batches)
             log(f"[mesp-mlx] test reward {reward:.4f} | {n} prompts, greedy")
             return reward, "done"
         loss, ntoks = heldout.evaluate(session.engine, session.run.prep.model, test, s.batch_size, s.max_seq_length,

@@ -1,10 +1,11 @@
-"""The held-out loss, as mlx-lm's evaluate computes it, on the engine's streamed forward."""
+"""The held-out loss, as mlx-lm's evaluate computes it, on the engine's streamed forward; GRPO's held-out reward."""
 
 from __future__ import annotations
 
 from ..data.datasets import BatchIterator
 from ..data.preference import PairBatches, PreferenceDataset
 from ..engine import Batch, BlockEngine
+from .rollouts import mean_reward
 
 
 def evaluate(engine: BlockEngine, model, dataset, batch_size: int, max_seq_length: int, num_batches: int,
@@ -51,3 +52,12 @@ def evaluate_pairs(engine: BlockEngine, model, dataset, batch_size: int, max_seq
     finally:
         model.train(was_training)
     return total / max(pairs, 1), pairs
+
+
+def evaluate_rewards(run, dataset, num_batches: int) -> tuple[float, int]:
+    """GRPO's held-out figure: (mean reward, prompts) of greedy completions of the first num_batches x batch_size
+    prompts of `dataset` (-1: all), decoded as many rows together as the plan chose."""
+    s, prep, batches = run.settings, run.prep, run.batches
+    return mean_reward(prep.model, prep.tokenizer, dataset, batches.rewards, s.max_completion_length,
+                       -1 if num_batches == -1 else num_batches * s.batch_size,
+                       batches.sampling.rows_at_once or s.batch_size * s.group_size, prep.streamer)

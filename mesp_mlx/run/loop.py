@@ -14,7 +14,6 @@ from ..plan.footprint import footprint_mb
 from ..plan.governor import BudgetExceeded
 from . import heldout
 from .metrics import block_peaks
-from .rollouts import mean_reward
 from .session import Session
 from .signals import StopSignals
 
@@ -43,10 +42,7 @@ def held_out(session: Session, step: int, log) -> dict:
     s, run = session.run.settings, session.run
     start = time.perf_counter()
     if s.train_mode == "grpo":
-        prep = run.prep
-        reward, n = mean_reward(prep.model, prep.tokenizer, run.splits["valid"], run.batches.rewards,
-                                s.max_completion_length, s.val_batches * s.batch_size if s.val_batches != -1 else -1,
-                                run.batches.sampling.rows_at_once or s.batch_size * s.group_size, prep.streamer)
+        reward, n = heldout.evaluate_rewards(run, run.splits["valid"], s.val_batches)
         seconds = time.perf_counter() - start
         log(f"[mesp-mlx] step {step}: val reward {reward:.4f} | {n} prompts, greedy | {seconds:.1f} s")
         return {"val_reward": reward, "val_prompts": n, "val_s": seconds}

@@ -34,12 +34,13 @@ class RolloutBatch(Batch):
 
 @dataclass
 class Sampling:
-    group_size: int = 4
-    max_completion_length: int = 256
-    temperature: float = 0.8
-    top_p: float = 0.95
-    top_k: int = 20
-    min_p: float = 0.0
+    """The run's sampling settings (TrainConfig's GRPO keys) and the rows decoded together."""
+    group_size: int
+    max_completion_length: int
+    temperature: float
+    top_p: float
+    top_k: int
+    min_p: float
     rows_at_once: int | None = None  # rows decoded together (the plan's choice; None: all)
 
     @staticmethod

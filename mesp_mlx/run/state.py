@@ -27,15 +27,17 @@ import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 
 from ..io import CorruptFile, load_tensors, save_tensors
+from .config import TrainConfig
 from .fingerprint import changed_files
 
 STATE_FILE = "training_state.safetensors"
 PREVIOUS_STATE_FILE = "training_state.previous.safetensors"
 FORMAT = "mesp_mlx-training-state-1"
-# GRPO's settings change what is trained on: a resumed run keeps them (states saved before GRPO existed: defaults)
-GRPO_DEFAULTS = {"group_size": 4, "max_completion_length": 256, "temperature": 0.8, "top_p": 0.95, "top_k": 20,
-                 "min_p": 0.0, "epsilon": 1e-4, "epsilon_high": None, "grpo_loss_type": "grpo",
-                 "importance_sampling_level": "token", "reward_functions": ["exact_match"], "reward_weights": None}
+# GRPO's settings change what is trained on: a resumed run keeps them (a state saved before GRPO existed was an SFT
+# run's, for which they are TrainConfig's defaults)
+GRPO_KEYS = ("group_size", "max_completion_length", "temperature", "top_p", "top_k", "min_p", "epsilon",
+             "epsilon_high", "grpo_loss_type", "importance_sampling_level", "reward_functions", "reward_weights")
+GRPO_DEFAULTS = {k: getattr(TrainConfig(), k) for k in GRPO_KEYS}
 # settings that must not change between a run and its resumption (iters may grow; reporting settings may change);
 # "model" and "data" are compared by content (the state's fingerprints) where the state has them
 SHARED = ("model", "data", "method", "num_layers", "lora_parameters", "batch_size", "max_seq_length", "mask_prompt",
